@@ -1,0 +1,58 @@
+"""RAHF steering vectors: learn preference profiles and apply them per row through forward hooks.
+
+The library never downloads from a model hub: importing it switches the Hugging Face libraries to
+offline mode unless the caller already chose otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from .errors import (  # noqa: E402
+    ModelNotFoundError,
+    PlanError,
+    ProfileError,
+    ProfileFormatError,
+    ProfileLayerError,
+    ProfileMismatchError,
+    ProfileShapeError,
+    ProfileValueError,
+    SteeringError,
+    UnsupportedArchitectureError,
+)
+from .hooks import (  # noqa: E402
+    Steerer,
+    SteeringPlan,
+    build_plan,
+    combine_offsets,
+    positions_from_attention_mask,
+)
+from .layers import find_decoder_layers  # noqa: E402
+from .profile import ModelFingerprint, Profile  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelFingerprint",
+    "ModelNotFoundError",
+    "PlanError",
+    "Profile",
+    "ProfileError",
+    "ProfileFormatError",
+    "ProfileLayerError",
+    "ProfileMismatchError",
+    "ProfileShapeError",
+    "ProfileValueError",
+    "Steerer",
+    "SteeringError",
+    "SteeringPlan",
+    "UnsupportedArchitectureError",
+    "build_plan",
+    "combine_offsets",
+    "find_decoder_layers",
+    "positions_from_attention_mask",
+]

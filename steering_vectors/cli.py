@@ -1,0 +1,43 @@
+"""The `rahf` command: `serve`, `train`, `eval` and `profiles`.
+
+Knows argument parsing and hands each subcommand to the module that does the work. `serve` belongs to
+the server package, which is imported only when that subcommand runs its parser registration; the
+library itself never imports server code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rahf",
+        description="Learn RAHF preference profiles and serve an LLM that applies them per request.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from server import cli as server_cli  # light module: imports FastAPI only when serving
+
+    server_cli.register(sub)
+
+    from . import pipeline_cli
+
+    pipeline_cli.register(sub)
+
+    from . import profiles_cli
+
+    profiles_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

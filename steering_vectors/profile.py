@@ -1,0 +1,299 @@
+"""Preference profiles: per-layer offsets plus metadata, stored as safetensors.
+
+Knows the file format, its metadata and validation against a model's fingerprint. Knows nothing about
+hooks (see `hooks`), models (see `models`, which computes fingerprints) or HTTP.
+
+File layout (format version 1):
+- tensors ``offset.<layer>``: float32, shape ``(hidden_size,)``, one per steered decoder layer; layer
+  indices are 0-based positions in the model's decoder stack, and an offset at layer ``l`` is added to
+  that layer's output (``output_hidden_states[l + 1]`` in transformers terms).
+- metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
+  ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
+  ``provenance`` (JSON), ``created``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import (
+    ProfileFormatError,
+    ProfileLayerError,
+    ProfileMismatchError,
+    ProfileShapeError,
+    ProfileValueError,
+)
+
+FORMAT_NAME = "rahf-profile"
+FORMAT_VERSION = 1
+PositionMode = Literal["all", "generated"]
+POSITION_MODES: tuple[str, ...] = ("all", "generated")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_TENSOR_KEY = re.compile(r"^offset\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the model a profile was made for."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    digest: str = ""  # sha256 over sampled weights and the tokenizer; "" when unknown
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelFingerprint:
+        data = json.loads(text)
+        return cls(
+            architecture=str(data["architecture"]),
+            hidden_size=int(data["hidden_size"]),
+            num_layers=int(data["num_layers"]),
+            digest=str(data.get("digest", "")),
+        )
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise ProfileFormatError(
+            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class Profile:
+    """A named set of per-layer offsets and how to apply them."""
+
+    name: str
+    offsets: dict[int, torch.Tensor]
+    description: str = ""
+    fingerprint: ModelFingerprint | None = None
+    default_strength: float = 1.0
+    position_mode: str = "all"
+    method: str = "manual"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.position_mode not in POSITION_MODES:
+            raise ProfileFormatError(
+                f"profile {self.name!r}: position_mode {self.position_mode!r} is not one of {POSITION_MODES}"
+            )
+        if not math.isfinite(self.default_strength):
+            raise ProfileValueError(f"profile {self.name!r}: default_strength must be finite")
+        if not self.offsets:
+            raise ProfileFormatError(f"profile {self.name!r} has no offsets")
+        clean: dict[int, torch.Tensor] = {}
+        sizes = set()
+        for layer, offset in self.offsets.items():
+            if not isinstance(layer, int) or layer < 0:
+                raise ProfileLayerError(f"profile {self.name!r}: layer index {layer!r} is not a non-negative int")
+            tensor = torch.as_tensor(offset).detach().to(torch.float32).reshape(-1).contiguous()
+            if not torch.isfinite(tensor).all():
+                raise ProfileValueError(
+                    f"profile {self.name!r}: the offset of layer {layer} contains NaN or Inf; "
+                    "refit or re-export the profile"
+                )
+            sizes.add(tensor.numel())
+            clean[layer] = tensor
+        if len(sizes) != 1:
+            raise ProfileShapeError(f"profile {self.name!r}: offsets have different sizes {sorted(sizes)}")
+        self.offsets = dict(sorted(clean.items()))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.offsets)
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.offsets.values())).numel()
+
+    def norms(self) -> dict[int, float]:
+        return {layer: float(t.norm()) for layer, t in self.offsets.items()}
+
+    def renamed(self, name: str) -> Profile:
+        return dataclasses.replace(self, name=name, offsets=dict(self.offsets))
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(self.format_version),
+            "name": self.name,
+            "description": self.description,
+            "fingerprint": self.fingerprint.to_json() if self.fingerprint else "",
+            "default_strength": repr(float(self.default_strength)),
+            "position_mode": self.position_mode,
+            "method": self.method,
+            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
+            "created": repr(float(self.created)),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (no tensors)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "layers": self.layers,
+            "hidden_size": self.hidden_size,
+            "default_strength": self.default_strength,
+            "position_mode": self.position_mode,
+            "method": self.method,
+            "provenance": self.provenance,
+            "fingerprint": dataclasses.asdict(self.fingerprint) if self.fingerprint else None,
+            "offset_norms": {str(k): v for k, v in self.norms().items()},
+            "created": int(self.created),
+            "format_version": self.format_version,
+        }
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def validate_for(self, model: ModelFingerprint, *, check_digest: bool = True) -> Profile:
+        """Check that this profile can steer `model`; return self or raise a typed error."""
+        if self.hidden_size != model.hidden_size:
+            raise ProfileShapeError(
+                f"profile {self.name!r} has offsets of size {self.hidden_size}, but the loaded model's "
+                f"hidden size is {model.hidden_size}: it was made for another model; retrain it for this one"
+            )
+        bad = [layer for layer in self.layers if layer >= model.num_layers]
+        if bad:
+            raise ProfileLayerError(
+                f"profile {self.name!r} steers layers {bad}, but the loaded model has layers "
+                f"0..{model.num_layers - 1}: it was made for another model or has a wrong layer index"
+            )
+        fp = self.fingerprint
+        if fp is None:
+            return self
+        if (fp.architecture, fp.hidden_size, fp.num_layers) != (
+            model.architecture,
+            model.hidden_size,
+            model.num_layers,
+        ):
+            raise ProfileMismatchError(
+                f"profile {self.name!r} was made for a {fp.architecture} model with {fp.num_layers} layers "
+                f"of size {fp.hidden_size}; the loaded model is a {model.architecture} with "
+                f"{model.num_layers} layers of size {model.hidden_size}. Retrain the profile for this model."
+            )
+        if check_digest and fp.digest and model.digest and fp.digest != model.digest:
+            raise ProfileMismatchError(
+                f"profile {self.name!r} was made for other weights or another tokenizer (fingerprint "
+                f"{fp.digest[:12]}…, loaded model {model.digest[:12]}…). Retrain it for this model, or load "
+                "it without the digest check if you know the models are interchangeable."
+            )
+        return self
+
+    # -- bytes and files ----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"offset.{layer}": t for layer, t in self.offsets.items()}
+        return st_save(tensors, metadata=self.metadata())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> Profile:
+        metadata = _read_safetensors_metadata(data, source)
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise ProfileFormatError(f"{source}: not a readable safetensors file ({exc}); is it truncated?") from exc
+        if metadata.get("format") != FORMAT_NAME:
+            raise ProfileFormatError(f"{source}: safetensors file without '{FORMAT_NAME}' metadata")
+        offsets: dict[int, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            match = _TENSOR_KEY.match(key)
+            if not match:
+                raise ProfileFormatError(f"{source}: unexpected tensor {key!r} (expected offset.<layer>)")
+            if tensor.ndim != 1:
+                raise ProfileShapeError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected 1-D")
+            offsets[int(match.group(1))] = tensor
+        try:
+            version = int(metadata.get("format_version", "0"))
+            if version > FORMAT_VERSION:
+                raise ProfileFormatError(
+                    f"{source}: format version {version} is newer than this library's {FORMAT_VERSION}; upgrade"
+                )
+            fingerprint_text = metadata.get("fingerprint", "")
+            return cls(
+                name=metadata.get("name", ""),
+                offsets=offsets,
+                description=metadata.get("description", ""),
+                fingerprint=ModelFingerprint.from_json(fingerprint_text) if fingerprint_text else None,
+                default_strength=float(metadata.get("default_strength", "1.0")),
+                position_mode=metadata.get("position_mode", "all"),
+                method=metadata.get("method", "manual"),
+                provenance=json.loads(metadata.get("provenance") or "{}"),
+                created=float(metadata.get("created", "0")),
+                format_version=version,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ProfileFormatError(f"{source}: malformed profile metadata ({exc})") from exc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a reader sees the old file or the new one, never half of one."""
+        return atomic_write(Path(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Profile:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ProfileFormatError(f"cannot read profile file {path}: {exc}") from exc
+        return cls.from_bytes(data, source=str(path))
+
+
+def _read_safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:
+    # The safetensors header is an 8-byte little-endian length and a JSON object; its "__metadata__"
+    # entry is the string map. safetensors.torch.load returns tensors only, hence this small read.
+    if len(data) < 8:
+        raise ProfileFormatError(f"{source}: file too short to be safetensors ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100_000_000:
+        raise ProfileFormatError(f"{source}: safetensors header runs past the end of the file; truncated?")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileFormatError(f"{source}: unreadable safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ProfileFormatError(f"{source}: unreadable safetensors header")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ProfileFormatError(f"{source}: safetensors metadata is not a string map")
+    return metadata
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
