@@ -1,0 +1,110 @@
+"""The engine interface: requests in, token events out.
+
+Knows token ids, sampling parameters and per-row steering; knows nothing about HTTP, JSON, text or
+tokenisers (the serving layer detokenises, matches stop strings and closes the stream to cancel).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+class EngineError(Exception):
+    """Base class of engine errors the serving layer maps to HTTP."""
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; retry after `retry_after` seconds (HTTP 429/503)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineShutdownError(EngineError):
+    """The engine is draining or stopped and accepts no new work (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one sequence. temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False  # return the chosen token's logprob
+    top_logprobs: int = 0  # and this many alternatives
+    prompt_logprobs: bool = False  # score the prompt tokens too (echo / max_tokens 0 scoring)
+
+
+@dataclass(frozen=True)
+class RowSteering:
+    """Steering of one sequence: combined offsets (layer -> (H,) float32) and the position mode.
+
+    `applied` lists (profile name, strength) for the response; the offsets are computed once per
+    request from the profile objects it started with, so a profile replaced later does not change it.
+    """
+
+    offsets: Mapping[int, torch.Tensor]
+    position_mode: str = "all"
+    applied: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    steering: RowSteering | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) best first
+
+
+@dataclass
+class EngineEvent:
+    """New tokens of one sequence since its previous event; the last event has a finish_reason."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # parallel to token_ids when requested
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only; None for token 0
+
+
+class Engine(abc.ABC):
+    """Runs forward passes for many requests. One instance owns one model."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the worker thread(s); called once from the app's startup."""
+
+    @abc.abstractmethod
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting work, let running requests finish within `timeout`, then stop."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Stream events for `request`. Closing the iterator (or cancelling the task that iterates it)
+        cancels the request and frees its slot. Raises EngineOverloadedError / EngineShutdownError
+        on the first iteration when the request cannot be accepted."""
+
+    @property
+    @abc.abstractmethod
+    def max_context(self) -> int:
+        """Longest prompt + completion the model accepts, in tokens."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """At least {"running": n, "waiting": n} for metrics and readiness."""

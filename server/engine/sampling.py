@@ -1,0 +1,78 @@
+"""Per-row token selection: penalties, temperature, top-p, seeded sampling, logprobs.
+
+Knows logits and sampling parameters; knows nothing about batching or steering. Works on a batch of
+rows, each with its own parameters and its own random generator, so a row's choice never depends on
+which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import SamplingParams, TokenLogprob
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int]) -> torch.Tensor:
+    """OpenAI-style presence and frequency penalties over the tokens generated so far. logits: (V,)"""
+    if not output_ids or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
+        return logits
+    ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+    penalty = params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+    logits = logits.clone()
+    logits[ids] -= penalty
+    return logits
+
+
+def select_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    output_ids: Sequence[int] = (),
+) -> tuple[int, TokenLogprob | None]:
+    """Pick the next token for one row from its float logits (V,)."""
+    logits = apply_penalties(logits.float(), params, output_ids)
+    if params.temperature <= 0.0:
+        token = int(torch.argmax(logits))
+    else:
+        scaled = logits / params.temperature
+        probs = torch.softmax(scaled, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+            keep[0] = True
+            filtered = torch.zeros_like(probs)
+            filtered[order[keep]] = sorted_probs[keep]
+            probs = filtered
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    if not params.logprobs and params.top_logprobs == 0:
+        return token, None
+    return token, token_logprob(logits, token, params.top_logprobs)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Logprob of `token` (and the `top` best alternatives) under the unscaled distribution."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, indices = torch.topk(logprobs, k=min(top, logprobs.numel()))
+        alternatives = tuple((int(i), float(v)) for i, v in zip(indices, values, strict=True))
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=alternatives)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob | None]:
+    """Logprobs of each prompt token given the tokens before it. logits: (T, V) for the prompt."""
+    result: list[TokenLogprob | None] = [None]
+    for position in range(1, len(prompt_ids)):
+        result.append(token_logprob(logits[position - 1], int(prompt_ids[position]), top))
+    return result
