@@ -1,0 +1,118 @@
+"""GGUF control vectors: the `controlvector` files that llama.cpp and repeng read and write.
+
+Knows the control-vector layout; knows nothing about hooks or serving.
+
+Layer-index convention: tensor ``direction.N`` is added to the output of decoder layer ``N`` counted
+from 0 — the same index this project's profiles use (``offset.N``), and the same as repeng's layer ids.
+llama.cpp never steers layer 0 (it rejects a ``direction.0`` tensor), so exporting a profile that
+steers layer 0 is refused. Our own metadata (name, fingerprint, provenance, …) travels in extra
+``rahf.*`` keys that other readers ignore, so a round trip keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ProfileFormatError, ProfileLayerError
+from .profile import ModelFingerprint, Profile
+
+ARCH = "controlvector"
+_DIRECTION = re.compile(r"^direction\.(\d+)$")
+_META_KEY = "rahf.profile"
+
+
+def is_gguf(data: bytes) -> bool:
+    return data[:4] == b"GGUF"
+
+
+def write_control_vector(profile: Profile, *, model_hint: str | None = None) -> bytes:
+    """Encode `profile` as a GGUF control vector (float32 `direction.N` tensors)."""
+    import gguf
+
+    if 0 in profile.offsets:
+        raise ProfileLayerError(
+            f"profile {profile.name!r} steers layer 0, which GGUF control vectors cannot carry "
+            "(llama.cpp rejects direction.0); drop that layer before exporting"
+        )
+    hint = model_hint or (profile.fingerprint.architecture if profile.fingerprint else "llama")
+    meta = profile.metadata()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.gguf"
+        writer = gguf.GGUFWriter(path, ARCH)
+        writer.add_string(f"{ARCH}.model_hint", hint)
+        writer.add_uint32(f"{ARCH}.layer_count", len(profile.offsets))
+        writer.add_string(_META_KEY, json.dumps(meta, sort_keys=True))
+        for layer, offset in profile.offsets.items():
+            writer.add_tensor(f"direction.{layer}", offset.numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+def read_control_vector(data: bytes, *, name: str, source: str = "<bytes>") -> Profile:
+    """Decode a GGUF control vector into a Profile named `name` (our metadata wins where present)."""
+    import gguf
+
+    if not is_gguf(data):
+        raise ProfileFormatError(f"{source}: not a GGUF file")
+    fd, tmp = tempfile.mkstemp(suffix=".gguf")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        try:
+            reader = gguf.GGUFReader(tmp)
+            offsets, meta = _decode(reader, source)
+        except Exception as exc:  # any failure of the third-party parser on untrusted bytes
+            raise ProfileFormatError(f"{source}: unreadable GGUF control vector ({exc}); truncated?") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if not offsets:
+        raise ProfileFormatError(f"{source}: GGUF file has no direction.N tensors; not a control vector")
+    fingerprint = meta.get("fingerprint") or ""
+    try:
+        return Profile(
+            name=name,
+            offsets=offsets,
+            description=meta.get("description", f"imported GGUF control vector {source}"),
+            fingerprint=ModelFingerprint.from_json(fingerprint) if fingerprint else None,
+            default_strength=float(meta.get("default_strength", "1.0")),
+            position_mode=meta.get("position_mode", "all"),
+            method=meta.get("method", "gguf-control-vector"),
+            provenance=json.loads(meta.get("provenance") or "{}"),
+            created=float(meta.get("created", "0")) or time.time(),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ProfileFormatError(f"{source}: malformed rahf metadata in GGUF ({exc})") from exc
+
+
+def _decode(reader: object, source: str) -> tuple[dict[int, torch.Tensor], dict[str, str]]:
+    fields = reader.fields  # type: ignore[attr-defined]
+    arch_field = fields.get("general.architecture")
+    if arch_field is None or _field_string(arch_field) != ARCH:
+        raise ProfileFormatError(f"{source}: GGUF file is not a control vector (general.architecture != {ARCH})")
+    meta: dict[str, str] = {}
+    if _META_KEY in fields:
+        meta = json.loads(_field_string(fields[_META_KEY]))
+    offsets: dict[int, torch.Tensor] = {}
+    for tensor in reader.tensors:  # type: ignore[attr-defined]
+        match = _DIRECTION.match(tensor.name)
+        if not match:
+            continue
+        values = np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy()
+        offsets[int(match.group(1))] = torch.from_numpy(values)
+    return offsets, meta
+
+
+def _field_string(field: object) -> str:
+    parts = field.parts  # type: ignore[attr-defined]
+    return bytes(parts[field.data[0]]).decode("utf-8")  # type: ignore[attr-defined]
