@@ -1,0 +1,194 @@
+"""Per-row steering through the hooks: exactness, isolation of unsteered rows, combination rules."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from steering_vectors import PlanError, Profile, Steerer, build_plan, combine_offsets, positions_from_attention_mask
+from steering_vectors.hooks import SteeringPlan
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS
+
+
+def _profile(name: str, layers: list[int], seed: int) -> Profile:
+    gen = torch.Generator().manual_seed(seed)
+    return Profile(name=name, offsets={layer: torch.randn(TINY_HIDDEN, generator=gen) for layer in layers})
+
+
+def _left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [7, 4, 6, 7, 3]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, 500, (length,), generator=gen)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def _forward(model, ids, mask):
+    positions = positions_from_attention_mask(mask).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+class _Recorder:
+    """Records each layer's output before (prepended hook) and after the steering hook."""
+
+    def __init__(self, steerer: Steerer) -> None:
+        self.before: dict[int, torch.Tensor] = {}
+        self.after: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for index, layer in enumerate(steerer.layers):
+            self.handles.append(layer.register_forward_hook(self._store(self.before, index), prepend=True))
+            self.handles.append(layer.register_forward_hook(self._store(self.after, index)))
+
+    @staticmethod
+    def _store(target: dict, index: int):
+        def hook(module, args, output):
+            target[index] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.fixture()
+def steerer(tiny_model):
+    return Steerer.attach(tiny_model)
+
+
+def test_attach_installs_once(tiny_model):
+    first = Steerer.attach(tiny_model)
+    assert Steerer.attach(tiny_model) is first
+    assert first.num_layers == TINY_LAYERS
+    assert all(len(layer._forward_hooks) >= 1 for layer in first.layers)
+
+
+def test_mixed_batch_is_exact_and_unsteered_rows_are_bit_identical(tiny_model, steerer):
+    a = _profile("a", [0, 2], seed=1)
+    b = _profile("b", [1, 2, 3], seed=2)
+    ids, mask = _left_padded_batch()
+    # row 0: a@1.5; row 1: unsteered; row 2: a@-0.5 + b@2; row 3: unsteered; row 4: b@0.25 (generated only)
+    rows = [[(a, 1.5)], [], [(a, -0.5), (b, 2.0)], [], [(b, 0.25)]]
+    modes = ["all", "all", "all", "all", "generated"]
+    prompt_lengths = [7, 4, 6, 7, 1]  # row 4: the last two of its three tokens count as generated
+    positions = positions_from_attention_mask(mask)
+    plan = build_plan([combine_offsets(r) or None for r in rows], modes=modes, positions=positions,
+                      prompt_lengths=prompt_lengths)
+
+    plain = _forward(tiny_model, ids, mask)
+    recorder = _Recorder(steerer)
+    try:
+        with steerer.steering(plan):
+            steered = _forward(tiny_model, ids, mask)
+    finally:
+        recorder.remove()
+
+    for layer in range(TINY_LAYERS):
+        for row, entries in enumerate(rows):
+            expected_offset = torch.zeros(TINY_HIDDEN)
+            for profile, strength in entries:
+                if layer in profile.offsets:
+                    expected_offset = expected_offset + profile.offsets[layer] * strength
+            for t in range(ids.shape[1]):
+                steer_here = bool(mask[row, t]) and (modes[row] == "all" or positions[row, t] >= prompt_lengths[row])
+                before = recorder.before[layer][row, t]
+                after = recorder.after[layer][row, t]
+                if steer_here and any(layer in p.offsets for p, _ in entries):
+                    assert torch.equal(after, before + expected_offset), (layer, row, t)
+                else:
+                    assert torch.equal(after, before), (layer, row, t)
+
+    for row in (1, 3):
+        assert torch.equal(steered[row], plain[row])
+    for row in (0, 2):
+        assert not torch.allclose(steered[row], plain[row])
+    # row 4 steers only its last two positions: the first real position's logits are untouched
+    assert torch.equal(steered[4, -3], plain[4, -3])
+    assert not torch.allclose(steered[4, -1], plain[4, -1])
+
+
+def test_generated_mode_leaves_a_whole_prompt_untouched(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    profile = _profile("a", [0, 1, 2, 3], seed=3)
+    prompt_lengths = mask.sum(dim=1).tolist()  # prefill of prompts only
+    plan = build_plan([combine_offsets([(profile, 3.0)])] * ids.shape[0], modes=["generated"] * ids.shape[0],
+                      positions=positions_from_attention_mask(mask), prompt_lengths=prompt_lengths)
+    with steerer.steering(plan):
+        steered = _forward(tiny_model, ids, mask)
+    assert torch.equal(steered, _forward(tiny_model, ids, mask))
+
+
+def test_strength_zero_equals_no_steering(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    profile = _profile("a", [0, 1, 2, 3], seed=4)
+    plan = build_plan([combine_offsets([(profile, 0.0)])] * ids.shape[0],
+                      positions=positions_from_attention_mask(mask))
+    assert plan is not None
+    with steerer.steering(plan):
+        steered = _forward(tiny_model, ids, mask)
+    assert torch.equal(steered, _forward(tiny_model, ids, mask))
+
+
+def test_two_profiles_equal_their_weighted_sum(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    a, b = _profile("a", [0, 2], seed=5), _profile("b", [2, 3], seed=6)
+    layers = sorted(set(a.offsets) | set(b.offsets))
+    zero = torch.zeros(TINY_HIDDEN)
+    merged = Profile(name="ab", offsets={
+        layer: a.offsets.get(layer, zero) * 0.7 + b.offsets.get(layer, zero) * -1.3 for layer in layers
+    })
+    positions = positions_from_attention_mask(mask)
+    rows = ids.shape[0]
+    with steerer.steering(build_plan([combine_offsets([(a, 0.7), (b, -1.3)])] * rows, positions=positions)):
+        combined = _forward(tiny_model, ids, mask)
+    with steerer.steering(build_plan([combine_offsets([(merged, 1.0)])] * rows, positions=positions)):
+        single = _forward(tiny_model, ids, mask)
+    torch.testing.assert_close(combined, single, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(combined, _forward(tiny_model, ids, mask))
+
+
+def test_empty_plan_and_no_plan_change_nothing(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    assert build_plan([None, {}, None]) is None
+    reference = _forward(tiny_model, ids, mask)
+    with steerer.steering(None):
+        assert torch.equal(_forward(tiny_model, ids, mask), reference)
+    with steerer.steering(SteeringPlan(offsets={})):
+        assert torch.equal(_forward(tiny_model, ids, mask), reference)
+
+
+def test_plan_is_per_thread(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    reference = _forward(tiny_model, ids, mask)
+    profile = _profile("a", [1], seed=7)
+    plan = build_plan([combine_offsets([(profile, 5.0)])] * ids.shape[0], positions=positions_from_attention_mask(mask))
+    seen: list[torch.Tensor] = []
+    with steerer.steering(plan):
+        worker = threading.Thread(target=lambda: seen.append(_forward(tiny_model, ids, mask)))
+        worker.start()
+        worker.join()
+        steered = _forward(tiny_model, ids, mask)
+    assert torch.equal(seen[0], reference)
+    assert not torch.allclose(steered, reference)
+    assert steerer.plan is None
+
+
+def test_plan_errors(tiny_model, steerer):
+    ids, mask = _left_padded_batch()
+    profile = _profile("a", [1], seed=8)
+    wrong_rows = build_plan([combine_offsets([(profile, 1.0)])] * 2)
+    with steerer.steering(wrong_rows), pytest.raises(PlanError, match="rows"):
+        _forward(tiny_model, ids, mask)
+    with pytest.raises(PlanError, match="layers"):
+        steerer.plan = SteeringPlan(offsets={TINY_LAYERS: torch.zeros(1, 1, TINY_HIDDEN)})
+    with pytest.raises(PlanError, match="positions"):
+        build_plan([combine_offsets([(profile, 1.0)])], modes=["generated"])
+    with pytest.raises(PlanError, match="mode"):
+        build_plan([combine_offsets([(profile, 1.0)])], modes=["sometimes"])

@@ -1,0 +1,191 @@
+"""Profile files: round trips, and one typed error for each kind of bad file."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from steering_vectors import (
+    ModelFingerprint,
+    Profile,
+    ProfileFormatError,
+    ProfileLayerError,
+    ProfileMismatchError,
+    ProfileShapeError,
+    ProfileValueError,
+)
+from steering_vectors.gguf_io import read_control_vector, write_control_vector
+from steering_vectors.models import model_fingerprint
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS, make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def fingerprint(tiny_model) -> ModelFingerprint:
+    return model_fingerprint(tiny_model)
+
+
+def _profile(fingerprint: ModelFingerprint | None, layers=(1, 3), size=TINY_HIDDEN, **kwargs) -> Profile:
+    gen = torch.Generator().manual_seed(0)
+    return Profile(
+        name=kwargs.pop("name", "helpful"),
+        offsets={layer: torch.randn(size, generator=gen) for layer in layers},
+        description="test profile",
+        fingerprint=fingerprint,
+        default_strength=1.25,
+        position_mode="generated",
+        method="rahf",
+        provenance={"data": "unit", "pairs": 3},
+        **kwargs,
+    )
+
+
+def _assert_same(a: Profile, b: Profile) -> None:
+    assert a.summary() == b.summary()
+    assert a.layers == b.layers
+    for layer in a.layers:
+        assert torch.equal(a.offsets[layer], b.offsets[layer])
+
+
+def test_safetensors_round_trip(tmp_path, fingerprint):
+    profile = _profile(fingerprint)
+    path = profile.save(tmp_path / "helpful.safetensors")
+    loaded = Profile.load(path)
+    _assert_same(profile, loaded)
+    assert loaded.validate_for(fingerprint) is loaded
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_gguf_round_trip_keeps_tensors_and_metadata(fingerprint):
+    profile = _profile(fingerprint)
+    data = write_control_vector(profile)
+    assert data[:4] == b"GGUF"
+    _assert_same(profile, read_control_vector(data, name="helpful"))
+
+
+def test_gguf_layout_follows_llama_cpp_convention(tmp_path, fingerprint):
+    profile = _profile(fingerprint, layers=(1, 3))
+    path = tmp_path / "cv.gguf"
+    path.write_bytes(write_control_vector(profile))
+    reader = gguf.GGUFReader(path)
+    names = sorted(t.name for t in reader.tensors)
+    assert names == ["direction.1", "direction.3"]
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    count = reader.fields["controlvector.layer_count"]
+    assert int(count.parts[count.data[0]][0]) == 2
+    tensor = next(t for t in reader.tensors if t.name == "direction.3")
+    assert np.array_equal(np.asarray(tensor.data).reshape(-1), profile.offsets[3].numpy())
+
+
+def test_foreign_gguf_control_vector_imports_without_fingerprint(tmp_path):
+    path = tmp_path / "foreign.gguf"
+    writer = gguf.GGUFWriter(path, "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", 2)
+    vectors = {2: np.arange(TINY_HIDDEN, dtype=np.float32), 3: -np.ones(TINY_HIDDEN, dtype=np.float32)}
+    for layer, vector in vectors.items():
+        writer.add_tensor(f"direction.{layer}", vector)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    profile = read_control_vector(path.read_bytes(), name="foreign")
+    assert profile.fingerprint is None and profile.layers == [2, 3]
+    assert torch.equal(profile.offsets[2], torch.arange(TINY_HIDDEN, dtype=torch.float32))
+
+
+def test_gguf_export_refuses_layer_zero(fingerprint):
+    with pytest.raises(ProfileLayerError, match="layer 0"):
+        write_control_vector(_profile(fingerprint, layers=(0, 2)))
+
+
+@pytest.mark.parametrize("cut", [4, 40, -10])
+def test_truncated_files_raise_format_error(fingerprint, cut):
+    data = _profile(fingerprint).to_bytes()
+    with pytest.raises(ProfileFormatError):
+        Profile.from_bytes(data[:cut])
+    gguf_data = write_control_vector(_profile(fingerprint))
+    with pytest.raises(ProfileFormatError):
+        read_control_vector(gguf_data[:cut], name="x")
+
+
+def test_not_a_profile_raises_format_error():
+    with pytest.raises(ProfileFormatError, match="metadata"):
+        Profile.from_bytes(st_save({"offset.1": torch.zeros(4)}))
+    with pytest.raises(ProfileFormatError):
+        Profile.from_bytes(b"hello world, not a profile")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_raise_value_error(fingerprint, bad):
+    profile = _profile(fingerprint)
+    tensors = {f"offset.{layer}": t.clone() for layer, t in profile.offsets.items()}
+    tensors["offset.3"][5] = bad
+    with pytest.raises(ProfileValueError, match="NaN or Inf"):
+        Profile.from_bytes(st_save(tensors, metadata=profile.metadata()))
+
+
+def test_wrong_hidden_size_raises_shape_error(fingerprint):
+    other = _profile(None, size=TINY_HIDDEN * 2)
+    with pytest.raises(ProfileShapeError, match="hidden size"):
+        Profile.from_bytes(other.to_bytes()).validate_for(fingerprint)
+
+
+def test_layer_out_of_range_raises_layer_error(fingerprint):
+    profile = _profile(None, layers=(1, TINY_LAYERS))
+    with pytest.raises(ProfileLayerError, match=f"layers \\[{TINY_LAYERS}\\]"):
+        Profile.from_bytes(profile.to_bytes()).validate_for(fingerprint)
+
+
+def test_other_models_fingerprint_raises_mismatch_error(fingerprint):
+    other_weights = model_fingerprint(make_tiny_llama(seed=123))
+    assert other_weights.digest != fingerprint.digest
+    profile = Profile.from_bytes(_profile(other_weights).to_bytes())
+    with pytest.raises(ProfileMismatchError, match="other weights"):
+        profile.validate_for(fingerprint)
+    assert profile.validate_for(fingerprint, check_digest=False) is profile
+    other_arch = ModelFingerprint("gpt2", TINY_HIDDEN, TINY_LAYERS, fingerprint.digest)
+    with pytest.raises(ProfileMismatchError, match="gpt2"):
+        _profile(other_arch).validate_for(fingerprint)
+
+
+def test_fingerprint_is_dtype_independent_and_sees_the_tokenizer(tiny_model, fingerprint):
+    as_bf16 = make_tiny_llama(seed=0).to(torch.bfloat16)
+    assert model_fingerprint(as_bf16) == fingerprint
+
+    class Tok:
+        chat_template = ""
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    assert model_fingerprint(tiny_model, Tok({"a": 0})).digest != model_fingerprint(tiny_model, Tok({"b": 0})).digest
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "bad name"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(ProfileFormatError, match="invalid profile name"):
+        Profile(name=name, offsets={0: torch.zeros(4)})
+
+
+def test_newer_format_version_is_refused(fingerprint):
+    profile = _profile(fingerprint)
+    meta = profile.metadata() | {"format_version": "99"}
+    data = st_save({f"offset.{k}": v for k, v in profile.offsets.items()}, metadata=meta)
+    with pytest.raises(ProfileFormatError, match="newer"):
+        Profile.from_bytes(data)
+
+
+def test_header_length_past_end_is_format_error():
+    data = struct.pack("<Q", 10_000) + json.dumps({"__metadata__": {}}).encode()
+    with pytest.raises(ProfileFormatError, match="truncated"):
+        Profile.from_bytes(data)
