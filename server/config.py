@@ -1,0 +1,110 @@
+"""Server settings: one validated class, read from `RAHF_*` environment variables and CLI flags.
+
+Knows every knob of the service and its defaults; knows nothing about how they are used. The app
+receives a `Settings` instance; nothing reads the environment behind its back.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PositionMode = Literal["all", "generated"]
+
+
+def _split_list(value: object) -> object:
+    """Accept a comma-separated string (from the environment) or a JSON-ish list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with; env vars are the field names prefixed `RAHF_`."""
+
+    model_config = SettingsConfigDict(env_prefix="RAHF_", extra="ignore", protected_namespaces=())
+
+    # model and profiles
+    model: str | None = Field(None, description="local model directory; None = the embedded default")
+    served_model_name: str | None = Field(None, description="name clients use; default: the model's name")
+    profile_dir: Path | None = Field(None, description="profile store; None = in-memory only")
+    check_digest: bool = Field(True, description="refuse profiles made for other weights or tokenizers")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    engine: Literal["simple", "continuous"] = "simple"
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    root_path: str = Field("", description="path prefix when served behind a proxy, e.g. /rahf")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # auth
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    keys_file: Path | None = Field(None, description="lines 'KEY' (API key) or 'admin:KEY'; '#' comments")
+
+    # limits
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest JSON request body")
+    max_profile_bytes: int = Field(64 * 1_048_576, ge=1024, description="largest profile upload")
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")
+    max_batch_size: int = Field(4, ge=1, description="rows one engine step runs together (concurrency)")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond the running ones; then 429")
+    retry_after_s: float = Field(1.0, gt=0)
+    strength_min: float = -20.0
+    strength_max: float = 20.0
+    shutdown_timeout_s: float = Field(30.0, ge=0)
+
+    log_level: str = "info"
+    log_json: bool = True
+
+    @field_validator("cors_origins", "api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            value = "/" + value
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Settings:
+        if not (math.isfinite(self.strength_min) and math.isfinite(self.strength_max)):
+            raise ValueError("strength bounds must be finite")
+        if self.strength_min > self.strength_max:
+            raise ValueError("strength_min must not exceed strength_max")
+        return self
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        """(API keys, admin keys) from the settings and the keys file. Admin keys also act as API keys."""
+        api = [k.get_secret_value() for k in self.api_keys if k.get_secret_value()]
+        admin = [k.get_secret_value() for k in self.admin_keys if k.get_secret_value()]
+        if self.keys_file is not None:
+            for raw in Path(self.keys_file).read_text(encoding="utf-8").splitlines():
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if line.startswith("admin:"):
+                    admin.append(line[len("admin:") :].strip())
+                elif line.startswith("api:"):
+                    api.append(line[len("api:") :].strip())
+                else:
+                    api.append(line)
+        return api, admin

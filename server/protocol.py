@@ -1,0 +1,188 @@
+"""The OpenAI request models and the steering extension.
+
+Knows the JSON shapes clients send to `/v1/chat/completions` and `/v1/completions`, their bounds, and
+how a request turns itself into engine sampling parameters. Knows nothing about tokenisers, profiles
+on disk or the engine's scheduling: the serving layer resolves profile names and tokenises.
+
+Unknown fields are refused with a 400 naming them, so a client never silently loses a parameter it
+relies on (tools, response_format, logit_bias …).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .engine.base import SamplingParams
+
+PositionMode = Literal["all", "generated"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SteeringEntry(_Strict):
+    """One profile and its strength; `position` overrides the profile's token-position mode."""
+
+    profile: str = Field(min_length=1)
+    strength: float | None = None  # None = the profile's default strength
+    position: PositionMode | None = None
+
+
+SteeringSpec = SteeringEntry | list[SteeringEntry] | None
+
+
+def steering_entries(spec: SteeringSpec) -> list[SteeringEntry]:
+    if spec is None:
+        return []
+    if isinstance(spec, SteeringEntry):
+        return [spec]
+    return list(spec)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+Stop = str | list[str] | None
+
+
+class _GenerationRequest(_Strict):
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: Stop = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    steering: SteeringSpec = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Stop) -> Stop:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(item == "" for item in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(
+        self,
+        *,
+        max_new_tokens: int,
+        stop_token_ids: frozenset[int],
+        index: int,
+        logprobs: bool,
+        top_logprobs: int,
+        prompt_logprobs: bool,
+    ) -> SamplingParams:
+        # Choice i of a seeded request uses seed + i, so the n choices differ but each is reproducible.
+        seed = None if self.seed is None else self.seed + index
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int) -> SamplingParams:
+        return self._sampling(
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            index=index,
+            logprobs=self.logprobs,
+            top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
+            prompt_logprobs=False,
+        )
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Prompt) -> Prompt:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of texts or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int) -> SamplingParams:
+        wants = self.logprobs is not None
+        return self._sampling(
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            index=index,
+            logprobs=wants,
+            top_logprobs=self.logprobs or 0,
+            prompt_logprobs=wants and self.echo,
+        )

@@ -1,0 +1,37 @@
+"""`GET /v1/models`: the base model and one `<base>:<profile>` alias per loaded profile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from ..auth import require_api_key
+from ..errors import not_found
+from .deps import ServingDep
+
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def _entries(serving: ServingDep) -> list[dict[str, Any]]:
+    base = serving.model_name
+    entries = [{"id": base, "object": "model", "created": 0, "owned_by": "rahf", "root": base, "parent": None}]
+    for name in serving.registry.names():
+        entries.append(
+            {"id": f"{base}:{name}", "object": "model", "created": 0, "owned_by": "rahf", "root": base,
+             "parent": base, "profile": name}
+        )
+    return entries
+
+
+@router.get("/models")
+async def list_models(serving: ServingDep) -> dict[str, Any]:
+    return {"object": "list", "data": _entries(serving)}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, serving: ServingDep) -> dict[str, Any]:
+    for entry in _entries(serving):
+        if entry["id"] == model_id:
+            return entry
+    raise not_found(f"model {model_id!r} is not served here", param="model", code="model_not_found")
