@@ -100,12 +100,24 @@ def replicas(nginx_bin, tiny_model_dir, profile_dir, tmp_path_factory):
         for i in range(2):
             port = _free_port()
             log = logs / f"replica-{i}.log"
-            cmd = [sys.executable, "-m", "steering_vectors.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                   "--model", str(tiny_model_dir), "--profile-dir", str(profile_dir)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "steering_vectors.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                str(tiny_model_dir),
+                "--profile-dir",
+                str(profile_dir),
+            ]
             with log.open("wb") as out:
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
             ports.append((port, log))
-        for proc, (port, log) in zip(procs, ports):
+        for proc, (port, log) in zip(procs, ports, strict=True):
             _wait_http(f"http://127.0.0.1:{port}/readyz", proc, 120, log)
         yield procs, [port for port, _ in ports]
     finally:
@@ -131,8 +143,10 @@ def gateway_config(listen: int, upstreams: list[int], folder: Path, *, tweak=Non
         f"{user}daemon off;\nworker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log info;\n"
         "events { worker_connections 128; }\n"
         "http {\n"
-        + "".join(f"    {kind}_temp_path {folder}/{kind}_temp;\n"
-                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
+        + "".join(
+            f"    {kind}_temp_path {folder}/{kind}_temp;\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         + f"    include {folder}/rahf.conf;\n}}\n"
     )
     return main
@@ -142,13 +156,16 @@ def start_nginx(nginx_bin: str, conf: Path) -> subprocess.Popen:
     folder = conf.parent
     check = subprocess.run(
         [nginx_bin, "-t", "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen(
         [nginx_bin, "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     port = int(re.search(r"listen 127\.0\.0\.1:(\d+);", (folder / "rahf.conf").read_text()).group(1))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -183,7 +200,9 @@ def _model_name(url: str) -> str:
     return httpx.get(f"{url}/readyz", timeout=10).json()["model"]
 
 
-def _stream_events(url: str, body: dict, headers: dict | None = None) -> tuple[httpx.Response, list[tuple[float, str]], int]:
+def _stream_events(
+    url: str, body: dict, headers: dict | None = None
+) -> tuple[httpx.Response, list[tuple[float, str]], int]:
     """(response, [(arrival time, data)], number of network reads that carried events)."""
     events: list[tuple[float, str]] = []
     reads = 0
