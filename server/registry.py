@@ -41,8 +41,9 @@ class SkippedFile:
     reason: str
 
 
-def parse_profile(data: bytes, *, name: str) -> Profile:
-    """Read an uploaded profile (safetensors or GGUF control vector) and give it `name`."""
+def parse_profile(data: bytes, *, name: str, source: str | None = None) -> Profile:
+    """Read a profile (safetensors or GGUF control vector) and give it `name`."""
+    source = source or f"upload {name!r}"
     if data[:4] == GGUF_MAGIC:
         try:
             from steering_vectors import gguf_io
@@ -53,8 +54,8 @@ def parse_profile(data: bytes, *, name: str) -> Profile:
         except ProfileError:
             raise
         except Exception as exc:  # a malformed file may trip the GGUF parser anywhere
-            raise ProfileFormatError(f"upload {name!r}: not a readable GGUF control vector ({exc})") from exc
-    profile = Profile.from_bytes(data, source=f"upload {name!r}")
+            raise ProfileFormatError(f"{source}: not a readable GGUF control vector ({exc})") from exc
+    profile = Profile.from_bytes(data, source=source)
     return profile if profile.name == name else profile.renamed(name)
 
 
@@ -102,7 +103,7 @@ class ProfileRegistry:
                     name = validate_name(path.stem)
                     if name in profiles:
                         raise ProfileFormatError(f"another file already provides profile {name!r}")
-                    profile = parse_profile(path.read_bytes(), name=name)
+                    profile = parse_profile(path.read_bytes(), name=name, source=str(path))
                     profiles[name] = profile.validate_for(self.fingerprint, check_digest=self.check_digest)
                 except (ProfileError, OSError) as exc:
                     skipped.append(SkippedFile(str(path), str(exc)))

@@ -43,7 +43,8 @@ def test_chat_matches_reference_greedy(client, server, model_name, tiny_loaded) 
     expected = greedy(tiny_loaded, chat_ids(tiny_loaded, PROMPT), MAX)
     assert reply.choices[0].message.content == text_of(tiny_loaded, expected)
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].finish_reason == ("stop" if expected[-1] == tiny_loaded.tokenizer.eos_token_id else "length")
+    eos = tiny_loaded.tokenizer.eos_token_id
+    assert reply.choices[0].finish_reason == ("stop" if expected[-1] == eos else "length")
     assert reply.usage.prompt_tokens == len(chat_ids(tiny_loaded, PROMPT))
     assert reply.usage.completion_tokens == len(expected)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
