@@ -60,6 +60,37 @@ def select_token(
     return token, token_logprob(logits, token, params.top_logprobs)
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that depends on the row's history or asks for logprobs."""
+    return (
+        params.temperature <= 0.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logprobs
+        and params.top_logprobs == 0
+    )
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    output_ids: Sequence[Sequence[int]],
+) -> list[tuple[int, TokenLogprob | None]]:
+    """`select_token` for every row of logits (B, V); plain greedy rows share one batched argmax."""
+    greedy = [i for i, p in enumerate(params) if is_plain_greedy(p)]
+    choices: list[tuple[int, TokenLogprob | None]] = [(0, None)] * len(params)
+    if greedy:
+        rows = logits if len(greedy) == len(params) else logits[greedy]
+        for i, token in zip(greedy, torch.argmax(rows.float(), dim=-1).tolist(), strict=True):
+            choices[i] = (token, None)
+    if len(greedy) < len(params):
+        for i, p in enumerate(params):
+            if not is_plain_greedy(p):
+                choices[i] = select_token(logits[i], p, generators[i], output_ids[i])
+    return choices
+
+
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """Logprob of `token` (and the `top` best alternatives) under the unscaled distribution."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)

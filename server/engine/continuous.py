@@ -1,0 +1,557 @@
+"""Continuous batching: one scheduler thread runs many sequences through the model, steering each row.
+
+Knows token ids, a transformers decoder-only model, a preallocated per-slot KV cache, the steering
+hooks and per-row sampling. Knows nothing about HTTP, text or tokenisers (stop strings are the serving
+layer's; stop token ids arrive in `SamplingParams`).
+
+How a step works (gpt-fast style: the hot path is `_decode_step`, one forward for every running row):
+
+1. Sequences in the running batch own cache rows ``0..n-1`` (kept contiguous: a leaving row is
+   replaced by the last one), so the decode forward reads the cache as a view, never a gather.
+2. Waiting sequences are prefilled one at a time into row ``n`` in chunks of at most
+   ``prefill_chunk`` tokens; between chunks the running rows decode, so a long prompt never stalls
+   the others for more than one chunk. After its last chunk a sequence samples its first token and
+   joins the batch as row ``n``.
+3. Rows sit at different lengths: every forward passes explicit position ids and a 4-D attention mask
+   (row i sees keys ``0..pos_i``), and the cache writes each row's new K/V at its own position.
+4. The steering plan of the decode step is the stack of the rows' offsets; it is rebuilt only when the
+   batch composition changes. Prefill chunks get their own one-row plan (with the position mask of
+   the row's mode).
+5. Requests join, finish, or are cancelled only between steps; the asyncio side talks to the thread
+   through a lock-protected inbox and `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from steering_vectors.errors import PlanError
+from steering_vectors.hooks import Steerer, SteeringPlan, build_plan
+from steering_vectors.profile import POSITION_MODES
+
+from .base import (
+    Engine,
+    EngineError,
+    EngineEvent,
+    EngineOverloadedError,
+    EngineShutdownError,
+    GenerationRequest,
+    TokenLogprob,
+)
+from .sampling import make_generator, select_tokens, token_logprob
+
+log = logging.getLogger(__name__)
+
+_LAZY_BYTES = 64 * 1024 * 1024  # above this, glibc maps fresh zero pages: allocate without touching them
+
+
+class SlotCache:
+    """K/V of `slots` sequences, preallocated: per layer (S + 1, Hkv, L, D); row S is scratch.
+
+    Duck-types the part of a transformers `Cache` that attention layers call (`update`). Before each
+    forward the engine says which rows and positions the forward covers (`for_decode`/`for_prefill`).
+    Pages of the big zero tensors are touched only when written, so memory grows with use.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (2, num_layers, slots + 1, kv_heads, max_len, head_dim)
+        numel = 1
+        for size in shape:
+            numel *= size
+        if device.type == "cpu" and numel * dtype.itemsize >= _LAZY_BYTES:
+            # Fresh anonymous memory from the OS is zero and costs nothing until touched.
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = list(buffer[0].unbind(0))  # per layer (S + 1, Hkv, L, D)
+        self.values = list(buffer[1].unbind(0))
+        self.max_len = max_len
+        self._rows = slice(0, 0)
+        self._write: tuple[torch.Tensor | int, slice, torch.Tensor | slice] = (0, slice(None), slice(0, 0))
+        self._kv_len = 0
+        self._decode = False
+
+    def for_decode(self, n: int, positions: torch.Tensor, kv_len: int) -> None:
+        """Next forward: rows 0..n-1, one token each, at `positions` (n,)."""
+        self._rows = slice(0, n)
+        self._write = (torch.arange(n, device=positions.device), slice(None), positions)
+        self._kv_len = kv_len
+        self._decode = True
+
+    def for_prefill(self, row: int, start: int, length: int) -> None:
+        """Next forward: one row, `length` tokens from position `start`."""
+        self._rows = slice(row, row + 1)
+        self._write = (row, slice(None), slice(start, start + length))
+        self._kv_len = start + length
+        self._decode = False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new K/V (B, Hkv, T, D) and return the rows' K/V up to the longest (B, Hkv, kv, D)."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._decode:
+            keys[self._write] = key_states[:, :, 0]  # (n, Hkv, D)
+            values[self._write] = value_states[:, :, 0]
+        else:
+            keys[self._write] = key_states[0]  # (Hkv, T, D)
+            values[self._write] = value_states[0]
+        return keys[self._rows, :, : self._kv_len], values[self._rows, :, : self._kv_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` into row `dst`."""
+        if src == dst or length <= 0:
+            return
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request inside the engine; fields after `request` are owned by the scheduler thread."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    generator: torch.Generator
+    offsets: Mapping[int, torch.Tensor] | None
+    mode: str
+    max_new_tokens: int
+    filled: int = 0  # positions whose K/V are in the cache
+    row: int = -1
+    next_token: int = -1  # sampled, not yet fed to the model
+    output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    last_prompt_logits: torch.Tensor | None = None  # (V,) logits of the previous chunk's last token
+    cancelled: bool = False
+    finished: bool = False
+
+
+class ContinuousEngine(Engine):
+    """Continuous-batching engine with per-row steering over a preallocated slot KV cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 256,
+        retry_after: float = 1.0,
+        num_threads: int | None = None,
+    ) -> None:
+        if max_batch_size < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
+        self.model = model
+        self.config = model.config
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.steerer = Steerer.attach(model)
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device
+        limit = int(getattr(self.config, "max_position_embeddings", 2048) or 2048)
+        self._max_context = min(max_seq_len or min(limit, 2048), limit)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.retry_after = retry_after
+        self.num_threads = num_threads
+        self._bool_mask = getattr(self.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
+        self.cache = SlotCache(
+            num_layers=self.config.num_hidden_layers,
+            slots=max_batch_size,
+            kv_heads=getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads,
+            head_dim=getattr(self.config, "head_dim", None)
+            or self.config.hidden_size // self.config.num_attention_heads,
+            max_len=self._max_context,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: deque[_Sequence] = deque()
+        self._in_flight = 0  # accepted and not finished; guarded by _lock
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # scheduler-thread state
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # row i of the cache is _running[i]
+        self._prefilling: _Sequence | None = None
+        self._plan: SteeringPlan | None = None
+        self._plan_stale = True
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    # -- Engine interface --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="rahf-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._accepting = False
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._in_flight == 0:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, timeout))
+            self._thread = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        seq = self._submit(request, asyncio.get_running_loop())
+        try:
+            while True:
+                event = await seq.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                seq.cancelled = True  # read by the scheduler between steps
+                with self._lock:
+                    self._wake.notify_all()
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            in_flight = self._in_flight
+        running = len(self._running) + (self._prefilling is not None)
+        return {"running": running, "waiting": max(0, in_flight - running), "slots": self.max_batch_size}
+
+    # -- admission (event-loop side) ---------------------------------------------------------------
+
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Sequence:
+        params = request.sampling
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt has no tokens")
+        if prompt_len >= self._max_context:
+            raise ValueError(f"the prompt has {prompt_len} tokens; this engine holds {self._max_context}")
+        steering = request.steering
+        offsets = self._checked_offsets(steering.offsets) if steering is not None else None
+        mode = steering.position_mode if steering is not None else "all"
+        if mode not in POSITION_MODES:
+            raise PlanError(f"position mode {mode!r} is not one of {POSITION_MODES}")
+        seq = _Sequence(
+            request=request,
+            loop=loop,
+            events=asyncio.Queue(),
+            generator=make_generator(params.seed if params.temperature > 0 else 0),
+            offsets=offsets or None,
+            mode=mode,
+            max_new_tokens=max(0, min(params.max_new_tokens, self._max_context - prompt_len)),
+        )
+        with self._lock:
+            if not self._accepting:
+                raise EngineShutdownError("the engine is not accepting requests")
+            if self._in_flight >= self.max_batch_size + self.max_queue:
+                raise EngineOverloadedError(
+                    f"{self._in_flight} requests in flight (limit {self.max_batch_size + self.max_queue})",
+                    retry_after=self.retry_after,
+                )
+            self._in_flight += 1
+            self._inbox.append(seq)
+            self._wake.notify_all()
+        return seq
+
+    def _checked_offsets(self, offsets: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        hidden = self.steerer.hidden_size
+        checked: dict[int, torch.Tensor] = {}
+        for layer, vector in offsets.items():
+            if not 0 <= int(layer) < self.steerer.num_layers:
+                raise PlanError(f"steering names layer {layer}; the model has 0..{self.steerer.num_layers - 1}")
+            if vector.numel() != hidden:
+                raise PlanError(f"offset of layer {layer} has {vector.numel()} values; hidden size is {hidden}")
+            checked[int(layer)] = vector.reshape(hidden).float()
+        return checked
+
+    # -- scheduler thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        with torch.inference_mode():
+            while True:
+                if not self._take_inbox():
+                    break
+                try:
+                    self._step()
+                except Exception as error:  # one failed forward must not kill the server
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"engine step failed: {error}"))
+        self._fail_all(EngineShutdownError("the engine stopped"))
+
+    def _take_inbox(self) -> bool:
+        """Move new requests into the waiting queue; block while idle. False once stopping."""
+        with self._lock:
+            while True:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                if self._stopping:
+                    return False
+                if self._waiting or self._running or self._prefilling is not None:
+                    return True
+                self._wake.wait()
+
+    def _step(self) -> None:
+        # 1. drop cancelled sequences, 2. prefill within the chunk budget, 3. decode every running row
+        self._drop_cancelled()
+        budget = self.prefill_chunk
+        while budget > 0 and len(self._running) < self.max_batch_size:
+            if self._prefilling is None:
+                if not self._waiting:
+                    break
+                self._prefilling = self._waiting.popleft()
+                self._prefilling.row = len(self._running)
+            budget -= self._prefill_chunk(self._prefilling, budget)
+        if self._running:
+            self._decode_step()
+
+    def _drop_cancelled(self) -> None:
+        if any(seq.cancelled for seq in self._waiting):
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                self._retire(seq)
+        if self._prefilling is not None and self._prefilling.cancelled:
+            self._retire(self._prefilling)
+            self._prefilling = None
+        for seq in [s for s in self._running if s.cancelled]:
+            self._leave(seq)
+
+    # -- prefill -----------------------------------------------------------------------------------
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Run the next chunk of `seq`'s prompt (at most `budget` tokens); returns the tokens run."""
+        prompt = seq.request.prompt_ids
+        start = seq.filled
+        length = min(budget, len(prompt) - start)
+        want_prompt_logprobs = seq.request.sampling.prompt_logprobs
+        input_ids = torch.tensor([prompt[start : start + length]], dtype=torch.long, device=self.device)  # (1, T)
+        positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)  # (1, T)
+        self.cache.for_prefill(seq.row, start, length)
+        plan = self._prefill_plan(seq, positions)
+        with self.steerer.steering(plan):
+            hidden = self._forward(input_ids, positions, self._prefill_mask(start, length))  # (1, T, H)
+        last = start + length == len(prompt)
+        if want_prompt_logprobs:
+            logits = self.lm_head(hidden[0]).float()  # (T, V)
+            self._score_prompt(seq, logits, start)
+        elif last:
+            logits = self.lm_head(hidden[0, -1:])  # (1, V)
+        seq.filled = start + length
+        if last:
+            self._prefilling = None
+            self._join(seq, logits[-1:])
+        return length
+
+    def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
+        if seq.offsets is None:
+            return None
+        if seq.mode == "generated" and int(positions[0, -1]) < len(seq.request.prompt_ids):
+            return None  # no prompt position is steered in this mode
+        return build_plan(
+            [seq.offsets],
+            modes=[seq.mode],
+            positions=positions,
+            prompt_lengths=[len(seq.request.prompt_ids)],
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _prefill_mask(self, start: int, length: int) -> torch.Tensor:
+        """(1, 1, T, start + T): query q (at position start + q) sees keys 0..start + q."""
+        keys = torch.arange(start + length, device=self.device)
+        queries = torch.arange(start, start + length, device=self.device)
+        return self._mask(keys.unsqueeze(0) <= queries.unsqueeze(1)).view(1, 1, length, start + length)
+
+    def _score_prompt(self, seq: _Sequence, logits: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt tokens this chunk predicts. logits: (T, V) float, chunk from `start`."""
+        params, prompt = seq.request.sampling, seq.request.prompt_ids
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        for position in range(max(start, 1), start + logits.shape[0]):
+            previous = seq.last_prompt_logits if position == start else logits[position - start - 1]
+            seq.prompt_logprobs.append(token_logprob(previous, int(prompt[position]), params.top_logprobs))
+        seq.last_prompt_logits = logits[-1]
+
+    def _join(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The prompt is in the cache: pick the first token, then enter the batch unless already done."""
+        if seq.max_new_tokens == 0:
+            self._retire(seq)
+            self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
+            self._flush()
+            return
+        ((token, logprob),) = select_tokens(logits, [seq.request.sampling], [seq.generator], [seq.output_ids])
+        event = self._advance(seq, token, logprob)
+        event.prompt_logprobs = seq.prompt_logprobs
+        seq.last_prompt_logits = None
+        if seq.finished:
+            self._retire(seq)
+        else:
+            seq.row = len(self._running)
+            self._running.append(seq)
+            self._plan_stale = True
+        self._emit(seq, event)
+        self._flush()
+
+    # -- decode (the hot path) ---------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        """One token for every running row."""
+        rows = self._running
+        n = len(rows)
+        input_ids = torch.tensor([[seq.next_token] for seq in rows], dtype=torch.long, device=self.device)  # (n, 1)
+        positions = torch.tensor([seq.filled for seq in rows], dtype=torch.long, device=self.device)  # (n,)
+        kv_len = max(seq.filled for seq in rows) + 1
+        self.cache.for_decode(n, positions, kv_len)
+        mask = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (n, kv)
+        with self.steerer.steering(self._decode_plan()):
+            hidden = self._forward(input_ids, positions.unsqueeze(1), self._mask(mask).view(n, 1, 1, kv_len))
+        logits = self.lm_head(hidden[:, -1])  # (n, V)
+        choices = select_tokens(
+            logits,
+            [seq.request.sampling for seq in rows],
+            [seq.generator for seq in rows],
+            [seq.output_ids for seq in rows],
+        )
+        for seq, (token, logprob) in zip(rows, choices, strict=True):
+            seq.filled += 1
+            self._emit(seq, self._advance(seq, token, logprob))
+        for seq in [s for s in rows if s.finished]:
+            self._leave(seq)
+        self._flush()
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder forward over the cache rows set up beforehand -> last hidden states (B, T, H)."""
+        out = self.decoder(
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        if self._bool_mask:
+            return allowed
+        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def _decode_plan(self) -> SteeringPlan | None:
+        """Stacked offsets of the running rows; rebuilt only when the batch composition changed.
+
+        In decode every position is past the prompt, so "generated" rows are steered like "all" rows.
+        """
+        if self._plan_stale:
+            self._plan = build_plan([seq.offsets for seq in self._running], dtype=self.dtype, device=self.device)
+            self._plan_stale = False
+        return self._plan
+
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> EngineEvent:
+        """Record a sampled token; a stop token ends the sequence and is not returned."""
+        params = seq.request.sampling
+        if token in params.stop_token_ids:
+            seq.finished = True
+            return EngineEvent(finish_reason="stop", logprobs=[] if logprob is not None else None)
+        seq.output_ids.append(token)
+        seq.next_token = token
+        finish = None
+        if len(seq.output_ids) >= seq.max_new_tokens:
+            seq.finished = True
+            finish = "length"
+        return EngineEvent(token_ids=[token], logprobs=[logprob] if logprob is not None else None, finish_reason=finish)
+
+    # -- leaving the batch -------------------------------------------------------------------------
+
+    def _leave(self, seq: _Sequence) -> None:
+        """Free `seq`'s row: the last running row moves into it, the prefilling row moves down one."""
+        row = self._running.index(seq)
+        last = self._running.pop()
+        if last is not seq:
+            self.cache.move(last.row, row, last.filled)
+            last.row = row
+            self._running[row] = last
+        if self._prefilling is not None:
+            self.cache.move(self._prefilling.row, len(self._running), self._prefilling.filled)
+            self._prefilling.row = len(self._running)
+        self._plan_stale = True
+        self._retire(seq)
+
+    def _retire(self, seq: _Sequence) -> None:
+        seq.finished = True
+        with self._lock:
+            self._in_flight -= 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        everyone = [*self._running, *self._waiting]
+        if self._prefilling is not None:
+            everyone.append(self._prefilling)
+        with self._lock:
+            everyone.extend(self._inbox)
+            self._inbox.clear()
+        self._running, self._prefilling = [], None
+        self._waiting.clear()
+        self._plan_stale = True
+        for seq in everyone:
+            if not seq.finished:
+                self._emit(seq, error)
+                self._retire(seq)
+        self._flush()
+
+    # -- events to the event loops -----------------------------------------------------------------
+
+    def _emit(self, seq: _Sequence, event: object) -> None:
+        """Queue an event (or an exception) for `seq`; `_flush` delivers it."""
+        if not seq.cancelled:
+            self._outbox.setdefault(seq.loop, []).append((seq.events, event))
+
+    def _flush(self) -> None:
+        """Deliver the collected events: one thread-safe call per event loop."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed; its requests are gone
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

@@ -1,0 +1,257 @@
+"""The continuous-batching engine on the tiny random Llama: exact greedy equality between a request run
+alone and the same request joining or leaving a running batch (steered and unsteered), cancellation,
+the queue limit, max_tokens, stop token ids, prompt logprobs and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from server.engine.base import (
+    EngineEvent,
+    EngineOverloadedError,
+    EngineShutdownError,
+    GenerationRequest,
+    RowSteering,
+    SamplingParams,
+)
+from server.engine.continuous import ContinuousEngine
+from server.engine.sampling import prompt_logprobs
+from tests.conftest import TINY_HIDDEN
+
+PROMPTS = [
+    [1, 17, 99, 23, 250, 7],
+    [1, 300, 4],
+    [1, 42, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190, 200, 210],
+    [1, 5],
+]
+
+
+def greedy(max_new_tokens: int = 16, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kwargs)
+
+
+def steering(seed: int, mode: str = "all", scale: float = 4.0) -> RowSteering:
+    generator = torch.Generator().manual_seed(seed)
+    offsets = {layer: torch.randn(TINY_HIDDEN, generator=generator) * scale for layer in (1, 2)}
+    return RowSteering(offsets=offsets, position_mode=mode)
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    engines: list[ContinuousEngine] = []
+
+    def make(**kwargs: object) -> ContinuousEngine:
+        engine = ContinuousEngine(tiny_model, **kwargs)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(timeout=5)
+
+
+async def collect(engine: ContinuousEngine, request: GenerationRequest) -> list[EngineEvent]:
+    return [event async for event in engine.generate(request)]
+
+
+def tokens(events: list[EngineEvent]) -> list[int]:
+    return [token for event in events for token in event.token_ids]
+
+
+def run_alone(engine: ContinuousEngine, prompt: list[int], params: SamplingParams, steer=None) -> list[int]:
+    return tokens(asyncio.run(collect(engine, GenerationRequest("alone", prompt, params, steer))))
+
+
+def reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_alone_matches_transformers_generate(tiny_model, make_engine):
+    engine = make_engine(max_batch_size=4, prefill_chunk=4)  # several prefill chunks per prompt
+    for prompt in PROMPTS:
+        assert run_alone(engine, prompt, greedy(12)) == reference(tiny_model, prompt, 12)
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["unsteered", "steered"])
+def test_joining_and_leaving_mid_batch_keeps_greedy_output(make_engine, steered):
+    engine = make_engine(max_batch_size=4, prefill_chunk=5)
+    lengths = [24, 6, 17, 30]  # rows leave at different steps; others keep decoding
+    steers = [steering(i, mode="generated" if i % 2 else "all") if steered else None for i in range(4)]
+    alone = [run_alone(engine, p, greedy(n), s) for p, n, s in zip(PROMPTS, lengths, steers, strict=True)]
+
+    async def staggered() -> list[list[int]]:
+        async def late(i: int, delay_tokens: int, first: asyncio.Task) -> list[int]:
+            # join once the first request has produced `delay_tokens` tokens
+            while len(progress) < delay_tokens:
+                await asyncio.sleep(0.001)
+            return tokens(await collect(engine, GenerationRequest(f"r{i}", PROMPTS[i], greedy(lengths[i]), steers[i])))
+
+        progress: list[int] = []
+
+        async def first() -> list[int]:
+            request = GenerationRequest("r0", PROMPTS[0], greedy(lengths[0]), steers[0])
+            async for event in engine.generate(request):
+                progress.extend(event.token_ids)
+            return progress
+
+        task = asyncio.create_task(first())
+        others = [asyncio.create_task(late(i, 3 * i, task)) for i in (1, 2, 3)]
+        return [await task, *[await other for other in others]]
+
+    assert asyncio.run(staggered()) == alone
+    assert engine.stats()["running"] == 0
+
+
+def test_steered_rows_in_a_mixed_batch_match_single_runs(make_engine):
+    engine = make_engine(max_batch_size=8)
+    cases = [(p, steering(i, scale=2.0 + i)) for i, p in enumerate(PROMPTS)] + [(p, None) for p in PROMPTS]
+    alone = [run_alone(engine, p, greedy(14), s) for p, s in cases]
+
+    async def together() -> list[list[int]]:
+        requests = [GenerationRequest(f"r{i}", p, greedy(14), s) for i, (p, s) in enumerate(cases)]
+        return [tokens(events) for events in await asyncio.gather(*(collect(engine, r) for r in requests))]
+
+    batched = asyncio.run(together())
+    assert batched == alone
+    assert alone[0] != alone[len(PROMPTS)]  # the steering changes the output
+
+
+def test_generated_mode_leaves_the_prompt_unsteered(make_engine):
+    engine = make_engine(max_batch_size=2)
+    params = greedy(1, prompt_logprobs=True, logprobs=True)
+    plain = asyncio.run(collect(engine, GenerationRequest("a", PROMPTS[2], params)))
+    steered = asyncio.run(collect(engine, GenerationRequest("b", PROMPTS[2], params, steering(3, "generated"))))
+    assert plain[0].prompt_logprobs == steered[0].prompt_logprobs
+    everywhere = asyncio.run(collect(engine, GenerationRequest("c", PROMPTS[2], params, steering(3, "all"))))
+    assert everywhere[0].prompt_logprobs != plain[0].prompt_logprobs
+
+
+def test_max_tokens_and_stop_token_ids(make_engine):
+    engine = make_engine(max_batch_size=2)
+    events = asyncio.run(collect(engine, GenerationRequest("a", PROMPTS[0], greedy(5))))
+    assert len(tokens(events)) == 5 and events[-1].finish_reason == "length"
+    assert all(event.finish_reason is None for event in events[:-1])
+
+    full = tokens(events)
+    stop = full[3]
+    first_stop = full.index(stop)
+    params = greedy(5, stop_token_ids=frozenset({stop}))
+    stopped = asyncio.run(collect(engine, GenerationRequest("b", PROMPTS[0], params)))
+    assert tokens(stopped) == full[:first_stop]  # the stop token itself is not returned
+    assert stopped[-1].finish_reason == "stop"
+
+
+def test_cancellation_frees_the_slot(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=4)
+
+    async def scenario() -> list[int]:
+        stream = engine.generate(GenerationRequest("long", PROMPTS[0], greedy(400)))
+        await stream.__anext__()
+        assert engine.stats()["running"] == 1
+        await stream.aclose()  # the client went away
+        # the only slot is free again: a second request runs to completion
+        return tokens(await collect(engine, GenerationRequest("next", PROMPTS[1], greedy(6))))
+
+    assert len(asyncio.run(scenario())) == 6
+    assert engine.stats() == {"running": 0, "waiting": 0, "slots": 1}
+
+
+def test_cancelling_the_task_frees_the_slot(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=0)
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in engine.generate(GenerationRequest("long", PROMPTS[0], greedy(400))):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(tokens(await collect(engine, GenerationRequest("next", PROMPTS[1], greedy(3))))) == 3
+
+    asyncio.run(scenario())
+
+
+def test_queue_limit_raises_overloaded(make_engine):
+    engine = make_engine(max_batch_size=1, max_queue=1, retry_after=2.5)
+
+    async def scenario() -> None:
+        running = engine.generate(GenerationRequest("a", PROMPTS[0], greedy(300)))
+        await running.__anext__()
+        waiting = asyncio.create_task(collect(engine, GenerationRequest("b", PROMPTS[1], greedy(2))))
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineOverloadedError) as refused:
+            await collect(engine, GenerationRequest("c", PROMPTS[1], greedy(2)))
+        assert refused.value.retry_after == 2.5
+        await running.aclose()
+        assert len(tokens(await waiting)) == 2
+
+    asyncio.run(scenario())
+
+
+def test_prompt_logprobs_match_a_full_forward(tiny_model, make_engine):
+    engine = make_engine(max_batch_size=2, prefill_chunk=4)
+    prompt = PROMPTS[2]
+    events = asyncio.run(collect(engine, GenerationRequest("p", prompt, greedy(0, prompt_logprobs=True))))
+    assert events[-1].finish_reason == "length" and tokens(events) == []
+    with torch.inference_mode():
+        logits = tiny_model(torch.tensor([prompt])).logits[0]
+    expected = prompt_logprobs(logits, prompt, 0)
+    got = events[0].prompt_logprobs
+    assert got[0] is None and len(got) == len(prompt)
+    for mine, ref in zip(got[1:], expected[1:], strict=True):
+        assert mine.token_id == ref.token_id
+        assert mine.logprob == pytest.approx(ref.logprob, abs=1e-4)
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(make_engine):
+    engine = make_engine(max_batch_size=4)
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    alone = run_alone(engine, PROMPTS[0], params)
+
+    async def crowded() -> list[int]:
+        neighbours = [collect(engine, GenerationRequest(f"n{i}", PROMPTS[i], greedy(10))) for i in (1, 2, 3)]
+        results = await asyncio.gather(collect(engine, GenerationRequest("s", PROMPTS[0], params)), *neighbours)
+        return tokens(results[0])
+
+    assert asyncio.run(crowded()) == alone
+
+
+def test_shutdown_refuses_new_work_and_stops_the_thread(tiny_model):
+    engine = ContinuousEngine(tiny_model, max_batch_size=2)
+    engine.start()
+    assert len(run_alone(engine, PROMPTS[1], greedy(3))) == 3
+    engine.shutdown(timeout=5)
+    assert not any(thread.name == "rahf-engine" and thread.is_alive() for thread in threading.enumerate())
+    with pytest.raises(EngineShutdownError):
+        run_alone(engine, PROMPTS[1], greedy(3))
+
+
+def test_shutdown_lets_running_requests_finish(tiny_model):
+    engine = ContinuousEngine(tiny_model, max_batch_size=2)
+    engine.start()
+
+    async def scenario() -> list[EngineEvent]:
+        task = asyncio.create_task(collect(engine, GenerationRequest("a", PROMPTS[0], greedy(20))))
+        await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.shutdown, 10.0)
+        return await task
+
+    events = asyncio.run(scenario())
+    assert len(tokens(events)) == 20 and events[-1].finish_reason == "length"
