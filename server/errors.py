@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -104,11 +105,14 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+_UNION_TAG = re.compile(r"^([A-Z]\w*|\w+\[.*\]|str|int|float|bool|none|function-.*)$")
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # drop pydantic's union-branch tags such as "str" or "list[...]" and function-after markers
-    clean = [p for p in parts if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float"}))]
-    clean = [p for p in clean if not p.startswith("function-")]
+    # drop pydantic's union-branch tags ("str", "list[...]", "SteeringEntry") and validator markers;
+    # the API's own field names are snake_case
+    clean = [p for p in parts if not _UNION_TAG.match(p)]
     if not clean:
         return None
     text = clean[0]
