@@ -68,7 +68,8 @@ RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi; \
     && rm -rf /tmp/src /tmp/huggingface
 
 # 5. A non-root user, and the profile directory (the shipped profiles; a volume in production).
-RUN useradd --system --uid "$APP_UID" --user-group --home-dir /home/rahf --create-home rahf
+RUN groupadd --gid "$APP_UID" rahf \
+    && useradd --uid "$APP_UID" --gid rahf --home-dir /home/rahf --create-home --shell /usr/sbin/nologin rahf
 COPY --chown=${APP_UID}:${APP_UID} profiles/ /srv/rahf/profiles/
 VOLUME ["/srv/rahf/profiles"]
 

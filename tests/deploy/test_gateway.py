@@ -213,7 +213,7 @@ def _stream_events(
             text = raw.decode()
             if "data:" in text:
                 reads += 1
-            buffer += text
+            buffer = (buffer + text).replace("\r\n", "\n")  # sse-starlette ends lines with CRLF
             while "\n\n" in buffer:
                 block, buffer = buffer.split("\n\n", 1)
                 for line in block.splitlines():
@@ -228,6 +228,26 @@ def _content(events: list[tuple[float, str]]) -> str:
 
 
 # -- tests --------------------------------------------------------------------------------------------
+
+
+def test_gateway_config_keeps_streams_unbuffered():
+    """The directives streaming depends on. (Through nginx 1.22 a stream also arrives event by event with
+    buffering on, because the server sends X-Accel-Buffering: no; the config must not rely on that.)"""
+    text = re.sub(r"#.*", "", GATEWAY_CONF.read_text())
+    location = text[text.index(f"location {PREFIX}/ {{") :]
+    for directive in (
+        "proxy_pass http://rahf_replicas/;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-Request-ID $rahf_request_id;",
+        "proxy_buffering off;",
+        "proxy_cache off;",
+        "gzip off;",
+    ):
+        assert directive in location, directive
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", location).group(1))
+    assert read_timeout >= 60  # longer than the server's 15 s keep-alive comments, with room to spare
+    assert "keepalive " in text and text.count("server rahf-") == 2
 
 
 def test_prefix_reaches_the_replicas(gateway):
