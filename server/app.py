@@ -112,7 +112,6 @@ def create_app(
         title="RAHF steering server",
         version="0.1.0",
         lifespan=lifespan,
-        root_path=settings.root_path,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -123,7 +122,8 @@ def create_app(
     for module in (chat, completions, models, profiles, health):
         app.include_router(module.router)
     app.add_middleware(
-        RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes
+        RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes,
+        root_path=settings.root_path,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -1,8 +1,9 @@
 """Bearer-token authentication: API keys for the API, admin keys for profile changes.
 
 Knows the keys (from `Settings.keys()`), compares them in constant time and never logs them. With no
-keys configured the API is open; with API keys but no admin keys, profile changes are refused to
-everyone. Knows nothing about routes beyond the two FastAPI dependencies it offers.
+API keys the API is open; with no keys at all profile changes are open too; with API keys but no
+admin keys, profile changes are refused to everyone. Admin keys also work as API keys.
+Knows nothing about routes beyond the two FastAPI dependencies it offers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _unauthorized(message: str) -> APIError:
 
 def require_api_key(request: Request) -> None:
     keys: KeyRing = request.app.state.keys
-    if not keys.enabled:
+    if not keys.api:
         return
     token = _bearer(request)
     if token is None:
@@ -68,11 +69,12 @@ def require_admin_key(request: Request) -> None:
     keys: KeyRing = request.app.state.keys
     if not keys.enabled:
         return
-    require_api_key(request)
-    token = _bearer(request) or b""
-    if not _matches(token, keys.admin):
-        raise APIError(403, "changing profiles needs an admin key", type="permission_error",
-                       code="admin_key_required")
+    token = _bearer(request)
+    if token is not None and _matches(token, keys.admin):
+        return
+    if token is None or not _matches(token, keys.api):
+        raise _unauthorized("changing profiles needs an admin key: send 'Authorization: Bearer <admin key>'")
+    raise APIError(403, "changing profiles needs an admin key", type="permission_error", code="admin_key_required")
 
 
 ApiKey = Annotated[None, Depends(require_api_key)]

@@ -1,18 +1,84 @@
-"""`rahf serve`: parse flags and run the server (placeholder until the HTTP server lands)."""
+"""`rahf serve`: flags on top of `RAHF_*` environment settings, then uvicorn.
+
+Knows the command line and how to start uvicorn (graceful shutdown on SIGTERM: stop accepting, let
+in-flight requests finish within the shutdown timeout, run the app's shutdown, exit). Imports FastAPI
+and the app only when the command runs, so `rahf --help` stays light.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+# flag -> settings field; flags left out keep the environment's value or the default
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--host", "host", {}),
+    ("--port", "port", {"type": int}),
+    ("--model", "model", {"help": "local model directory (default: embedded SmolLM2)"}),
+    ("--served-model-name", "served_model_name", {"help": "model name clients use (default: the model's)"}),
+    ("--profile-dir", "profile_dir", {"help": "directory of profile files (loaded at start, written by PUT)"}),
+    ("--engine", "engine", {"choices": ["simple", "continuous"]}),
+    ("--dtype", "dtype", {"choices": ["float32", "bfloat16", "float16"]}),
+    ("--device", "device", {}),
+    ("--root-path", "root_path", {"help": "path prefix when served behind a proxy"}),
+    ("--cors-origins", "cors_origins", {"help": "comma-separated allowed origins (default: CORS off)"}),
+    ("--keys-file", "keys_file", {"help": "file of API keys, one per line; 'admin:KEY' for admin keys"}),
+    ("--max-body-bytes", "max_body_bytes", {"type": int}),
+    ("--max-profile-bytes", "max_profile_bytes", {"type": int}),
+    ("--default-max-tokens", "default_max_tokens", {"type": int}),
+    ("--max-tokens-limit", "max_tokens_limit", {"type": int}),
+    ("--max-batch-size", "max_batch_size", {"type": int, "help": "requests run together (concurrency)"}),
+    ("--max-queue", "max_queue", {"type": int, "help": "requests waiting beyond the running ones"}),
+    ("--strength-min", "strength_min", {"type": float}),
+    ("--strength-max", "strength_max", {"type": float}),
+    ("--shutdown-timeout", "shutdown_timeout_s", {"type": float}),
+    ("--log-level", "log_level", {}),
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("serve", help="serve a model with steering profiles over an OpenAI-compatible API")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
-    parser.add_argument("--profile-dir", default=None)
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model with steering profiles over an OpenAI-compatible API",
+        description="Settings come from RAHF_* environment variables; flags override them. API keys are "
+        "read from RAHF_API_KEYS / RAHF_ADMIN_KEYS or --keys-file, never from flags.",
+    )
+    for flag, dest, kwargs in _FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, **kwargs)
+    parser.add_argument("--no-digest-check", dest="check_digest", action="store_false", default=None,
+                        help="accept profiles made for other weights of the same architecture")
+    parser.add_argument("--plain-logs", dest="log_json", action="store_false", default=None,
+                        help="human-readable logs instead of JSON lines")
     parser.set_defaults(handler=_serve)
 
 
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from .config import Settings
+
+    dests = [dest for _, dest, _ in _FLAGS] + ["check_digest", "log_json"]
+    overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
+    return Settings(**overrides)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    raise SystemExit("rahf serve: the HTTP server is not built yet")
+    import uvicorn
+    from pydantic import ValidationError
+
+    from . import logs
+    from .app import create_app
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise SystemExit(f"rahf serve: invalid settings:\n{exc}") from None
+    logs.configure(settings.log_level, json_lines=settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        proxy_headers=True,
+    )
+    return 0

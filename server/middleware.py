@@ -27,8 +27,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int, max_upload: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, max_body: int, max_upload: int, root_path: str = ""
+    ) -> None:
         self.app = app
+        self.root_path = root_path
         self.metrics = metrics
         self.max_body = max_body
         self.max_upload = max_upload
@@ -37,6 +40,9 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.root_path and not scope.get("root_path"):
+            # served under a prefix: routing strips it from paths that carry it
+            scope = {**scope, "root_path": self.root_path}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = headers.get("x-request-id", "")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
