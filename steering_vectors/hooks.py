@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class Steerer:
     def _make_hook(self, index: int):  # noqa: ANN202 - torch hook signature
         local = self._local
 
-        def hook(module: nn.Module, args: object, output: object) -> object:
+        def hook(module: nn.Module, args: object, output: Any) -> Any:
             plan = getattr(local, "plan", None)
             if plan is None:
                 return None

@@ -6,6 +6,8 @@ steering: hooks and fingerprints ask this module for the layers and do the rest.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -58,6 +60,6 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def hidden_size_of(model: nn.Module) -> int:
     """Width of the residual stream (the size of every offset)."""
-    config = unwrap_model(model).config
+    config: Any = unwrap_model(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)

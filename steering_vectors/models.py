@@ -155,7 +155,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    loaded.to(device)
+    loaded.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to accepts a device string
     loaded.eval()
     loaded.requires_grad_(False)
     return LoadedModel(
@@ -186,7 +186,7 @@ def model_fingerprint(model: nn.Module, tokenizer: object | None = None) -> Mode
             digest.update(name.encode())
             digest.update(sample)
     if tokenizer is not None:
-        vocab = getattr(tokenizer, "get_vocab", dict)()
+        vocab: dict[str, int] = getattr(tokenizer, "get_vocab", dict)()
         digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
         digest.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
     return ModelFingerprint(
