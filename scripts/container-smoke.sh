@@ -42,10 +42,10 @@ command -v podman >/dev/null || fail "podman is not installed (apt-get install p
 
 # -- 1. build ----------------------------------------------------------------------------------------
 bash "$BASE_TOOL"
-# shellcheck disable=SC2046  # the tool prints several flags on purpose
 say "building $IMAGE"
 t0=$(now)
-podman build --format docker $(bash "$BASE_TOOL" --flags) ${SMOKE_NO_CACHE:+--no-cache} -t "$IMAGE" . \
+# shellcheck disable=SC2046  # the tool prints several flags on purpose
+podman build --format docker $(bash "$BASE_TOOL" --flags) $([ "${SMOKE_NO_CACHE:-0}" = 1 ] && echo --no-cache) -t "$IMAGE" . \
   >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log" >&2; fail "image build failed"; }
 BUILD_S=$(elapsed "$t0" "$(now)")
