@@ -485,17 +485,16 @@ class ContinuousEngine(Engine):
         return self._plan
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> EngineEvent:
-        """Record a sampled token; a stop token ends the sequence and is not returned."""
-        params = seq.request.sampling
-        if token in params.stop_token_ids:
-            seq.finished = True
-            return EngineEvent(finish_reason="stop", logprobs=[] if logprob is not None else None)
+        """Record a sampled token; a stop token ends the sequence and is returned like any other (the
+        serving layer hides it), as the simple engine does."""
         seq.output_ids.append(token)
         seq.next_token = token
         finish = None
-        if len(seq.output_ids) >= seq.max_new_tokens:
-            seq.finished = True
+        if token in seq.request.sampling.stop_token_ids:
+            finish = "stop"
+        elif len(seq.output_ids) >= seq.max_new_tokens:
             finish = "length"
+        seq.finished = finish is not None
         return EngineEvent(token_ids=[token], logprobs=[logprob] if logprob is not None else None, finish_reason=finish)
 
     # -- leaving the batch -------------------------------------------------------------------------
