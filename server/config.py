@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     check_digest: bool = Field(True, description="refuse profiles made for other weights or tokenizers")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    engine: Literal["simple", "continuous"] = "simple"
+    engine: Literal["simple", "continuous"] = "continuous"
 
     # network
     host: str = "127.0.0.1"
