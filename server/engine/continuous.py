@@ -87,7 +87,7 @@ class SlotCache:
         self._rows = slice(0, 0)
         self._write: tuple[torch.Tensor | int, slice, torch.Tensor | slice] = (0, slice(None), slice(0, 0))
         self._kv_len = 0
-        self._decode = False
+        self._decode: bool | None = False  # None: batched prefill
 
     def for_decode(self, n: int, positions: torch.Tensor, kv_len: int) -> None:
         """Next forward: rows 0..n-1, one token each, at `positions` (n,)."""
@@ -103,6 +103,18 @@ class SlotCache:
         self._kv_len = start + length
         self._decode = False
 
+    def for_prefill_batch(self, first_row: int, lengths: torch.Tensor, length: int) -> None:
+        """Next forward: rows first_row.., whole prompts of `lengths` (k,) right-padded to `length`;
+        padding K/V goes to the scratch row."""
+        k = lengths.shape[0]
+        steps = torch.arange(length, device=lengths.device).unsqueeze(0)  # (1, T)
+        rows = torch.arange(first_row, first_row + k, device=lengths.device).unsqueeze(1)  # (k, 1)
+        scratch = len(self.keys[0]) - 1
+        self._rows = slice(first_row, first_row + k)
+        self._write = (torch.where(steps < lengths.unsqueeze(1), rows, scratch), slice(None), steps.expand(k, -1))
+        self._kv_len = length
+        self._decode = None
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +123,9 @@ class SlotCache:
         if self._decode:
             keys[self._write] = key_states[:, :, 0]  # (n, Hkv, D)
             values[self._write] = value_states[:, :, 0]
+        elif self._decode is None:
+            keys[self._write] = key_states.transpose(1, 2)  # (k, T, Hkv, D)
+            values[self._write] = value_states.transpose(1, 2)
         else:
             keys[self._write] = key_states[0]  # (Hkv, T, D)
             values[self._write] = value_states[0]
@@ -337,6 +352,8 @@ class ContinuousEngine(Engine):
         # 1. drop cancelled sequences, 2. prefill within the chunk budget, 3. decode every running row
         self._drop_cancelled()
         budget = self.prefill_chunk
+        if self._prefilling is None:
+            budget -= self._prefill_together(budget)
         while budget > 0 and len(self._running) < self.max_batch_size:
             if self._prefilling is None:
                 if not self._waiting:
@@ -383,6 +400,56 @@ class ContinuousEngine(Engine):
             self._prefilling = None
             self._join(seq, logits[-1:])
         return length
+
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill several whole waiting prompts in one right-padded forward; returns the tokens run."""
+        group: list[_Sequence] = []
+        free = self.max_batch_size - len(self._running)
+        for seq in self._waiting:
+            if len(group) == free or seq.cancelled or seq.request.sampling.prompt_logprobs:
+                break
+            if sum(len(s.request.prompt_ids) for s in group) + len(seq.request.prompt_ids) > budget:
+                break
+            group.append(seq)
+        if len(group) < 2:
+            return 0
+        for _ in group:
+            self._waiting.popleft()
+        first, k = len(self._running), len(group)
+        lengths_list = [len(seq.request.prompt_ids) for seq in group]
+        length = max(lengths_list)
+        lengths = torch.tensor(lengths_list, device=self.device)  # (k,)
+        input_ids = torch.zeros(k, length, dtype=torch.long, device=self.device)  # (k, T)
+        for i, seq in enumerate(group):
+            input_ids[i, : lengths_list[i]] = torch.tensor(seq.request.prompt_ids)
+            seq.row = first + i
+        steps = torch.arange(length, device=self.device).unsqueeze(0)  # (1, T)
+        real = steps < lengths.unsqueeze(1)  # (k, T)
+        self.cache.for_prefill_batch(first, lengths, length)
+        queries, keys = steps.view(1, length, 1), steps.view(1, 1, length)
+        allowed = (keys <= queries) & ((keys < lengths.view(k, 1, 1)) | ~real.unsqueeze(2))  # (k, T, T)
+        plan = None
+        if any(seq.offsets is not None and seq.mode == "all" for seq in group):
+            plan = build_plan(
+                [seq.offsets for seq in group],
+                modes=[seq.mode for seq in group],
+                positions=torch.where(real, steps, -1),
+                prompt_lengths=lengths_list,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        with self.steerer.steering(plan):
+            hidden = self._forward(input_ids, steps.expand(k, -1), self._mask(allowed).view(k, 1, length, length))
+        last = hidden[torch.arange(k), lengths - 1]  # (k, H)
+        logits = self.lm_head(last)  # (k, V)
+        for i, seq in enumerate(group):
+            seq.filled = lengths_list[i]
+            target = len(self._running)
+            if seq.row != target:  # an earlier row of the group finished at its first token
+                self.cache.move(seq.row, target, seq.filled)
+                seq.row = target
+            self._join(seq, logits[i : i + 1])
+        return int(lengths.sum())
 
     def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
         if seq.offsets is None:

@@ -255,3 +255,27 @@ def test_shutdown_lets_running_requests_finish(tiny_model):
 
     events = asyncio.run(scenario())
     assert len(tokens(events)) == 20 and events[-1].finish_reason == "length"
+
+
+def test_prompts_prefilled_together_match_single_runs(tiny_model, make_engine):
+    reference_engine = make_engine(max_batch_size=4)
+    cases = [(PROMPTS[0], greedy(9), None), (PROMPTS[1], greedy(1), steering(1)), (PROMPTS[2], greedy(7), steering(2))]
+    cases.append((PROMPTS[3], greedy(8), steering(3, "generated")))
+    alone = [run_alone(reference_engine, p, params, s) for p, params, s in cases]
+    engine = ContinuousEngine(tiny_model, max_batch_size=4)
+    engine._accepting = True  # queue everything before the thread starts: one batched prefill
+
+    async def together() -> list[list[int]]:
+        tasks = [
+            asyncio.create_task(collect(engine, GenerationRequest(f"r{i}", p, params, s)))
+            for i, (p, params, s) in enumerate(cases)
+        ]
+        await asyncio.sleep(0.05)
+        assert len(engine._inbox) == 4
+        engine.start()
+        return [tokens(await task) for task in tasks]
+
+    try:
+        assert asyncio.run(together()) == alone  # row 1 finishes at its first token; rows 2-3 move down
+    finally:
+        engine.shutdown(timeout=5)
