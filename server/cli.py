@@ -8,6 +8,7 @@ and the app only when the command runs, so `rahf --help` stays light.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 # flag -> settings field; flags left out keep the environment's value or the default
@@ -66,19 +67,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import logs
     from .app import create_app
+    from .gateway import keep_streams_open_on_shutdown
 
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise SystemExit(f"rahf serve: invalid settings:\n{exc}") from None
     logs.configure(settings.log_level, json_lines=settings.log_json)
+    keep_streams_open_on_shutdown()  # uvicorn's graceful shutdown, not sse-starlette, decides when streams end
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # 0 = cancel at once, never "forever"
         proxy_headers=True,
     )
     return 0
