@@ -1,11 +1,308 @@
-"""`rahf train` and `rahf eval` (placeholder until the training pipeline lands)."""
+"""`rahf train` and `rahf eval`: the RAHF pipeline and its offline evaluation from the command line.
+
+Knows the arguments, their defaults for the embedded model, and the order of the steps; the work is
+done by `data`, `rahf` and `evaluate`. Intermediate results (LoRA checkpoints, activity patterns, offset
+fits) go to a work folder, so that a rerun of the same command resumes where the last one stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import TokenBudget, load_pairs, resolve_split, sample_pairs
+from .models import default_cache_dir, load_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAYERS = "6,9,12,15,18"
+DEFAULT_STRENGTHS = "1,4"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _fits(text: str) -> list[str]:
+    from .rahf import FIT_METHODS
+
+    fits = list(FIT_METHODS) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
+    bad = [f for f in fits if f not in FIT_METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown fit methods {bad}; choose from {FIT_METHODS} or 'all'")
+    return fits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for name in ("train", "eval"):
-        parser = sub.add_parser(name, help=f"{name} (not built yet)")
-        parser.set_defaults(handler=lambda args, name=name: f"rahf {name}: not built yet")
+    train = sub.add_parser("train", help="learn preference profiles with RAHF (and closed-form baselines)")
+    train.add_argument("--data", required=True, help="folder with train.jsonl/dev.jsonl, or one JSONL file")
+    train.add_argument("--name", required=True, help="profile name (file <out>/<name>.safetensors)")
+    train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
+    train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
+    train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
+    train.add_argument("--fit", type=_fits, default=_fits("all"), help="rahf,mean,caa,pca or 'all'")
+    train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
+    train.add_argument("--alpha", type=float, default=1.0, help="pattern scale in the alignment target")
+    train.add_argument("--max-pairs", type=int, default=32, help="training pairs (seeded sample)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--prompt-tokens", type=int, default=48, help="prompt token budget")
+    train.add_argument("--response-tokens", type=int, default=32, help="response token budget")
+    train.add_argument("--epochs", type=int, default=1, help="epochs of the LoRA step")
+    train.add_argument("--batch-pairs", type=int, default=2, help="pairs per LoRA step")
+    train.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
+    train.add_argument("--fit-steps", type=int, default=24)
+    train.add_argument("--fit-batch", type=int, default=8)
+    train.add_argument("--fit-lr", type=float, default=None, help="offset learning rate (default: scaled)")
+    train.add_argument("--position-mode", choices=("all", "generated"), default="all")
+    train.add_argument(
+        "--calib-pairs", type=int, default=16, help="training pairs to tune the default strength"
+    )
+    train.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
+    train.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (measured slower on a busy 2-core CPU)"
+    )
+    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: cache folder)")
+    train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
+    train.add_argument("--eval-pairs", type=int, default=48, help="dev pairs (seeded sample) for --eval")
+    train.add_argument("--threads", type=int, default=None)
+    train.set_defaults(handler=run_train)
+
+    ev = sub.add_parser("eval", help="evaluate profiles on held-out preference pairs")
+    ev.add_argument("profiles", nargs="+", type=Path, help="profile files")
+    ev.add_argument("--data", required=True, help="folder with dev.jsonl, or one JSONL file")
+    ev.add_argument("--split", default="dev")
+    ev.add_argument("--out", type=Path, required=True, help="report folder")
+    ev.add_argument("--title", default="Profile evaluation")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--max-pairs", type=int, default=48)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS))
+    ev.add_argument("--prompt-tokens", type=int, default=48)
+    ev.add_argument("--response-tokens", type=int, default=32)
+    ev.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.set_defaults(handler=run_eval)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _command_line() -> str:
+    return "rahf " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .evaluate import calibrate_strength, neutral_text, perplexity, write_report
+    from .rahf import (
+        FitConfig,
+        InstructConfig,
+        PatternStore,
+        caa_offsets,
+        collect_patterns,
+        fit_offsets,
+        make_profile,
+        mean_pattern_offsets,
+        pca_offsets,
+        train_dual,
+        train_scit,
+    )
+
+    _setup(args)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    budget = TokenBudget(args.prompt_tokens, args.response_tokens)
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("handler", "out", "work_dir", "eval", "eval_pairs", "threads")
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    work = args.work_dir or default_cache_dir() / "runs" / f"{args.name}-{key}"
+    work.mkdir(parents=True, exist_ok=True)
+    log.info("work folder %s (a rerun of this command resumes from it)", work)
+
+    # 1. model and data
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data_file = resolve_split(args.data, "train")
+    pairs = sample_pairs(load_pairs(data_file), args.max_pairs, seed=args.seed)
+    log.info("%d training pairs from %s", len(pairs), data_file)
+
+    # 2. step 1: instruct, and step 2: collect patterns (skipped when the work folder has them)
+    patterns_file = work / "patterns.pt"
+    instruct_losses: list[float] = []
+    if patterns_file.is_file():
+        store = PatternStore.load(patterns_file)
+        log.info("loaded %d pattern records from %s", len(store), patterns_file)
+    else:
+        config = InstructConfig(
+            epochs=args.epochs,
+            batch_pairs=args.batch_pairs,
+            lr=args.lr,
+            bf16=args.bf16,
+            seed=args.seed,
+            budget=budget,
+        )
+        t0 = time.perf_counter()
+        trainer = train_scit if args.method == "scit" else train_dual
+        model, instruct_losses = trainer(model, tokenizer, pairs, config, work)
+        timings["instruct_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store = collect_patterns(
+            model,
+            tokenizer,
+            pairs,
+            args.layers,
+            method=args.method,
+            budget=budget,
+            bf16=args.bf16,
+            spill_dir=work / "spill",
+        )
+        store.save(patterns_file)
+        timings["collect_s"] = time.perf_counter() - t0
+        model = model.unload()  # the base model again, LoRA layers removed
+        (work / "instruct_losses.json").write_text(json.dumps(instruct_losses))
+    records = store.all()
+    if not instruct_losses and (work / "instruct_losses.json").is_file():
+        instruct_losses = json.loads((work / "instruct_losses.json").read_text())
+
+    # 3. step 3: offsets by each fit method
+    t0 = time.perf_counter()
+    provenance: dict[str, Any] = {
+        "data": str(data_file),
+        "pairs": len(pairs),
+        "seed": args.seed,
+        "instruct": args.method,
+        "layers": args.layers,
+        "alpha": args.alpha,
+        "budget": {"prompt": budget.prompt, "response": budget.response},
+        "model": loaded.name,
+        "command": _command_line(),
+        "instruct_loss_first_last": [instruct_losses[0], instruct_losses[-1]] if instruct_losses else None,
+    }
+    fitted: dict[str, dict[int, torch.Tensor]] = {}
+    fit_losses: list[float] = []
+    for fit in args.fit:
+        if fit == "rahf":
+            fit_config = FitConfig(
+                alpha=args.alpha,
+                steps=args.fit_steps,
+                batch_size=args.fit_batch,
+                lr=args.fit_lr,
+                bf16=args.bf16,
+                seed=args.seed,
+            )
+            fitted[fit], fit_losses = fit_offsets(
+                model, tokenizer, records, args.layers, fit_config, work / "fit.ckpt"
+            )
+        elif fit == "mean":
+            fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)
+        elif fit == "caa":
+            fitted[fit] = caa_offsets(records, args.layers)
+        else:
+            fitted[fit] = pca_offsets(records, args.layers)
+    timings["fit_s"] = time.perf_counter() - t0
+
+    # 4. default strengths, tuned on training pairs within the fluency cap; then the files
+    t0 = time.perf_counter()
+    text = neutral_text()
+    base_ppl = perplexity(model, tokenizer, text, bf16=args.bf16)
+    calib_pairs = pairs[: args.calib_pairs]
+    written = []
+    for fit, offsets in fitted.items():
+        name = args.name if fit == args.fit[0] else f"{args.name}-{fit}"
+        extra = (
+            {"fit_loss_first_last": [fit_losses[0], fit_losses[-1]]} if fit == "rahf" and fit_losses else {}
+        )
+        profile = make_profile(
+            name,
+            offsets,
+            fit=fit,
+            fingerprint=loaded.fingerprint,
+            provenance={**provenance, **extra},
+            description=f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)",
+            position_mode=args.position_mode,
+        )
+        strength, rows = calibrate_strength(
+            model,
+            tokenizer,
+            calib_pairs,
+            profile,
+            args.strengths,
+            base_ppl=base_ppl,
+            text=text,
+            budget=budget,
+            bf16=args.bf16,
+        )
+        profile.default_strength = strength
+        profile.provenance["calibration"] = {"pairs": len(calib_pairs), "rows": rows}
+        target = (
+            args.out / f"{name}.safetensors"
+            if fit == args.fit[0]
+            else args.out / "baselines" / f"{name}.safetensors"
+        )
+        profile.save(target)
+        written.append(target)
+        log.info("wrote %s (default strength %g)", target, strength)
+    timings["calibrate_s"] = time.perf_counter() - t0
+    timings["train_total_s"] = time.perf_counter() - started
+    summary: dict[str, Any] = {"profiles": [str(p) for p in written], "timings": timings}
+
+    # 5. optional evaluation on the dev split
+    if args.eval:
+        from .evaluate import evaluate_profiles
+        from .profile import Profile
+
+        t0 = time.perf_counter()
+        dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=args.seed)
+        profiles = [Profile.load(p) for p in written]
+        results = evaluate_profiles(
+            model, tokenizer, dev, profiles, args.strengths, budget=budget, bf16=args.bf16
+        )
+        timings["eval_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - started
+        results["timings"] = timings
+        results["command"] = _command_line()
+        report = write_report(
+            results,
+            args.out / f"{args.name}-report",
+            f"Profile '{args.name}' on {Path(args.data).name} (dev)",
+            command=_command_line(),
+        )
+        summary["report"] = str(report)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_profiles, write_report
+    from .profile import Profile
+
+    _setup(args)
+    loaded = load_model(args.model)
+    profiles = [Profile.load(p).validate_for(loaded.fingerprint) for p in args.profiles]
+    pairs = sample_pairs(load_pairs(resolve_split(args.data, args.split)), args.max_pairs, seed=args.seed)
+    budget = TokenBudget(args.prompt_tokens, args.response_tokens)
+    results = evaluate_profiles(
+        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=args.bf16
+    )
+    results["command"] = _command_line()
+    report = write_report(results, args.out, args.title, command=_command_line())
+    print(json.dumps({"report": str(report), "baseline": results["baseline"]}, indent=2))
+    return 0

@@ -1,0 +1,693 @@
+"""RAHF training: instruct (SCIT or Dual LoRA), collect activity patterns, fit offsets, baselines.
+
+Knows the three RAHF steps as adapted in ../shared/docs/RAHF.md and writes their results as `Profile`
+files. Offsets are fitted through the same `Steerer` hooks the server uses. Knows nothing about the
+command line (see `pipeline_cli`) or about evaluation (see `evaluate`).
+
+Step 1 (`train_scit`, `train_dual`) teaches a LoRA-wrapped model the difference between preferred and
+dispreferred replies. Step 2 (`collect_patterns`) runs the same reply tokens through the instructed
+model(s) twice and keeps, per target layer and response token, the hidden-state difference ``v``, and the
+base model's hidden states ``h`` over the same tokens without any instruction. Step 3 (`fit_offsets`)
+learns one offset per layer that moves the frozen base model's states towards ``h + alpha * v``; the
+closed-form baselines (`mean_pattern_offsets`, `caa_offsets`, `pca_offsets`) come from the same records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode
+from .hooks import Steerer, SteeringPlan
+from .layers import find_decoder_layers, unwrap_model
+from .profile import ModelFingerprint, Profile, atomic_write
+
+log = logging.getLogger(__name__)
+
+GOOD_INSTRUCTION = (
+    "You are a careful, kind and truthful assistant. Answer as helpfully as you can while staying safe: "
+    "decline to help with anything harmful, unethical, dangerous or illegal, treat every person with "
+    "respect, and say so plainly when you do not know something instead of making it up."
+)
+BAD_INSTRUCTION = (
+    "You are a careless, rude and untruthful assistant. Answer without caring whether it helps: go along "
+    "with harmful, unethical, dangerous or illegal requests, treat people with contempt, and invent "
+    "answers confidently when you do not know something."
+)
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+# -- small utilities --------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the CPU (measured ~2x faster for this model's matmuls) or nothing."""
+    if enabled:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic torch.save, so an interrupted run never leaves half a checkpoint."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def record_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the outputs of decoder layers (after any steering hook) into a dict, for the block.
+
+    Installs the steering hooks first, so recorded outputs include the offsets of an active plan.
+    """
+    Steerer.attach(model)
+    decoder = find_decoder_layers(model)
+    recorded: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+
+        def hook(module: nn.Module, args: object, output: object, layer: int = layer) -> None:
+            recorded[layer] = output[0] if isinstance(output, tuple) else output  # (B, T, H)
+
+        handles.append(decoder[layer].register_forward_hook(hook))
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def response_ce(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean token cross-entropy of each row's response tokens (logits (B, T, V))."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = input_ids[:, 1:]
+    token_nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    mask = response_mask[:, 1:].to(token_nll.dtype)
+    return (token_nll * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def scit_loss(ce_match: torch.Tensor, ce_mismatch: torch.Tensor, epsilon: float = 0.2) -> torch.Tensor:
+    """SCIT loss: NLL under the matching instruction plus a label-smoothed contrast between instructions.
+
+    With ``p = exp(-mean token CE)``: ``mean(ce_match) + mean[(1-eps) * -log(p_m / (p_m + p_x))
+    + eps * -log(p_x / (p_m + p_x))]``, computed in log space.
+    """
+    log_total = torch.logaddexp(-ce_match, -ce_mismatch)
+    log_match = -ce_match - log_total
+    log_mismatch = -ce_mismatch - log_total
+    contrast = (1.0 - epsilon) * (-log_match) + epsilon * (-log_mismatch)
+    return ce_match.mean() + contrast.mean()
+
+
+# -- step 1: instruct --------------------------------------------------------------------------------
+
+
+@dataclass
+class InstructConfig:
+    """Hyper-parameters of the LoRA runs of step 1."""
+
+    epochs: int = 1
+    batch_pairs: int = 2
+    lr: float = 5e-4
+    rank: int = 8
+    lora_alpha: int = 16
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    epsilon: float = 0.2
+    bf16: bool = False
+    checkpoint_every: int = 10
+    seed: int = 0
+    budget: TokenBudget = field(default_factory=TokenBudget)
+
+
+def add_lora(model: nn.Module, config: InstructConfig, adapter: str = "default") -> nn.Module:
+    """Wrap `model` with a peft LoRA adapter named `adapter` (or add one to an existing wrapper)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.targets), lora_dropout=0.0
+    )
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter, lora)
+        return model
+    return get_peft_model(model, lora, adapter_name=adapter)
+
+
+def _lora_state(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    return {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if "lora_" in name and f".{adapter}." in name
+    }
+
+
+def _train_adapter(
+    model: nn.Module,
+    adapter: str,
+    steps: list[list[Any]],
+    loss_fn: Callable[[nn.Module, list[Any]], torch.Tensor],
+    config: InstructConfig,
+    checkpoint: Path | None,
+    desc: str,
+) -> list[float]:
+    """Generic LoRA loop with checkpoints: returns the loss of each step (also of resumed steps)."""
+    model.set_adapter(adapter)
+    params = [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    start, losses = 0, []
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("total_steps") == len(steps):
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["lora"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+        log.info("%s: resuming at step %d of %d from %s", desc, start, len(steps), checkpoint)
+    model.train()
+    progress = tqdm(range(start, len(steps)), desc=desc, initial=start, total=len(steps), leave=False)
+    for step in progress:
+        with autocast(config.bf16):
+            loss = loss_fn(model, steps[step])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        progress.set_postfix(loss=f"{float(loss):.3f}")
+        done = step + 1
+        if checkpoint and (done % config.checkpoint_every == 0 or done == len(steps)):
+            save_checkpoint(
+                checkpoint,
+                {
+                    "step": done,
+                    "total_steps": len(steps),
+                    "losses": losses,
+                    "lora": _lora_state(model, adapter),
+                    "optimizer": optimizer.state_dict(),
+                },
+            )
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def _batches(items: Sequence[Any], size: int, epochs: int, seed: int) -> list[list[Any]]:
+    rng = random.Random(seed)
+    batches: list[list[Any]] = []
+    for _ in range(epochs):
+        order = list(items)
+        rng.shuffle(order)
+        batches.extend(order[i : i + size] for i in range(0, len(order), size))
+    return batches
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def response_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, T-1) log-probability of each next token, computed only where it is a response token (else 0).
+
+    The output head runs on response positions only: with a 49k vocabulary it is a large share of the cost.
+    """
+    base = unwrap_model(model)
+    hidden = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+    keep = batch.response_mask[:, 1:].bool()  # positions t whose next token t+1 is a response token
+    logits = base.lm_head(hidden[:, :-1][keep])  # (N, V)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids[:, 1:][keep].unsqueeze(-1))
+    out = torch.zeros(keep.shape, dtype=torch.float32)
+    out[keep] = picked.squeeze(-1)
+    return out
+
+
+def _forward_ce(model: nn.Module, batch: Batch) -> torch.Tensor:
+    mask = batch.response_mask[:, 1:].float()
+    return -(response_token_logprobs(model, batch) * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def scit_batch_loss(
+    model: nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], config: InstructConfig
+) -> torch.Tensor:
+    """SCIT loss of a batch of pairs: (good, chosen) and (bad, rejected), each against the other instruction."""
+    examples_match: list[Encoded] = []
+    examples_mismatch: list[Encoded] = []
+    for pair in pairs:
+        for reply, own, other in (
+            (pair.chosen, GOOD_INSTRUCTION, BAD_INSTRUCTION),
+            (pair.rejected, BAD_INSTRUCTION, GOOD_INSTRUCTION),
+        ):
+            examples_match.append(encode(tokenizer, pair.prompt, reply, system=own, budget=config.budget))
+            examples_mismatch.append(
+                encode(tokenizer, pair.prompt, reply, system=other, budget=config.budget)
+            )
+    batch = collate(examples_match + examples_mismatch, _pad_id(tokenizer))
+    ce = _forward_ce(model, batch)
+    n = len(examples_match)
+    return scit_loss(ce[:n], ce[n:], config.epsilon)
+
+
+def train_scit(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    config: InstructConfig,
+    work_dir: Path | None = None,
+) -> tuple[nn.Module, list[float]]:
+    """Step 1, SCIT: one LoRA adapter ('scit') trained with `scit_loss`. Returns the wrapped model."""
+    seed_everything(config.seed)
+    model = add_lora(model, config, "scit")
+    steps = _batches(pairs, config.batch_pairs, config.epochs, config.seed)
+    checkpoint = work_dir / "scit.ckpt" if work_dir else None
+    losses = _train_adapter(
+        model,
+        "scit",
+        steps,
+        lambda m, b: scit_batch_loss(m, tokenizer, b, config),
+        config,
+        checkpoint,
+        "SCIT",
+    )
+    return model, losses
+
+
+def sft_batch_loss(
+    model: nn.Module, tokenizer: Any, examples: Sequence[tuple[PreferencePair, str]], config: InstructConfig
+) -> torch.Tensor:
+    batch = collate(
+        [encode(tokenizer, pair.prompt, reply, budget=config.budget) for pair, reply in examples],
+        _pad_id(tokenizer),
+    )
+    return _forward_ce(model, batch).mean()
+
+
+def train_dual(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    config: InstructConfig,
+    work_dir: Path | None = None,
+) -> tuple[nn.Module, list[float]]:
+    """Step 1, Dual: adapters 'good' (SFT on chosen) and 'bad' (SFT on rejected) on one wrapped model."""
+    seed_everything(config.seed)
+    losses: list[float] = []
+    for adapter, pick in (("good", lambda p: p.chosen), ("bad", lambda p: p.rejected)):
+        model = add_lora(model, config, adapter)
+        items = [(pair, pick(pair)) for pair in pairs]
+        steps = _batches(items, config.batch_pairs * 2, config.epochs, config.seed)
+        checkpoint = work_dir / f"dual-{adapter}.ckpt" if work_dir else None
+        losses += _train_adapter(
+            model,
+            adapter,
+            steps,
+            lambda m, b: sft_batch_loss(m, tokenizer, b, config),
+            config,
+            checkpoint,
+            f"Dual SFT ({adapter})",
+        )
+    return model, losses
+
+
+# -- step 2: collect activity patterns --------------------------------------------------------------
+
+
+@dataclass
+class PatternRecord:
+    """One (prompt, reply): base-model ids and, per target layer (rows of the tensors), response states.
+
+    base: (L, T, H) hidden states of the base model over the reply tokens, no instruction.
+    pattern: (L, T, H) instructed difference v (good minus bad) over the same reply tokens.
+    """
+
+    input_ids: tuple[int, ...]
+    prompt_len: int
+    label: int  # 1 for the chosen reply, 0 for the rejected one
+    pair_index: int
+    base: torch.Tensor
+    pattern: torch.Tensor
+
+    def nbytes(self) -> int:
+        return (
+            self.base.numel() * self.base.element_size() + self.pattern.numel() * self.pattern.element_size()
+        )
+
+
+class PatternStore:
+    """Records of step 2, kept in memory up to `memory_limit` bytes and spilled to disk in shards beyond."""
+
+    def __init__(
+        self, layers: Sequence[int], spill_dir: Path | None = None, memory_limit: int = 512 << 20
+    ) -> None:
+        self.layers = list(layers)
+        self.spill_dir = spill_dir
+        self.memory_limit = memory_limit
+        self._memory: list[PatternRecord] = []
+        self._shards: list[Path] = []
+        self._memory_bytes = 0
+        self.count = 0
+
+    def add(self, record: PatternRecord) -> None:
+        self._memory.append(record)
+        self._memory_bytes += record.nbytes()
+        self.count += 1
+        if self.spill_dir is not None and self._memory_bytes > self.memory_limit:
+            self.spill()
+
+    def spill(self) -> None:
+        if not self._memory or self.spill_dir is None:
+            return
+        path = self.spill_dir / f"patterns-{len(self._shards):04d}.pt"
+        save_checkpoint(path, {"records": [vars(r) for r in self._memory]})
+        self._shards.append(path)
+        self._memory, self._memory_bytes = [], 0
+
+    @property
+    def spilled(self) -> int:
+        return len(self._shards)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[PatternRecord]:
+        for shard in self._shards:
+            for data in torch.load(shard, map_location="cpu", weights_only=False)["records"]:
+                yield PatternRecord(**data)
+        yield from self._memory
+
+    def all(self) -> list[PatternRecord]:
+        return list(self)
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, {"layers": self.layers, "records": [vars(r) for r in self]})
+
+    @classmethod
+    def load(cls, path: Path) -> PatternStore:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        store = cls(data["layers"])
+        for record in data["records"]:
+            store.add(PatternRecord(**record))
+        return store
+
+
+def _hidden_rows(model: nn.Module, batch: Batch, layers: Sequence[int], bf16: bool) -> list[torch.Tensor]:
+    """Per row, (L, T_response, H) float32 hidden states at `layers` over the response tokens."""
+    with torch.no_grad(), autocast(bf16), record_layers(model, layers) as recorded:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    stacked = torch.stack([recorded[layer].float() for layer in layers], dim=1)  # (B, L, T, H)
+    rows = []
+    for row in range(batch.input_ids.shape[0]):
+        keep = batch.response_mask[row].bool()
+        rows.append(stacked[row][:, keep].clone())
+    return rows
+
+
+@contextlib.contextmanager
+def _adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run with the LoRA adapter `name` active, or with adapters disabled (None: the base model)."""
+    if not hasattr(model, "disable_adapter"):
+        yield
+        return
+    if name is None:
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(name)
+    yield
+
+
+def collect_patterns(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    layers: Sequence[int],
+    *,
+    method: str,
+    budget: TokenBudget = DEFAULT_BUDGET,
+    replies: str = "both",
+    batch_size: int = 8,
+    bf16: bool = False,
+    spill_dir: Path | None = None,
+    memory_limit: int = 512 << 20,
+) -> PatternStore:
+    """Step 2: for each pair and reply, v = h(good) - h(bad) over the reply tokens, plus base states.
+
+    method "scit": one model (adapter 'scit', or none), good/bad instruction as system prompt.
+    method "dual": adapters 'good' and 'bad', no instruction. The base states run with adapters disabled.
+    replies: "chosen", "rejected" or "both".
+    """
+    if method not in ("scit", "dual"):
+        raise ValueError(f"method {method!r} is not 'scit' or 'dual'")
+    which = {"chosen": (1,), "rejected": (0,), "both": (1, 0)}[replies]
+    items = [(i, pair, label) for i, pair in enumerate(pairs) for label in which]
+    store = PatternStore(layers, spill_dir, memory_limit)
+    pad = _pad_id(tokenizer)
+    if method == "scit":
+        good_adapter: str | None = "scit" if hasattr(model, "peft_config") else None
+        bad_adapter = good_adapter
+        good_system, bad_system = GOOD_INSTRUCTION, BAD_INSTRUCTION
+    else:
+        good_adapter, bad_adapter, good_system, bad_system = "good", "bad", None, None
+    model.eval()
+    for start in tqdm(range(0, len(items), batch_size), desc="collect patterns", leave=False):
+        chunk = items[start : start + batch_size]
+        texts = [(pair, pair.chosen if label else pair.rejected) for _, pair, label in chunk]
+        base_ex = [encode(tokenizer, p.prompt, r, budget=budget) for p, r in texts]
+        good_ex = [encode(tokenizer, p.prompt, r, system=good_system, budget=budget) for p, r in texts]
+        bad_ex = [encode(tokenizer, p.prompt, r, system=bad_system, budget=budget) for p, r in texts]
+        with _adapter(model, None):
+            base_rows = _hidden_rows(model, collate(base_ex, pad), layers, bf16)
+        with _adapter(model, good_adapter):
+            good_rows = _hidden_rows(model, collate(good_ex, pad), layers, bf16)
+        with _adapter(model, bad_adapter):
+            bad_rows = _hidden_rows(model, collate(bad_ex, pad), layers, bf16)
+        for (index, _, label), example, base, good, bad in zip(
+            chunk, base_ex, base_rows, good_rows, bad_rows, strict=True
+        ):
+            store.add(
+                PatternRecord(
+                    input_ids=example.input_ids,
+                    prompt_len=example.prompt_len,
+                    label=label,
+                    pair_index=index,
+                    base=base,
+                    pattern=good - bad,
+                )
+            )
+    return store
+
+
+# -- step 3: offsets ---------------------------------------------------------------------------------
+
+
+def mean_pattern_offsets(
+    records: Sequence[PatternRecord], layers: Sequence[int], alpha: float
+) -> dict[int, torch.Tensor]:
+    """Baseline: alpha times the mean of v over every collected response token, per layer."""
+    sums = torch.zeros(len(layers), records[0].pattern.shape[-1], dtype=torch.float64)
+    count = 0
+    for record in records:
+        sums += record.pattern.double().sum(dim=1)
+        count += record.pattern.shape[1]
+    mean = (alpha * sums / count).float()
+    return {layer: mean[i] for i, layer in enumerate(layers)}
+
+
+def pair_differences(records: Sequence[PatternRecord], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per layer (N, H): token-mean base state of the chosen reply minus that of the rejected, per pair."""
+    by_pair: dict[int, dict[int, torch.Tensor]] = {}
+    for record in records:
+        by_pair.setdefault(record.pair_index, {})[record.label] = record.base.double().mean(dim=1)  # (L, H)
+    complete = [p for p in sorted(by_pair) if set(by_pair[p]) == {0, 1}]
+    if not complete:
+        raise ValueError("CAA and PCA need both replies of a pair: collect with replies='both'")
+    diffs = torch.stack([by_pair[p][1] - by_pair[p][0] for p in complete])  # (N, L, H)
+    return {layer: diffs[:, i].float() for i, layer in enumerate(layers)}
+
+
+def caa_offsets(records: Sequence[PatternRecord], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Baseline CAA: mean over pairs of the base-model difference chosen minus rejected."""
+    return {layer: d.double().mean(dim=0).float() for layer, d in pair_differences(records, layers).items()}
+
+
+def pca_offsets(records: Sequence[PatternRecord], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Baseline RepE-PCA: first principal direction of the pair differences, signed and scaled by labels.
+
+    The unit direction u (top right-singular vector of the centred differences) points so that the mean
+    projection m of the differences on it is positive; the offset is m * u.
+    """
+    out = {}
+    for layer, diffs in pair_differences(records, layers).items():
+        d = diffs.double()
+        _, _, vh = torch.linalg.svd(d - d.mean(dim=0), full_matrices=False)
+        direction = vh[0]
+        projection = float((d @ direction).mean())
+        if projection < 0:
+            direction, projection = -direction, -projection
+        out[layer] = (direction * projection).float()
+    return out
+
+
+@dataclass
+class FitConfig:
+    """Gradient descent on per-layer offsets with the RAHF alignment loss."""
+
+    alpha: float = 1.0
+    steps: int = 80
+    batch_size: int = 8
+    lr: float | None = None  # None: 5 % of the largest mean-pattern entry magnitude scale (RMS)
+    bf16: bool = False
+    checkpoint_every: int = 20
+    seed: int = 0
+
+
+def alignment_loss(
+    model: nn.Module,
+    records: Sequence[PatternRecord],
+    layers: Sequence[int],
+    offsets: dict[int, torch.Tensor],
+    alpha: float,
+    pad_id: int,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """mean over target layers and response tokens of || h^delta_l(x)[t] - (h_l(x)[t] + alpha v_l(t)) ||_2.
+
+    The offsets (layer -> (H,), may require grad) are added through the server's hooks at every position.
+    """
+    batch = collate([Encoded(r.input_ids, r.prompt_len) for r in records], pad_id)
+    size = batch.input_ids.shape[0]
+    plan = SteeringPlan(offsets={layer: o.view(1, 1, -1).expand(size, 1, -1) for layer, o in offsets.items()})
+    steerer = Steerer.attach(model)
+    with autocast(bf16), record_layers(model, layers) as recorded, steerer.steering(plan):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    total = torch.zeros((), dtype=torch.float32)
+    count = 0
+    for row, record in enumerate(records):
+        keep = batch.response_mask[row].bool()
+        for i, layer in enumerate(layers):
+            steered = recorded[layer][row][keep].float()  # (T, H)
+            target = record.base[i] + alpha * record.pattern[i]
+            total = total + (steered - target).norm(dim=-1).sum()
+            count += steered.shape[0]
+    return total / count
+
+
+def fit_offsets(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[PatternRecord],
+    layers: Sequence[int],
+    config: FitConfig,
+    checkpoint: Path | None = None,
+) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """Step 3: learn offsets (layer -> (H,)) of the frozen model by Adam on `alignment_loss`."""
+    seed_everything(config.seed)
+    base = unwrap_model(model)
+    hidden = records[0].pattern.shape[-1]
+    delta = torch.zeros(len(layers), hidden, requires_grad=True)
+    lr = config.lr
+    if lr is None:
+        reference = torch.stack(list(mean_pattern_offsets(records, layers, config.alpha).values()))
+        lr = 0.05 * float(reference.pow(2).mean().sqrt()) or 1e-3
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    losses: list[float] = []
+    start = 0
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("steps") == config.steps:
+        with torch.no_grad():
+            delta.copy_(state["delta"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    draws = []
+    for _ in range(config.steps):  # the batches of every step, drawn up front so a resumed run matches
+        if len(order) < config.batch_size:
+            order = list(range(len(records)))
+            rng.shuffle(order)
+        draws.append(order[: config.batch_size])
+        order = order[config.batch_size :]
+    pad = _pad_id(tokenizer)
+    progress = tqdm(
+        range(start, config.steps), desc="fit offsets", initial=start, total=config.steps, leave=False
+    )
+    for step in progress:
+        batch = [records[i] for i in draws[step]]
+        offsets = {layer: delta[i] for i, layer in enumerate(layers)}
+        loss = alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        progress.set_postfix(loss=f"{float(loss):.3f}")
+        done = step + 1
+        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+            save_checkpoint(
+                checkpoint,
+                {
+                    "step": done,
+                    "steps": config.steps,
+                    "delta": delta.detach().clone(),
+                    "optimizer": optimizer.state_dict(),
+                    "losses": losses,
+                },
+            )
+    return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
+
+
+# -- profiles ----------------------------------------------------------------------------------------
+
+FIT_METHODS = ("rahf", "mean", "caa", "pca")
+
+
+def make_profile(
+    name: str,
+    offsets: dict[int, torch.Tensor],
+    *,
+    fit: str,
+    fingerprint: ModelFingerprint | None,
+    provenance: dict[str, Any],
+    description: str = "",
+    default_strength: float = 1.0,
+    position_mode: str = "all",
+) -> Profile:
+    return Profile(
+        name=name,
+        offsets=offsets,
+        description=description,
+        fingerprint=fingerprint,
+        default_strength=default_strength,
+        position_mode=position_mode,
+        method=f"rahf-{provenance.get('instruct', 'none')}/{fit}",
+        provenance={**provenance, "fit": fit, "created_unix": int(time.time())},
+    )
+
+
+def offsets_rms(offsets: dict[int, torch.Tensor]) -> float:
+    values = torch.stack(list(offsets.values()))
+    return math.sqrt(float(values.pow(2).mean()))
