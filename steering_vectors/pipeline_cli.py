@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from .data import TokenBudget, load_pairs, resolve_split, sample_pairs
+from .evaluate import GENERATION_PROMPTS
 from .models import default_cache_dir, load_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYERS = "6,9,12,15,18"
-DEFAULT_STRENGTHS = "1,4"
+DEFAULT_STRENGTHS = "0.25,0.5,1,2"
 
 
 def _floats(text: str) -> list[float]:
@@ -55,20 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
     train.add_argument("--fit", type=_fits, default=_fits("all"), help="rahf,mean,caa,pca or 'all'")
     train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
-    train.add_argument("--alpha", type=float, default=1.0, help="pattern scale in the alignment target")
-    train.add_argument("--max-pairs", type=int, default=32, help="training pairs (seeded sample)")
+    train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
+    train.add_argument("--max-pairs", type=int, default=24, help="training pairs (seeded sample)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--prompt-tokens", type=int, default=48, help="prompt token budget")
     train.add_argument("--response-tokens", type=int, default=32, help="response token budget")
     train.add_argument("--epochs", type=int, default=1, help="epochs of the LoRA step")
     train.add_argument("--batch-pairs", type=int, default=2, help="pairs per LoRA step")
     train.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
-    train.add_argument("--fit-steps", type=int, default=24)
+    train.add_argument("--fit-steps", type=int, default=30)
     train.add_argument("--fit-batch", type=int, default=8)
     train.add_argument("--fit-lr", type=float, default=None, help="offset learning rate (default: scaled)")
     train.add_argument("--position-mode", choices=("all", "generated"), default="all")
     train.add_argument(
-        "--calib-pairs", type=int, default=16, help="training pairs to tune the default strength"
+        "--calib-pairs", type=int, default=12, help="training pairs to tune the default strength"
     )
     train.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
     train.add_argument(
@@ -76,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: cache folder)")
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
-    train.add_argument("--eval-pairs", type=int, default=48, help="dev pairs (seeded sample) for --eval")
+    train.add_argument("--eval-pairs", type=int, default=32, help="dev pairs (seeded sample) for --eval")
+    train.add_argument("--gen-prompts", type=int, default=3, help="fixed prompts for side-by-side generations")
     train.add_argument("--threads", type=int, default=None)
     train.set_defaults(handler=run_train)
 
@@ -87,12 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, required=True, help="report folder")
     ev.add_argument("--title", default="Profile evaluation")
     ev.add_argument("--model", default=None)
-    ev.add_argument("--max-pairs", type=int, default=48)
+    ev.add_argument("--max-pairs", type=int, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS))
     ev.add_argument("--prompt-tokens", type=int, default=48)
     ev.add_argument("--response-tokens", type=int, default=32)
     ev.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    ev.add_argument("--gen-prompts", type=int, default=3, help="fixed prompts for side-by-side generations")
     ev.add_argument("--threads", type=int, default=None)
     ev.set_defaults(handler=run_eval)
 
@@ -222,8 +225,8 @@ def run_train(args: argparse.Namespace) -> int:
     # 4. default strengths, tuned on training pairs within the fluency cap; then the files
     t0 = time.perf_counter()
     text = neutral_text()
-    base_ppl = perplexity(model, tokenizer, text, bf16=args.bf16)
     calib_pairs = pairs[: args.calib_pairs]
+    base_ppl = perplexity(model, tokenizer, text, bf16=args.bf16) if calib_pairs else float("nan")
     written = []
     for fit, offsets in fitted.items():
         name = args.name if fit == args.fit[0] else f"{args.name}-{fit}"
@@ -239,19 +242,21 @@ def run_train(args: argparse.Namespace) -> int:
             description=f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)",
             position_mode=args.position_mode,
         )
-        strength, rows = calibrate_strength(
-            model,
-            tokenizer,
-            calib_pairs,
-            profile,
-            args.strengths,
-            base_ppl=base_ppl,
-            text=text,
-            budget=budget,
-            bf16=args.bf16,
-        )
+        strength, rows = 1.0, []
+        if calib_pairs:
+            strength, rows = calibrate_strength(
+                model,
+                tokenizer,
+                calib_pairs,
+                profile,
+                args.strengths,
+                base_ppl=base_ppl,
+                text=text,
+                budget=budget,
+                bf16=args.bf16,
+            )
         profile.default_strength = strength
-        profile.provenance["calibration"] = {"pairs": len(calib_pairs), "rows": rows}
+        profile.provenance["calibration"] = {"pairs": len(calib_pairs), "rows": rows, "strength": strength}
         target = (
             args.out / f"{name}.safetensors"
             if fit == args.fit[0]
@@ -300,7 +305,8 @@ def run_eval(args: argparse.Namespace) -> int:
     pairs = sample_pairs(load_pairs(resolve_split(args.data, args.split)), args.max_pairs, seed=args.seed)
     budget = TokenBudget(args.prompt_tokens, args.response_tokens)
     results = evaluate_profiles(
-        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=args.bf16
+        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=args.bf16,
+        prompts=GENERATION_PROMPTS[: args.gen_prompts],
     )
     results["command"] = _command_line()
     report = write_report(results, args.out, args.title, command=_command_line())

@@ -560,7 +560,7 @@ class FitConfig:
     alpha: float = 1.0
     steps: int = 80
     batch_size: int = 8
-    lr: float | None = None  # None: 5 % of the largest mean-pattern entry magnitude scale (RMS)
+    lr: float | None = None  # None: a quarter of the RMS entry of the mean-pattern offsets
     bf16: bool = False
     checkpoint_every: int = 20
     seed: int = 0
@@ -613,7 +613,7 @@ def fit_offsets(
     lr = config.lr
     if lr is None:
         reference = torch.stack(list(mean_pattern_offsets(records, layers, config.alpha).values()))
-        lr = 0.05 * float(reference.pow(2).mean().sqrt()) or 1e-3
+        lr = 0.25 * float(reference.pow(2).mean().sqrt()) or 1e-3
     optimizer = torch.optim.Adam([delta], lr=lr)
     losses: list[float] = []
     start = 0

@@ -1,0 +1,72 @@
+"""Evaluation on a tiny random Llama: preference scores, perplexity and the report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering_vectors.data import PreferencePair, TokenBudget, encode
+from steering_vectors.evaluate import perplexity, score_pairs, write_report
+from steering_vectors.models import load_model
+from steering_vectors.profile import Profile
+
+BUDGET = TokenBudget(prompt=30, response=8)
+PAIRS = [
+    PreferencePair("a", ({"role": "user", "content": "hi"},), "hello there", "go"),
+    PreferencePair("b", ({"role": "user", "content": "help"},), "sure", "no way at all"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_model(tiny_model_dir)
+
+
+def _mean_logprob(model, ids: tuple[int, ...], start: int) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return float(sum(logprobs[t - 1, ids[t]] for t in range(start, len(ids))) / (len(ids) - start))
+
+
+def test_score_pairs_equals_direct_computation(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    score = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    for i, pair in enumerate(PAIRS):
+        for reply, got in ((pair.chosen, score.chosen[i]), (pair.rejected, score.rejected[i])):
+            enc = encode(tok, pair.prompt, reply, budget=BUDGET)
+            assert got == pytest.approx(_mean_logprob(model, enc.input_ids, enc.prompt_len), abs=1e-5)
+    diffs = [c - r for c, r in zip(score.chosen, score.rejected, strict=True)]
+    assert score.accuracy == sum(d > 0 for d in diffs) / 2
+    assert score.margin == pytest.approx(sum(diffs) / 2, abs=1e-6)
+
+
+def test_steering_changes_scores_and_zero_strength_does_not(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    profile = Profile("push", {1: torch.ones(64)})
+    plain = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    assert score_pairs(model, tok, PAIRS, profile, 0.0, budget=BUDGET).chosen == plain.chosen
+    assert score_pairs(model, tok, PAIRS, profile, 2.0, budget=BUDGET).chosen != plain.chosen
+    text = "the cat sat on the mat. " * 5
+    assert perplexity(model, tok, text, profile, 0.0) == perplexity(model, tok, text)
+    assert perplexity(model, tok, text, profile, 2.0) != perplexity(model, tok, text)
+
+
+def test_write_report(tmp_path: Path) -> None:
+    row = {"strength": 1.0, "accuracy": 0.75, "margin": 0.1, "perplexity": 11.0, "accuracy_gain": 0.25,
+           "perplexity_rise": 0.1}
+    results = {
+        "n_pairs": 4, "budget": {"prompt": 8, "response": 4}, "bf16_autocast": False,
+        "baseline": {"accuracy": 0.5, "margin": 0.0, "perplexity": 10.0},
+        "profiles": {"p": {"fit": "rahf", "grid": [row], "default": row, "accepted": True}},
+        "generations": {"prompts": ["q"], "unsteered": ["a"], "p": ["b"]},
+    }
+    path = write_report(results, tmp_path, "T", command="rahf eval x")
+    text = path.read_text()
+    assert "| p | rahf | 1 | 75.0 % | +25.0 | 0.1000 | 11.00 | +10.0 % | yes |" in text
+    assert "- **p**: b" in text
+    assert json.loads((tmp_path / "report.json").read_text())["baseline"]["accuracy"] == 0.5
+    assert (tmp_path / "strength.png").stat().st_size > 1000
