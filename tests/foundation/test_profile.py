@@ -59,6 +59,7 @@ def test_safetensors_round_trip(tmp_path, fingerprint):
     _assert_same(profile, loaded)
     assert loaded.validate_for(fingerprint) is loaded
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the server's user in a container
 
 
 def test_gguf_round_trip_keeps_tensors_and_metadata(fingerprint):
