@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")
-    max_batch_size: int = Field(4, ge=1, description="rows one engine step runs together (concurrency)")
+    max_batch_size: int = Field(16, ge=1, description="rows one engine step runs together (concurrency)")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the running ones; then 429")
     retry_after_s: float = Field(1.0, gt=0)
     strength_min: float = -20.0
