@@ -16,12 +16,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 from steering_vectors.errors import ProfileError, ProfileFormatError
+from steering_vectors.gguf_io import read_profile
 from steering_vectors.profile import ModelFingerprint, Profile, atomic_write, validate_name
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-GGUF_MAGIC = b"GGUF"
 
 
 class ProfileNotFoundError(KeyError):
@@ -43,20 +43,7 @@ class SkippedFile:
 
 def parse_profile(data: bytes, *, name: str, source: str | None = None) -> Profile:
     """Read a profile (safetensors or GGUF control vector) and give it `name`."""
-    source = source or f"upload {name!r}"
-    if data[:4] == GGUF_MAGIC:
-        try:
-            from steering_vectors import gguf_io
-        except ImportError as exc:  # the GGUF reader ships with the library; guard a partial install
-            raise ProfileFormatError("GGUF control vectors are not supported by this installation") from exc
-        try:
-            return gguf_io.read_control_vector(data, name=name)
-        except ProfileError:
-            raise
-        except Exception as exc:  # a malformed file may trip the GGUF parser anywhere
-            raise ProfileFormatError(f"{source}: not a readable GGUF control vector ({exc})") from exc
-    profile = Profile.from_bytes(data, source=source)
-    return profile if profile.name == name else profile.renamed(name)
+    return read_profile(data, name=name, source=source or f"upload {name!r}")
 
 
 class ProfileRegistry:

@@ -59,6 +59,14 @@ def write_control_vector(profile: Profile, *, model_hint: str | None = None) -> 
         return path.read_bytes()
 
 
+def read_profile(data: bytes, *, name: str | None = None, source: str = "<bytes>") -> Profile:
+    """Read a profile from safetensors or GGUF control-vector bytes; rename it to `name` when given."""
+    if is_gguf(data):
+        return read_control_vector(data, name=name or "imported", source=source)
+    profile = Profile.from_bytes(data, source=source)
+    return profile if name is None or profile.name == name else profile.renamed(name)
+
+
 def read_control_vector(data: bytes, *, name: str, source: str = "<bytes>") -> Profile:
     """Decode a GGUF control vector into a Profile named `name` (our metadata wins where present)."""
     import gguf

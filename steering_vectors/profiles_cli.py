@@ -43,12 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_any(path: Path, name: str | None = None) -> Profile:
-    from .gguf_io import is_gguf, read_control_vector
+    from .gguf_io import is_gguf, read_profile
 
     data = path.read_bytes()
-    if is_gguf(data):
-        return read_control_vector(data, name=name or path.stem, source=str(path))
-    return Profile.from_bytes(data, source=str(path))
+    return read_profile(data, name=name or (path.stem if is_gguf(data) else None), source=str(path))
 
 
 def _guard(func):  # noqa: ANN001, ANN202 - turns library errors into one line and exit code 1
