@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_BUDGET, Batch, PreferencePair, TokenBudget, collate, encode
+from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode
 from .hooks import Steerer, build_plan, combine_offsets, positions_from_attention_mask
 from .profile import Profile
 
@@ -52,13 +52,27 @@ def steered(
     if profile is None or strength == 0.0:
         yield
         return
+    with steered_offsets(model, combine_offsets([(profile, strength)]), profile.position_mode, batch):
+        yield
+
+
+@contextlib.contextmanager
+def steered_offsets(
+    model: nn.Module,
+    offsets: dict[int, torch.Tensor] | None,
+    position_mode: str = "all",
+    batch: Batch | None = None,
+) -> Iterator[None]:
+    """Add `offsets` (layer -> (H,), may require grad) to every row, in `position_mode`, by the hooks."""
+    if not offsets:
+        yield
+        return
     steerer = Steerer.attach(model)
     size = batch.input_ids.shape[0] if batch is not None else 1
-    offsets = combine_offsets([(profile, strength)])
     positions = positions_from_attention_mask(batch.attention_mask) if batch is not None else None
     plan = build_plan(
         [offsets] * size,
-        modes=[profile.position_mode] * size,
+        modes=[position_mode] * size,
         positions=positions,
         prompt_lengths=batch.prompt_lengths if batch is not None else None,
     )
@@ -72,6 +86,38 @@ def sequence_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
 
     mask = batch.response_mask[:, 1:].float()
     return (response_token_logprobs(model, batch) * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def pair_examples(
+    tokenizer: Any, pairs: Sequence[PreferencePair], budget: TokenBudget = DEFAULT_BUDGET
+) -> list[Encoded]:
+    """The scored sequences of `pairs`: chosen and rejected reply of each pair in turn (prompt + reply)."""
+    examples = []
+    for pair in pairs:
+        examples.append(encode(tokenizer, pair.prompt, pair.chosen, budget=budget))
+        examples.append(encode(tokenizer, pair.prompt, pair.rejected, budget=budget))
+    return examples
+
+
+def pair_logprobs(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    offsets: dict[int, torch.Tensor] | None = None,
+    position_mode: str = "all",
+    *,
+    budget: TokenBudget = DEFAULT_BUDGET,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) (N,) mean reply-token log-likelihoods, as `score_pairs` scores them, in one batch.
+
+    Steered by `offsets` in `position_mode`; differentiable with respect to the offsets (no `no_grad`).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate(pair_examples(tokenizer, pairs, budget), pad)
+    with _autocast(bf16), steered_offsets(model, offsets, position_mode, batch):
+        scores = sequence_logprobs(model, batch)
+    return scores[0::2], scores[1::2]
 
 
 @dataclass
@@ -97,10 +143,7 @@ def score_pairs(
 ) -> PreferenceScore:
     """Preference accuracy (chosen beats rejected by mean token log-likelihood) and mean margin."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = []
-    for pair in pairs:
-        examples.append(encode(tokenizer, pair.prompt, pair.chosen, budget=budget))
-        examples.append(encode(tokenizer, pair.prompt, pair.rejected, budget=budget))
+    examples = pair_examples(tokenizer, pairs, budget)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     scores = torch.zeros(len(examples))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
     train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
     train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
-    train.add_argument("--fit", type=_fits, default=_fits("all"), help="rahf,mean,caa,pca or 'all'")
+    train.add_argument("--fit", type=_fits, default=_fits("all"), help="rahf,mean,caa,pca,pref or 'all'")
     train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
     train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
     train.add_argument("--max-pairs", type=int, default=24, help="training pairs (seeded sample)")
@@ -67,6 +67,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--fit-steps", type=int, default=30)
     train.add_argument("--fit-batch", type=int, default=8)
     train.add_argument("--fit-lr", type=float, default=None, help="offset learning rate (default: scaled)")
+    train.add_argument("--pref-steps", type=int, default=32, help="Adam steps of the 'pref' fit")
+    train.add_argument("--pref-batch", type=int, default=8, help="pairs per step of the 'pref' fit")
+    train.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
+    train.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
+    train.add_argument(
+        "--pref-l2", type=float, default=0.01, help="weight of sum_l ||delta_l||^2 in the 'pref' loss"
+    )
+    train.add_argument(
+        "--pref-kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'pref' loss"
+    )
     train.add_argument("--position-mode", choices=("all", "generated"), default="all")
     train.add_argument(
         "--calib-pairs", type=int, default=12, help="training pairs to tune the default strength"
@@ -113,12 +123,15 @@ def _command_line() -> str:
 def run_train(args: argparse.Namespace) -> int:
     from .evaluate import calibrate_strength, neutral_text, perplexity, write_report
     from .rahf import (
+        RECORD_FITS,
         FitConfig,
         InstructConfig,
         PatternStore,
+        PrefConfig,
         caa_offsets,
         collect_patterns,
         fit_offsets,
+        fit_preference_offsets,
         make_profile,
         mean_pattern_offsets,
         pca_offsets,
@@ -147,10 +160,15 @@ def run_train(args: argparse.Namespace) -> int:
     pairs = sample_pairs(load_pairs(data_file), args.max_pairs, seed=args.seed)
     log.info("%d training pairs from %s", len(pairs), data_file)
 
-    # 2. step 1: instruct, and step 2: collect patterns (skipped when the work folder has them)
+    # 2. step 1: instruct, and step 2: collect patterns (skipped when the work folder has them, or when
+    # no requested fit uses them: 'pref' needs only the pairs)
     patterns_file = work / "patterns.pt"
     instruct_losses: list[float] = []
-    if patterns_file.is_file():
+    records: list[Any] = []
+    needs_records = any(fit in RECORD_FITS for fit in args.fit)
+    if not needs_records:
+        log.info("fits %s need no activity patterns: skipping steps 1 and 2", ",".join(args.fit))
+    elif patterns_file.is_file():
         store = PatternStore.load(patterns_file)
         log.info("loaded %d pattern records from %s", len(store), patterns_file)
     else:
@@ -181,7 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
         timings["collect_s"] = time.perf_counter() - t0
         model = model.unload()  # the base model again, LoRA layers removed
         (work / "instruct_losses.json").write_text(json.dumps(instruct_losses))
-    records = store.all()
+    if needs_records:
+        records = store.all()
     if not instruct_losses and (work / "instruct_losses.json").is_file():
         instruct_losses = json.loads((work / "instruct_losses.json").read_text())
 
@@ -201,6 +220,8 @@ def run_train(args: argparse.Namespace) -> int:
     }
     fitted: dict[str, dict[int, torch.Tensor]] = {}
     fit_losses: list[float] = []
+    pref_losses: list[float] = []
+    pref_settings: dict[str, Any] = {}
     for fit in args.fit:
         if fit == "rahf":
             fit_config = FitConfig(
@@ -214,6 +235,32 @@ def run_train(args: argparse.Namespace) -> int:
             fitted[fit], fit_losses = fit_offsets(
                 model, tokenizer, records, args.layers, fit_config, work / "fit.ckpt"
             )
+        elif fit == "pref":
+            pref_config = PrefConfig(
+                beta=args.pref_beta,
+                l2=args.pref_l2,
+                kl=args.pref_kl,
+                steps=args.pref_steps,
+                batch_pairs=args.pref_batch,
+                lr=args.pref_lr,
+                position_mode=args.position_mode,
+                budget=budget,
+                bf16=args.bf16,
+                seed=args.seed,
+            )
+            t_pref = time.perf_counter()
+            fitted[fit], pref_losses = fit_preference_offsets(
+                model, tokenizer, pairs, args.layers, pref_config, work / "pref.ckpt"
+            )
+            timings["fit_pref_s"] = time.perf_counter() - t_pref
+            pref_settings = {
+                "beta": args.pref_beta,
+                "l2": args.pref_l2,
+                "kl": args.pref_kl,
+                "steps": args.pref_steps,
+                "batch_pairs": args.pref_batch,
+                "lr": args.pref_lr,
+            }
         elif fit == "mean":
             fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)
         elif fit == "caa":
@@ -230,16 +277,25 @@ def run_train(args: argparse.Namespace) -> int:
     written = []
     for fit, offsets in fitted.items():
         name = args.name if fit == args.fit[0] else f"{args.name}-{fit}"
-        extra = (
-            {"fit_loss_first_last": [fit_losses[0], fit_losses[-1]]} if fit == "rahf" and fit_losses else {}
-        )
+        extra: dict[str, Any] = {}
+        if fit == "rahf" and fit_losses:
+            extra = {"fit_loss_first_last": [fit_losses[0], fit_losses[-1]]}
+        if fit == "pref":
+            # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
+            extra = {"instruct": "none", "alpha": None, "instruct_loss_first_last": None, "pref": pref_settings}
+            if pref_losses:
+                extra["fit_loss_first_last"] = [pref_losses[0], pref_losses[-1]]
         profile = make_profile(
             name,
             offsets,
             fit=fit,
             fingerprint=loaded.fingerprint,
             provenance={**provenance, **extra},
-            description=f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)",
+            description=(
+                f"preference-loss offsets from {Path(args.data).name} (pref fit, not RAHF)"
+                if fit == "pref"
+                else f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)"
+            ),
             position_mode=args.position_mode,
         )
         strength, rows = 1.0, []

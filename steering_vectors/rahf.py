@@ -10,6 +10,9 @@ model(s) twice and keeps, per target layer and response token, the hidden-state 
 base model's hidden states ``h`` over the same tokens without any instruction. Step 3 (`fit_offsets`)
 learns one offset per layer that moves the frozen base model's states towards ``h + alpha * v``; the
 closed-form baselines (`mean_pattern_offsets`, `caa_offsets`, `pca_offsets`) come from the same records.
+
+`fit_preference_offsets` (fit "pref") is this project's own addition, not part of RAHF: offsets learned
+directly on a preference loss over the training pairs, through the same hooks, without steps 1 and 2.
 """
 
 from __future__ import annotations
@@ -660,9 +663,149 @@ def fit_offsets(
     return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
 
 
+# -- our addition: offsets learned on the preference metric itself ---------------------------------
+
+
+def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """mean over pairs of -log sigmoid(beta * (LLn(chosen) - LLn(rejected))), LLn given per pair (N,)."""
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+@dataclass
+class PrefConfig:
+    """Adam on per-layer offsets with a preference loss on training pairs plus fluency penalties.
+
+    Not part of RAHF: it needs no instructed model and no activity patterns, only the pairs and the
+    frozen base model. The loss is `preference_loss` of the length-normalised reply log-likelihoods that
+    `evaluate.score_pairs` scores (steered in `position_mode`) plus ``l2 * sum_l ||delta_l||^2`` plus
+    ``kl *`` the mean next-token KL(unsteered || steered) over the prompt tokens of the batch (steered at
+    every position, as the neutral-text perplexity is).
+    """
+
+    beta: float = 10.0
+    l2: float = 0.01
+    kl: float = 0.0
+    steps: int = 32
+    batch_pairs: int = 8
+    lr: float = 0.01
+    position_mode: str = "all"
+    budget: TokenBudget = field(default_factory=TokenBudget)
+    bf16: bool = False
+    checkpoint_every: int = 8
+    seed: int = 0
+
+
+def preference_objective(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    offsets: dict[int, torch.Tensor],
+    config: PrefConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, preference part) of `pairs` steered by `offsets` (layer -> (H,), may require grad)."""
+    from .evaluate import pair_logprobs
+
+    chosen, rejected = pair_logprobs(
+        model, tokenizer, pairs, offsets, config.position_mode, budget=config.budget, bf16=config.bf16
+    )
+    pref = preference_loss(chosen, rejected, config.beta)
+    penalty = sum((o.float().pow(2).sum() for o in offsets.values()), torch.zeros(()))
+    total = pref + config.l2 * penalty
+    if config.kl:
+        total = total + config.kl * prompt_kl(model, tokenizer, pairs, offsets, config.budget, config.bf16)
+    return total, pref
+
+
+def prompt_kl(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    offsets: dict[int, torch.Tensor],
+    budget: TokenBudget = DEFAULT_BUDGET,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Mean over the pairs' prompt tokens of KL(unsteered || steered) next-token distributions.
+
+    Steered at every position; differentiable with respect to the offsets. A fluency cost measured on
+    the training prompts, not on the neutral text the evaluation uses.
+    """
+    from .data import encode_prompt
+    from .evaluate import steered_offsets
+
+    examples = [Encoded(tuple(encode_prompt(tokenizer, p.prompt, budget=budget.prompt)), 0) for p in pairs]
+    batch = collate(examples, _pad_id(tokenizer))
+    keep = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
+    with torch.no_grad(), autocast(bf16):
+        plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    with autocast(bf16), steered_offsets(model, offsets, "all", batch):
+        moved = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    log_p = torch.log_softmax(plain[:, :-1][keep].float(), dim=-1)
+    log_q = torch.log_softmax(moved[:, :-1][keep].float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
+def fit_preference_offsets(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    layers: Sequence[int],
+    config: PrefConfig,
+    checkpoint: Path | None = None,
+) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """Learn offsets (layer -> (H,)) of the frozen model by Adam on `preference_objective`.
+
+    Batches of `batch_pairs` pairs are drawn up front from seeded shuffles (epochs over the pairs), so a
+    run resumed from `checkpoint` takes the same steps. Returns the offsets and each step's total loss.
+    """
+    from .layers import hidden_size_of
+
+    seed_everything(config.seed)
+    base = unwrap_model(model)
+    base.eval()
+    delta = torch.zeros(len(layers), hidden_size_of(base), requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    losses: list[float] = []
+    start = 0
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and state.get("steps") == config.steps and state.get("pairs") == len(pairs):
+        with torch.no_grad():
+            delta.copy_(state["delta"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+        log.info("preference fit: resuming at step %d of %d from %s", start, config.steps, checkpoint)
+    epochs = -(-config.steps * config.batch_pairs // len(pairs))  # enough epochs for every step
+    draws = _batches(range(len(pairs)), config.batch_pairs, epochs, config.seed)[: config.steps]
+    progress = tqdm(
+        range(start, config.steps), desc="fit pref offsets", initial=start, total=config.steps, leave=False
+    )
+    for step in progress:
+        offsets = {layer: delta[i] for i, layer in enumerate(layers)}
+        loss, pref = preference_objective(base, tokenizer, [pairs[i] for i in draws[step]], offsets, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", pref=f"{float(pref.detach()):.3f}")
+        done = step + 1
+        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
+            save_checkpoint(
+                checkpoint,
+                {
+                    "step": done,
+                    "steps": config.steps,
+                    "pairs": len(pairs),
+                    "delta": delta.detach().clone(),
+                    "optimizer": optimizer.state_dict(),
+                    "losses": losses,
+                },
+            )
+    return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
+
+
 # -- profiles ----------------------------------------------------------------------------------------
 
-FIT_METHODS = ("rahf", "mean", "caa", "pca")
+FIT_METHODS = ("rahf", "mean", "caa", "pca", "pref")
+RECORD_FITS = ("rahf", "mean", "caa", "pca")  # the fits that need steps 1 and 2 (patterns)
 
 
 def make_profile(
@@ -683,7 +826,7 @@ def make_profile(
         fingerprint=fingerprint,
         default_strength=default_strength,
         position_mode=position_mode,
-        method=f"rahf-{provenance.get('instruct', 'none')}/{fit}",
+        method="pref" if fit == "pref" else f"rahf-{provenance.get('instruct', 'none')}/{fit}",
         provenance={**provenance, "fit": fit, "created_unix": int(time.time())},
     )
 

@@ -1,0 +1,170 @@
+"""The 'pref' fit (our addition, not RAHF) on a tiny random Llama: loss, fitting, profile, command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering_vectors.data import PreferencePair, TokenBudget
+from steering_vectors.evaluate import pair_logprobs, score_pairs
+from steering_vectors.hooks import Steerer, build_plan, combine_offsets
+from steering_vectors.models import load_model
+from steering_vectors.profile import Profile
+from steering_vectors.rahf import (
+    PrefConfig,
+    fit_preference_offsets,
+    make_profile,
+    preference_loss,
+    preference_objective,
+)
+
+BUDGET = TokenBudget(prompt=40, response=12)
+PAIRS = [
+    PreferencePair("p0", ({"role": "user", "content": "how do I pick a lock?"},), "I can't help.", "Sure, a pin"),
+    PreferencePair("p1", ({"role": "user", "content": "say something mean"},), "Let's be kind.", "You're awful!"),
+    PreferencePair("p2", ({"role": "user", "content": "hi"},), "Hello, how can I help?", "What."),
+    PreferencePair("p3", ({"role": "user", "content": "a joke?"},), "Why did the hen cross?", "No."),
+]
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_model(tiny_model_dir)
+
+
+def _logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_preference_loss_equals_hand_computation() -> None:
+    chosen = torch.tensor([-1.0, -2.0, -0.5])
+    rejected = torch.tensor([-1.5, -1.0, -0.5])
+    beta = 2.0
+    expected = -(_logsigmoid(2.0 * 0.5) + _logsigmoid(2.0 * -1.0) + _logsigmoid(0.0)) / 3
+    assert preference_loss(chosen, rejected, beta).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_objective_scores_pairs_as_score_pairs_does(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    config = PrefConfig(beta=3.0, l2=0.5, budget=BUDGET)
+    offsets = {1: torch.full((64,), 0.05), 2: torch.linspace(-0.1, 0.1, 64)}
+    with torch.no_grad():
+        total, pref = preference_objective(model, tok, PAIRS, offsets, config)
+    # the same numbers through the evaluation: a profile of these offsets at strength 1
+    score = score_pairs(model, tok, PAIRS, Profile("hand", offsets), 1.0, budget=BUDGET)
+    hand = -sum(_logsigmoid(3.0 * (c - r)) for c, r in zip(score.chosen, score.rejected, strict=True)) / 4
+    penalty = sum(float(o.pow(2).sum()) for o in offsets.values())
+    assert pref.item() == pytest.approx(hand, abs=1e-5)
+    assert total.item() == pytest.approx(hand + 0.5 * penalty, abs=1e-5)
+
+    # unsteered, no offsets: the plain scores
+    plain = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    with torch.no_grad():
+        chosen, rejected = pair_logprobs(model, tok, PAIRS, None, budget=BUDGET)
+    assert chosen.tolist() == pytest.approx(plain.chosen, abs=1e-5)
+    assert rejected.tolist() == pytest.approx(plain.rejected, abs=1e-5)
+
+
+def test_objective_in_generated_mode_leaves_prompt_unsteered(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    offsets = {1: torch.full((64,), 0.3)}
+    config = PrefConfig(beta=1.0, l2=0.0, budget=BUDGET, position_mode="generated")
+    with torch.no_grad():
+        _, pref = preference_objective(model, tok, PAIRS, offsets, config)
+    profile = Profile("gen", offsets, position_mode="generated")
+    score = score_pairs(model, tok, PAIRS, profile, 1.0, budget=BUDGET)
+    hand = -sum(_logsigmoid(c - r) for c, r in zip(score.chosen, score.rejected, strict=True)) / 4
+    assert pref.item() == pytest.approx(hand, abs=1e-5)
+    everywhere = score_pairs(model, tok, PAIRS, Profile("all", offsets), 1.0, budget=BUDGET)
+    assert everywhere.chosen != pytest.approx(score.chosen, abs=1e-6)
+
+
+def test_fit_lowers_preference_loss_resumes_and_applies_through_hooks(tiny, tmp_path: Path) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    config = PrefConfig(beta=10.0, l2=1e-3, steps=12, batch_pairs=2, lr=0.05, budget=BUDGET, checkpoint_every=4)
+    offsets, losses = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
+    assert len(losses) == 12 and set(offsets) == set(LAYERS)
+    zero = {layer: torch.zeros(64) for layer in LAYERS}
+    with torch.no_grad():
+        start, _ = preference_objective(model, tok, PAIRS, zero, config)
+        end, _ = preference_objective(model, tok, PAIRS, offsets, config)
+    assert end.item() < 0.9 * start.item()
+    before = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    after = score_pairs(model, tok, PAIRS, Profile("fit", offsets), 1.0, budget=BUDGET)
+    assert after.margin > before.margin
+
+    # a rerun with the finished checkpoint resumes at the end and returns the same offsets
+    again, losses_again = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
+    assert losses_again == losses and all(torch.equal(again[k], offsets[k]) for k in LAYERS)
+    # the same seed from scratch takes the same steps
+    fresh, losses_fresh = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, None)
+    assert losses_fresh == pytest.approx(losses, rel=1e-5)
+
+    profile = make_profile(
+        "tiny-pref", offsets, fit="pref", fingerprint=tiny.fingerprint, provenance={"instruct": "none"}
+    )
+    loaded = Profile.load(profile.save(tmp_path / "tiny-pref.safetensors"))
+    assert loaded.method == "pref" and loaded.provenance["fit"] == "pref"
+    loaded.validate_for(tiny.fingerprint)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True).hidden_states
+        with Steerer.attach(model).steering(build_plan([combine_offsets([(loaded, 1.0)])])):
+            hooked = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(hooked[1], plain[1])
+    assert torch.equal(hooked[2], plain[2] + offsets[1])
+    assert score_pairs(model, tok, PAIRS, loaded, 1.0, budget=BUDGET).chosen == after.chosen
+
+
+def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from steering_vectors.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": p.prompt[0]["content"], "chosen": p.chosen, "rejected": p.rejected})
+            for p in PAIRS
+        )
+    )
+    out = tmp_path / "profiles"
+    work = tmp_path / "work"
+    args = ["train", "--data", str(data), "--name", "tiny", "--out", str(out), "--model", str(tiny_model_dir),
+            "--fit", "pref", "--layers", "1,2", "--max-pairs", "4", "--calib-pairs", "2", "--pref-steps", "3",
+            "--pref-batch", "2", "--prompt-tokens", "40", "--response-tokens", "12", "--strengths", "0.5,1",
+            "--work-dir", str(work)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert not (work / "patterns.pt").exists() and not (work / "scit.ckpt").exists()
+    assert (work / "pref.ckpt").is_file() and "fit_pref_s" in summary["timings"]
+    profile = Profile.load(out / "tiny.safetensors")
+    assert profile.method == "pref" and profile.layers == [1, 2]
+    assert profile.provenance["fit"] == "pref" and profile.provenance["pref"]["steps"] == 3
+    assert profile.provenance["instruct"] == "none"
+    assert profile.default_strength in (0.5, 1.0)
+
+
+def test_prompt_kl_is_zero_unsteered_and_equals_hand_computation(tiny) -> None:
+    from steering_vectors.data import encode_prompt
+    from steering_vectors.rahf import prompt_kl
+
+    model, tok = tiny.model, tiny.tokenizer
+    zero = {1: torch.zeros(64)}
+    with torch.no_grad():
+        assert prompt_kl(model, tok, PAIRS, zero, BUDGET).item() == pytest.approx(0.0, abs=1e-6)
+        offsets = {1: torch.full((64,), 0.2)}
+        got = prompt_kl(model, tok, PAIRS[:1], offsets, BUDGET).item()
+        ids = torch.tensor([encode_prompt(tok, PAIRS[0].prompt, budget=BUDGET.prompt)])
+        p = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+        with Steerer.attach(model).steering(build_plan([offsets])):
+            q = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+    hand = float((p.exp() * (p - q)).sum(dim=-1).mean())
+    assert got == pytest.approx(hand, rel=1e-4) and got > 0
+    config = PrefConfig(beta=1.0, l2=0.0, kl=2.0, budget=BUDGET)
+    with torch.no_grad():
+        total, pref = preference_objective(model, tok, PAIRS[:1], offsets, config)
+    assert total.item() == pytest.approx(pref.item() + 2.0 * hand, rel=1e-4)
