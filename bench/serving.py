@@ -1,5 +1,6 @@
-"""Serving benchmark: this server (unsteered, one profile, a profile per request) against `transformers
-serve` (continuous batching) and llama-cpp-python's server, on loopback, in one run.
+"""Serving benchmark: this server (unsteered, one profile, a profile per request; packed weights and
+float weights) against `transformers serve` (continuous batching) and llama-cpp-python's server, on
+loopback, in one run.
 
 Knows how to start each server as a subprocess, stream OpenAI chat completions from it, and measure
 tokens/s, time to first token and errors at several concurrency levels. Knows nothing about the
@@ -244,8 +245,8 @@ def threads(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
 
 
-def start_this(args: argparse.Namespace, work: Path) -> Server:
-    profiles = work / "profiles"
+def start_this(args: argparse.Namespace, work: Path, quantize: str, name: str = "this") -> Server:
+    profiles = work / f"profiles-{name}"
     profiles.mkdir()
     write_profiles(profiles, hidden=576)
     port = free_port()
@@ -254,9 +255,10 @@ def start_this(args: argparse.Namespace, work: Path) -> Server:
         rahf, "serve", "--engine", args.engine, "--dtype", args.dtype, "--port", str(port),
         "--profile-dir", str(profiles), "--max-batch-size", str(max(args.concurrency)),
         "--max-queue", "256", "--max-tokens-limit", str(max(args.max_tokens, 256)), "--log-level", "warning",
+        "--quantize", quantize, "--packed-max-rows", str(args.packed_max_rows),
     ]  # fmt: skip
     server = Server(
-        "this", command, f"http://127.0.0.1:{port}/readyz", work, {"RAHF_LOG_JSON": "false", **threads(args)}
+        name, command, f"http://127.0.0.1:{port}/readyz", work, {"RAHF_LOG_JSON": "false", **threads(args)}
     )
     server.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     return server
@@ -346,6 +348,7 @@ def ratios(results: list[RunResult]) -> dict[str, float | None]:
         return round(a / b, 3) if a is not None and b else None
 
     this8, this1 = tps("this", 8), tps("this", 1)
+    float8, float1 = tps("this-float", 8), tps("this-float", 1)
     ttft8 = [r.ttft_p50 for r in results if r.target == "this" and r.concurrency == 8]
     errors32 = {r.target: r.errors for r in results if r.concurrency == 32}
     return {
@@ -355,6 +358,10 @@ def ratios(results: list[RunResult]) -> dict[str, float | None]:
         "this/transformers_serve@1": ratio(this1, tps("transformers-serve", 1)),
         "this/llama_cpp@8": ratio(this8, tps("llama.cpp", 8)),
         "this/llama_cpp@1": ratio(this1, tps("llama.cpp", 1)),
+        "this/this_float@8": ratio(this8, float8),
+        "this/this_float@1": ratio(this1, float1),
+        "this_float/transformers_serve@8": ratio(float8, tps("transformers-serve", 8)),
+        "this_float/transformers_serve@1": ratio(float1, tps("transformers-serve", 1)),
         "this_ttft_p50@8_s": ttft8[0] if ttft8 else None,
         **{f"errors@32[{name}]": count for name, count in errors32.items()},
     }
@@ -396,7 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         "--steered-concurrency", type=int, nargs="+", help="levels for the steered runs (default: --concurrency)"
     )
     parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for this server and transformers serve")
-    parser.add_argument("--only", nargs="+", default=["this", "transformers", "llamacpp"])
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int4", "int8"],
+                        help="this server's weights (the default: int4 on the embedded model)")
+    parser.add_argument("--packed-max-rows", type=int, default=16)
+    parser.add_argument(
+        "--only", nargs="+", default=["this", "this-float", "transformers", "llamacpp"],
+        help="this: this server (--quantize, with the steered runs); this-float: this server, float weights",
+    )
     parser.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON))
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--request-timeout", type=float, default=1800)
@@ -413,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     memory: dict = {}
     if "this" in args.only:
-        server = start_this(args, work)
+        server = start_this(args, work, args.quantize)
         url = server.url  # type: ignore[attr-defined]
         targets = [
             Target("this", url, ""),
@@ -421,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             Target("this-steered-different", url, "", "different"),
         ]
         results += run_server(server, targets, args, memory)
+    if "this-float" in args.only:
+        server = start_this(args, work, "none", "this-float")
+        results += run_server(server, [Target("this-float", server.url, "")], args, memory)  # type: ignore[attr-defined]
     if "transformers" in args.only:
         server = start_transformers(args, work, model_dir)
         results += run_server(server, [Target("transformers-serve", server.url, str(model_dir))], args, memory)  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from . import errors
 from .auth import KeyRing
 from .config import Settings
 from .engine.base import Engine
+from .engine.packed import pack_model
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .registry import ProfileRegistry
@@ -84,6 +85,11 @@ def create_app(
             loaded = await run_in_threadpool(
                 load_model, settings.model, dtype=settings.dtype, device=settings.device
             )
+        packing = await run_in_threadpool(
+            pack_model, loaded.model, settings.quantize, settings.packed_max_rows
+        )
+        log.info("weights: %s", packing.summary())
+        app.state.packing = packing
         registry = ProfileRegistry(settings.profile_dir, loaded.fingerprint, check_digest=settings.check_digest)
         await run_in_threadpool(registry.load_directory)
         engine = (engine_factory or make_engine)(loaded, settings)
@@ -117,6 +123,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.keys = KeyRing.from_lists(api_keys, admin_keys)
     app.state.serving = None
+    app.state.packing = None
     app.state.draining = False
     errors.install(app)
     for module in (chat, completions, models, profiles, health):

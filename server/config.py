@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     engine: Literal["simple", "continuous"] = "continuous"
+    quantize: Literal["auto", "none", "int4", "int8"] = Field(
+        "auto", description="weight-only packed linears for CPU decoding (auto: int4 when lossless)"
+    )
+    packed_max_rows: int = Field(
+        16, ge=0, description="calls with more rows than this (prefill, big batches) use the float weights"
+    )
 
     # network
     host: str = "127.0.0.1"

@@ -32,6 +32,7 @@ async def readyz(request: Request) -> Response:
             "profiles": serving.registry.names(),
             "skipped_profiles": [s.path for s in serving.registry.skipped],
             "engine": serving.engine.stats(),
+            "quantize": getattr(state.packing, "mode", None),
         }
     )
 

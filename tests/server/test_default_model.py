@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import torch
@@ -31,12 +32,14 @@ def test_default_model_chat_stream_steering_and_scoring(default_live) -> None:
     client = openai.OpenAI(base_url=default_live.v1, api_key="x", max_retries=0)
     base = client.models.list().data[0].id
     assert base == "SmolLM2-135M-Instruct"
+    assert httpx.get(default_live.url + "/readyz").json()["quantize"] == "int4"  # Q4_1 weights: packed losslessly
 
     plain = client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=8)
     assert "Paris" in plain.choices[0].message.content
 
-    chunks = list(client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=8,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=8, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content
@@ -44,8 +47,13 @@ def test_default_model_chat_stream_steering_and_scoring(default_live) -> None:
 
     zero = client.chat.completions.create(model=f"{base}:loud@0", messages=QUESTION, temperature=0, max_tokens=8)
     assert zero.choices[0].message.content == plain.choices[0].message.content
-    steered = client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=8,
-                                             extra_body={"steering": {"profile": "loud", "strength": 1.0}})
+    steered = client.chat.completions.create(
+        model=base,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=8,
+        extra_body={"steering": {"profile": "loud", "strength": 1.0}},
+    )
     assert steered.choices[0].message.content != plain.choices[0].message.content
     assert steered.model_extra["steering"]["profiles"] == [{"profile": "loud", "strength": 1.0}]
 
@@ -54,6 +62,7 @@ def test_default_model_chat_stream_steering_and_scoring(default_live) -> None:
     lp = scored.choices[0].logprobs
     assert scored.choices[0].text == text and "".join(lp.tokens) == text
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
-    wrong = client.completions.create(model=base, prompt="The capital of France is Berlin.", max_tokens=0,
-                                      echo=True, logprobs=0)
+    wrong = client.completions.create(
+        model=base, prompt="The capital of France is Berlin.", max_tokens=0, echo=True, logprobs=0
+    )
     assert sum(lp.token_logprobs[1:]) > sum(wrong.choices[0].logprobs.token_logprobs[1:])

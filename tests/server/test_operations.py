@@ -78,6 +78,7 @@ def test_readyz_reports_model_profiles_and_engine(server) -> None:
     body = httpx.get(server.url + "/readyz").json()
     assert body["status"] == "ready" and body["profiles"] == ["alpha", "beta", "late"]
     assert (body["engine"]["running"], body["engine"]["waiting"]) == (0, 0)
+    assert body["quantize"] == "none"  # random float weights: `auto` packs nothing
     assert [Path(p).name for p in body["skipped_profiles"]] == ["broken.safetensors"]
 
 
