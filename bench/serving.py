@@ -267,7 +267,8 @@ def start_this(args: argparse.Namespace, work: Path, quantize: str, name: str = 
 def start_transformers(args: argparse.Namespace, work: Path, model_dir: Path) -> Server:
     port = free_port()
     command = [
-        shutil.which("transformers") or "transformers", "serve", str(model_dir), "--continuous-batching",
+        shutil.which("transformers") or str(Path(sys.executable).with_name("transformers")),
+        "serve", str(model_dir), "--continuous-batching",
         "--device", "cpu", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "warning",
     ]  # fmt: skip
