@@ -72,7 +72,11 @@ def create_app(
     model: LoadedModel | None = None,
     engine_factory: EngineFactory | None = None,
 ) -> FastAPI:
-    """Build the app. `model` skips loading (tests, embedding); `engine_factory` swaps the engine."""
+    """Build the app. `model` skips loading (tests, embedding); `engine_factory` swaps the engine.
+
+    At start the model's linears are packed in place as `settings.quantize` says (a model passed in
+    is changed too; `auto` leaves float models alone).
+    """
     settings = settings or Settings()
     metrics = Metrics()
     api_keys, admin_keys = settings.keys()
