@@ -612,20 +612,10 @@ def fit_offsets(
     seed_everything(config.seed)
     base = unwrap_model(model)
     hidden = records[0].pattern.shape[-1]
-    delta = torch.zeros(len(layers), hidden, requires_grad=True)
     lr = config.lr
     if lr is None:
         reference = torch.stack(list(mean_pattern_offsets(records, layers, config.alpha).values()))
         lr = 0.25 * float(reference.pow(2).mean().sqrt()) or 1e-3
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    losses: list[float] = []
-    start = 0
-    state = load_checkpoint(checkpoint) if checkpoint else None
-    if state is not None and state.get("steps") == config.steps:
-        with torch.no_grad():
-            delta.copy_(state["delta"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
     rng = random.Random(config.seed)
     order: list[int] = []
     draws = []
@@ -636,30 +626,57 @@ def fit_offsets(
         draws.append(order[: config.batch_size])
         order = order[config.batch_size :]
     pad = _pad_id(tokenizer)
-    progress = tqdm(
-        range(start, config.steps), desc="fit offsets", initial=start, total=config.steps, leave=False
-    )
+
+    def batch_loss(offsets: dict[int, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
+        batch = [records[i] for i in indices]
+        return alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16), {}
+
+    return adam_on_offsets(layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit offsets")
+
+
+def adam_on_offsets(
+    layers: Sequence[int],
+    hidden: int,
+    lr: float,
+    draws: Sequence[list[int]],
+    batch_loss: Callable[[dict[int, torch.Tensor], list[int]], tuple[torch.Tensor, dict[str, str]]],
+    checkpoint: Path | None,
+    checkpoint_every: int,
+    desc: str,
+    identity: dict[str, Any] | None = None,
+) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """Adam on one offset per layer (zeros at first), one step per entry of `draws`.
+
+    `batch_loss(offsets, draw)` returns the step's loss (differentiable in the offsets) and extra
+    progress-bar fields. State goes to `checkpoint` every `checkpoint_every` steps and at the end; a
+    checkpoint whose step count and `identity` match is resumed. Returns the offsets and every loss.
+    """
+    steps = len(draws)
+    delta = torch.zeros(len(layers), hidden, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    identity = {"steps": steps, **(identity or {})}
+    losses: list[float] = []
+    start = 0
+    state = load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None and all(state.get(key) == value for key, value in identity.items()):
+        with torch.no_grad():
+            delta.copy_(state["delta"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+        log.info("%s: resuming at step %d of %d from %s", desc, start, steps, checkpoint)
+    progress = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False)
     for step in progress:
-        batch = [records[i] for i in draws[step]]
         offsets = {layer: delta[i] for i, layer in enumerate(layers)}
-        loss = alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16)
+        loss, postfix = batch_loss(offsets, draws[step])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
-        progress.set_postfix(loss=f"{float(loss):.3f}")
+        losses.append(float(loss.detach()))
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", **postfix)
         done = step + 1
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(
-                checkpoint,
-                {
-                    "step": done,
-                    "steps": config.steps,
-                    "delta": delta.detach().clone(),
-                    "optimizer": optimizer.state_dict(),
-                    "losses": losses,
-                },
-            )
+        if checkpoint and (done % checkpoint_every == 0 or done == steps):
+            state = {"step": done, "delta": delta.detach().clone(), "optimizer": optimizer.state_dict()}
+            save_checkpoint(checkpoint, {**identity, **state, "losses": losses})
     return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
 
 
@@ -762,44 +779,18 @@ def fit_preference_offsets(
     seed_everything(config.seed)
     base = unwrap_model(model)
     base.eval()
-    delta = torch.zeros(len(layers), hidden_size_of(base), requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=config.lr)
-    losses: list[float] = []
-    start = 0
-    state = load_checkpoint(checkpoint) if checkpoint else None
-    if state is not None and state.get("steps") == config.steps and state.get("pairs") == len(pairs):
-        with torch.no_grad():
-            delta.copy_(state["delta"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
-        log.info("preference fit: resuming at step %d of %d from %s", start, config.steps, checkpoint)
     epochs = -(-config.steps * config.batch_pairs // len(pairs))  # enough epochs for every step
     draws = _batches(range(len(pairs)), config.batch_pairs, epochs, config.seed)[: config.steps]
-    progress = tqdm(
-        range(start, config.steps), desc="fit pref offsets", initial=start, total=config.steps, leave=False
+
+    def batch_loss(offsets: dict[int, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
+        loss, pref = preference_objective(base, tokenizer, [pairs[i] for i in indices], offsets, config)
+        return loss, {"pref": f"{float(pref.detach()):.3f}"}
+
+    hidden = hidden_size_of(base)
+    return adam_on_offsets(
+        layers, hidden, config.lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit pref offsets",
+        identity={"pairs": len(pairs)},
     )
-    for step in progress:
-        offsets = {layer: delta[i] for i, layer in enumerate(layers)}
-        loss, pref = preference_objective(base, tokenizer, [pairs[i] for i in draws[step]], offsets, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        progress.set_postfix(loss=f"{losses[-1]:.3f}", pref=f"{float(pref.detach()):.3f}")
-        done = step + 1
-        if checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(
-                checkpoint,
-                {
-                    "step": done,
-                    "steps": config.steps,
-                    "pairs": len(pairs),
-                    "delta": delta.detach().clone(),
-                    "optimizer": optimizer.state_dict(),
-                    "losses": losses,
-                },
-            )
-    return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
 
 
 # -- profiles ----------------------------------------------------------------------------------------
