@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 GROUP = 32
 QuantizeMode = Literal["auto", "none", "int4", "int8"]
+Int4Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # codes (N, K), scale (N, K/G), low (N, K/G)
 _CHECK_TOLERANCE = 1e-2  # kernel vs its own dequantised weight on a random probe, relative (bf16 rounding)
 
 
-def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_groups(weight: torch.Tensor) -> Int4Groups:
     """Asymmetric 4-bit codes per group of `GROUP` input features.
 
     weight: (N, K) with K % GROUP == 0 -> codes (N, K) int32 in 0..15, scale (N, K/G), low (N, K/G)
@@ -60,22 +61,39 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return codes.to(torch.int32).reshape(n, k), scale, low
 
 
-def int4_error(weight: torch.Tensor) -> float:
-    """Largest |weight - dequantised int4 weight| relative to max |weight| (0.0 for 4-bit group values)."""
-    codes, scale, low = int4_groups(weight)
-    n, k = weight.shape
-    rebuilt = codes.reshape(n, k // GROUP, GROUP).float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
+def _rebuild(codes: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, centre: int = 0) -> torch.Tensor:
+    """(codes - centre) * scale + shift per group: codes (N, K), scale and shift (N, K/G) -> (N, K) float."""
+    n, k = codes.shape
+    groups = (codes.reshape(n, k // GROUP, GROUP).float() - centre) * scale.unsqueeze(-1) + shift.unsqueeze(-1)
+    return groups.reshape(n, k)
+
+
+def int4_error(weight: torch.Tensor, groups: Int4Groups | None = None) -> float:
+    """Largest |weight - dequantised int4 weight| relative to max |weight| (0.0 for 4-bit group values).
+
+    `groups`: `int4_groups(weight)` when already computed.
+    """
+    codes, scale, low = groups if groups is not None else int4_groups(weight)
     peak = float(weight.detach().float().abs().max()) or 1.0
-    return float((rebuilt.reshape(n, k) - weight.detach().float()).abs().max()) / peak
+    return float((_rebuild(codes, scale, low) - weight.detach().float()).abs().max()) / peak
 
 
 class PackedLinear(nn.Module):
     """A linear layer with a weight-only int4 or int8 copy for calls of at most `max_rows` rows.
 
     Keeps the original float weight (shared, not copied) for larger calls. Bias stays in float.
+    `kernel_error` is how far the packed kernel's output is from the weight the packed copy stands
+    for, on a random probe (relative; bf16 rounding only when kernel and layout are right).
+    `groups` (int4 only): `int4_groups` of the weight when the caller has them already.
     """
 
-    def __init__(self, linear: nn.Linear, bits: int, max_rows: int) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        bits: int,
+        max_rows: int,
+        groups: Int4Groups | None = None,
+    ) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
@@ -88,7 +106,7 @@ class PackedLinear(nn.Module):
         if bits == 4:
             if self.in_features % GROUP:
                 raise ValueError(f"in_features {self.in_features} is not a multiple of {GROUP}")
-            codes, scale, low = int4_groups(w)
+            codes, scale, low = groups if groups is not None else int4_groups(w)
             packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
             # the kernel computes (code - 8) * scale + zero per group: zero = low + 8 * scale
             scales = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
@@ -96,19 +114,29 @@ class PackedLinear(nn.Module):
             scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
             packed = torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # (N, K)
             scales = scale
+            codes = None
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+        self.kernel_error = self._probe_error(self._dequantized(codes))
 
     def dequantized(self) -> torch.Tensor:
         """The float (N, K) weight the packed copy stands for (its scales rounded to bf16)."""
+        return self._dequantized(int4_groups(self.weight)[0] if self.bits == 4 else None)
+
+    def _dequantized(self, codes: torch.Tensor | None) -> torch.Tensor:
         scales = self.scales.float()
         if self.bits == 8:
             return self.packed.float() * scales.unsqueeze(1)
-        codes, _, _ = int4_groups(self.weight)
-        n, k = codes.shape
-        scale, zero = scales[..., 0].T, scales[..., 1].T  # (N, K/G)
-        rebuilt = (codes.reshape(n, k // GROUP, GROUP).float() - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        return rebuilt.reshape(n, k)
+        return _rebuild(codes, scales[..., 0].T, scales[..., 1].T, centre=8)  # scale, zero: (N, K/G)
+
+    def _probe_error(self, reference_weight: torch.Tensor) -> float:
+        probe = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        with torch.no_grad():
+            reference = F.linear(probe.float(), reference_weight, None)
+            got = self.packed_forward(probe).float()
+            if self.bias is not None:
+                got = got - self.bias.float()
+        return float((got - reference).abs().max()) / (float(reference.abs().max()) or 1.0)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The quantised path for any row count: (..., K) -> (..., N) in x's dtype."""
@@ -176,26 +204,25 @@ def _head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     return None
 
 
-def _checked(linear: nn.Linear, bits: int, max_rows: int) -> PackedLinear | None:
+def _checked(
+    linear: nn.Linear,
+    bits: int,
+    max_rows: int,
+    groups: Int4Groups | None = None,
+) -> PackedLinear | None:
     """A packed copy of `linear` whose kernel output matches its dequantised weight on a probe, else None.
 
     This checks the kernel and the packing layout, not the quantisation error (the mode decides that).
     """
     try:
-        packed = PackedLinear(linear, bits, max_rows)
-        probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
-        probe = probe.to(torch.bfloat16)
-        with torch.no_grad():
-            reference = F.linear(probe.float(), packed.dequantized(), None)
-            got = packed.packed_forward(probe).float()
-            if linear.bias is not None:
-                got = got - linear.bias.float()
-        error = float((got - reference).abs().max()) / (float(reference.abs().max()) or 1.0)
+        packed = PackedLinear(linear, bits, max_rows, groups)
     except (RuntimeError, ValueError) as exc:  # kernel missing or shape it does not take
         log.info("keeping %s in float: %s", tuple(linear.weight.shape), exc)
         return None
-    if not error <= _CHECK_TOLERANCE:
-        log.warning("keeping %s in float: packed output differs by %.3g", tuple(linear.weight.shape), error)
+    if not packed.kernel_error <= _CHECK_TOLERANCE:
+        log.warning(
+            "keeping %s in float: packed output differs by %.3g", tuple(linear.weight.shape), packed.kernel_error
+        )
         return None
     return packed
 
@@ -216,12 +243,10 @@ def pack_model(model: nn.Module, mode: QuantizeMode = "auto", max_rows: int = 16
         report.mode, report.packed, report.reason = f"int{min(already)}", dict(already), "already packed"
         return report
     body = _decoder_linears(model)
+    not_four_bit = "weights are not 4-bit group values"
     if mode == "auto":
-        exact = bool(body) and all(
-            linear.in_features % GROUP == 0 and int4_error(linear.weight) <= 1e-6 for _, _, linear in body
-        )
-        if not exact:
-            report.mode, report.reason = "none", "weights are not 4-bit group values"
+        if not body or any(linear.in_features % GROUP for _, _, linear in body):
+            report.mode, report.reason = "none", not_four_bit
             return report
         report.mode = "int4"
     body_bits = 4 if report.mode == "int4" else 8
@@ -229,13 +254,20 @@ def pack_model(model: nn.Module, mode: QuantizeMode = "auto", max_rows: int = 16
     head = _head(model)
     if head is not None:
         targets.append((*head, 8))
-    counts: Counter[int] = Counter()
+    # pack everything first, replace afterwards: `auto` stops at the first weight that is not 4-bit
+    replacements: list[tuple[nn.Module, str, PackedLinear | None]] = []
     for parent, name, linear, bits in targets:
-        packed = _checked(linear, bits, max_rows)
+        groups = int4_groups(linear.weight) if bits == 4 else None
+        if mode == "auto" and groups is not None and int4_error(linear.weight, groups) > 1e-6:
+            report.mode, report.reason = "none", not_four_bit
+            return report
+        replacements.append((parent, name, _checked(linear, bits, max_rows, groups)))
+    counts: Counter[int] = Counter()
+    for parent, name, packed in replacements:
         if packed is None:
             report.kept.append(f"{type(parent).__name__}.{name}")
             continue
         setattr(parent, name, packed)
-        counts[bits] += 1
+        counts[packed.bits] += 1
     report.packed = dict(counts)
     return report
