@@ -297,6 +297,12 @@ class Batch:
         return [int(i) for i in self.response_mask.float().argmax(dim=1)]
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
 def collate(examples: Iterable[Encoded], pad_id: int) -> Batch:
     """Right-pad encoded examples into one batch."""
     examples = list(examples)

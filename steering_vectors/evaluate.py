@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode
+from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode, pad_id
 from .hooks import Steerer, build_plan, combine_offsets, positions_from_attention_mask
 from .profile import Profile
 
@@ -113,7 +113,7 @@ def pair_logprobs(
 
     Steered by `offsets` in `position_mode`; differentiable with respect to the offsets (no `no_grad`).
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batch = collate(pair_examples(tokenizer, pairs, budget), pad)
     with _autocast(bf16), steered_offsets(model, offsets, position_mode, batch):
         scores = sequence_logprobs(model, batch)
@@ -142,7 +142,7 @@ def score_pairs(
     desc: str = "score",
 ) -> PreferenceScore:
     """Preference accuracy (chosen beats rejected by mean token log-likelihood) and mean margin."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     examples = pair_examples(tokenizer, pairs, budget)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     scores = torch.zeros(len(examples))

@@ -255,12 +255,7 @@ def run_train(args: argparse.Namespace) -> int:
             )
             timings["fit_pref_s"] = time.perf_counter() - t_pref
             pref_settings = {
-                "beta": args.pref_beta,
-                "l2": args.pref_l2,
-                "kl": args.pref_kl,
-                "steps": args.pref_steps,
-                "batch_pairs": args.pref_batch,
-                "lr": args.pref_lr,
+                key: getattr(pref_config, key) for key in ("beta", "l2", "kl", "steps", "batch_pairs", "lr")
             }
         elif fit == "mean":
             fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode
+from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode, pad_id
 from .hooks import Steerer, SteeringPlan
 from .layers import find_decoder_layers, unwrap_model
 from .profile import ModelFingerprint, Profile, atomic_write
@@ -230,11 +230,6 @@ def _batches(items: Sequence[Any], size: int, epochs: int, seed: int) -> list[li
     return batches
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
 def response_token_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
     """(B, T-1) log-probability of each next token, computed only where it is a response token (else 0).
 
@@ -270,7 +265,7 @@ def scit_batch_loss(
             examples_mismatch.append(
                 encode(tokenizer, pair.prompt, reply, system=other, budget=config.budget)
             )
-    batch = collate(examples_match + examples_mismatch, _pad_id(tokenizer))
+    batch = collate(examples_match + examples_mismatch, pad_id(tokenizer))
     ce = _forward_ce(model, batch)
     n = len(examples_match)
     return scit_loss(ce[:n], ce[n:], config.epsilon)
@@ -305,7 +300,7 @@ def sft_batch_loss(
 ) -> torch.Tensor:
     batch = collate(
         [encode(tokenizer, pair.prompt, reply, budget=config.budget) for pair, reply in examples],
-        _pad_id(tokenizer),
+        pad_id(tokenizer),
     )
     return _forward_ce(model, batch).mean()
 
@@ -469,7 +464,7 @@ def collect_patterns(
     which = {"chosen": (1,), "rejected": (0,), "both": (1, 0)}[replies]
     items = [(i, pair, label) for i, pair in enumerate(pairs) for label in which]
     store = PatternStore(layers, spill_dir, memory_limit)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     if method == "scit":
         good_adapter: str | None = "scit" if hasattr(model, "peft_config") else None
         bad_adapter = good_adapter
@@ -625,7 +620,7 @@ def fit_offsets(
             rng.shuffle(order)
         draws.append(order[: config.batch_size])
         order = order[config.batch_size :]
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
 
     def batch_loss(offsets: dict[int, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
         batch = [records[i] for i in indices]
@@ -750,7 +745,7 @@ def prompt_kl(
     from .evaluate import steered_offsets
 
     examples = [Encoded(tuple(encode_prompt(tokenizer, p.prompt, budget=budget.prompt)), 0) for p in pairs]
-    batch = collate(examples, _pad_id(tokenizer))
+    batch = collate(examples, pad_id(tokenizer))
     keep = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
     with torch.no_grad(), autocast(bf16):
         plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
