@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
     train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
     train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
-    train.add_argument("--fit", type=_fits, default=_fits("all"), help="rahf,mean,caa,pca,pref or 'all'")
+    train.add_argument(
+        "--fit", type=_fits, default=_fits("all"), help="any of rahf,mean,caa,pca,pref; 'all' = rahf,mean,caa,pca"
+    )
     train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
     train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
     train.add_argument("--max-pairs", type=int, default=24, help="training pairs (seeded sample)")
