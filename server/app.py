@@ -44,7 +44,7 @@ def make_engine(loaded: LoadedModel, settings: Settings) -> Engine:
     }
     if settings.engine == "continuous":
         module = importlib.import_module("server.engine.continuous")
-        return module.ContinuousEngine(loaded.model, **common)
+        return module.ContinuousEngine(loaded.model, fast_decode=settings.fast_decode, **common)
     from .engine.simple import SimpleEngine
 
     pad = getattr(loaded.tokenizer, "pad_token_id", None)

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.add_argument(flag, dest=dest, default=None, **kwargs)
     parser.add_argument("--no-digest-check", dest="check_digest", action="store_false", default=None,
                         help="accept profiles made for other weights of the same architecture")
+    parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false", default=None,
+                        help="decode through the transformers forward instead of the lean Llama step")
     parser.add_argument("--plain-logs", dest="log_json", action="store_false", default=None,
                         help="human-readable logs instead of JSON lines")
     parser.set_defaults(handler=_serve)
@@ -60,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
 
-    dests = [dest for _, dest, _ in _FLAGS] + ["check_digest", "log_json"]
+    dests = [dest for _, dest, _ in _FLAGS] + ["check_digest", "fast_decode", "log_json"]
     overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)
 

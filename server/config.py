@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     packed_max_rows: int = Field(
         16, ge=0, description="calls with more rows than this (prefill, big batches) use the float weights"
     )
+    fast_decode: bool = Field(
+        True, description="lean decode step for Llama-family models (checked against transformers at start)"
+    )
 
     # network
     host: str = "127.0.0.1"

@@ -47,10 +47,12 @@ from .base import (
     GenerationRequest,
     TokenLogprob,
 )
+from .fastdecode import LlamaDecodeStep
 from .sampling import make_generator, select_tokens, token_logprob
 
 log = logging.getLogger(__name__)
 
+_FAST_DECODE_TOLERANCE = 1e-3  # relative, lean decode step vs transformers forward at start-up
 _LAZY_BYTES = 64 * 1024 * 1024  # above this, glibc maps fresh zero pages: allocate without touching them
 
 
@@ -177,6 +179,7 @@ class ContinuousEngine(Engine):
         prefill_chunk: int = 256,
         retry_after: float = 1.0,
         num_threads: int | None = None,
+        fast_decode: bool = True,
     ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1 or max_queue < 0:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
@@ -205,6 +208,13 @@ class ContinuousEngine(Engine):
             dtype=self.dtype,
             device=self.device,
         )
+
+        # the lean decode step (fastdecode.py) where the model has the Llama structure and agrees with
+        # the transformers forward on a probe step; None: every step goes through the transformers forward
+        self.fast_decode: LlamaDecodeStep | None = None
+        self.fast_decode_error: float | None = None
+        if fast_decode:
+            self._adopt_fast_decode(LlamaDecodeStep.build(model))
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -266,6 +276,47 @@ class ContinuousEngine(Engine):
     @property
     def max_context(self) -> int:
         return self._max_context
+
+    def _adopt_fast_decode(self, step: LlamaDecodeStep | None) -> None:
+        """Use `step` for decoding if it reproduces the transformers forward on a two-row probe step
+        (rows at different lengths, one steered at its first layer)."""
+        if step is None:
+            return
+        config = self.config
+        cache = SlotCache(
+            num_layers=config.num_hidden_layers,
+            slots=2,
+            kv_heads=step.kv_heads,
+            head_dim=step.head_dim,
+            max_len=4,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        generator = torch.Generator().manual_seed(0)
+        vocab = int(config.vocab_size)
+        offsets = {0: torch.randn(self.steerer.hidden_size, generator=generator)}
+        plan = build_plan([offsets, None], dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            ids = torch.randint(vocab, (2, 1), generator=generator).to(self.device)  # first token of each row
+            cache.for_decode(2, torch.zeros(2, dtype=torch.long, device=self.device), 1)
+            self._forward(ids, torch.zeros(2, 1, dtype=torch.long, device=self.device),
+                          self._mask(torch.ones(2, 1, dtype=torch.bool, device=self.device)).view(2, 1, 1, 1), cache)
+            ids = torch.randint(vocab, (2, 1), generator=generator).to(self.device)
+            positions = torch.tensor([1, 0], device=self.device)  # row 1 rewrites its first position
+            allowed = torch.tensor([[True, True], [True, False]], device=self.device)
+            mask = self._mask(allowed).view(2, 1, 1, 2)
+            cache.for_decode(2, positions, 2)
+            with self.steerer.steering(plan):
+                reference = self._forward(ids, positions.unsqueeze(1), mask, cache)[:, -1].float()
+            cache.for_decode(2, positions, 2)
+            got = step(ids.view(2), positions, mask, cache, plan).float()
+        error = float((got - reference).abs().max()) / (float(reference.abs().max()) or 1.0)
+        self.fast_decode_error = error
+        if error <= _FAST_DECODE_TOLERANCE:
+            self.fast_decode = step
+            log.info("lean decode step in use (%d fused projections, error %.2g)", step.fused, error)
+        else:
+            log.warning("lean decode step not used: it differs from the transformers forward by %.3g", error)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -511,10 +562,16 @@ class ContinuousEngine(Engine):
         positions = torch.tensor([seq.filled for seq in rows], dtype=torch.long, device=self.device)  # (n,)
         kv_len = max(seq.filled for seq in rows) + 1
         self.cache.for_decode(n, positions, kv_len)
-        mask = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (n, kv)
-        with self.steerer.steering(self._decode_plan()):
-            hidden = self._forward(input_ids, positions.unsqueeze(1), self._mask(mask).view(n, 1, 1, kv_len))
-        logits = self.lm_head(hidden[:, -1])  # (n, V)
+        allowed = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (n, kv)
+        mask = self._mask(allowed).view(n, 1, 1, kv_len)
+        plan = self._decode_plan()
+        step = self.fast_decode
+        if step is not None and step.applies(n):
+            hidden = step(input_ids.view(n), positions, mask, self.cache, plan)  # (n, H)
+        else:
+            with self.steerer.steering(plan):
+                hidden = self._forward(input_ids, positions.unsqueeze(1), mask)[:, -1]
+        logits = self.lm_head(hidden)  # (n, V)
         choices = select_tokens(
             logits,
             [seq.request.sampling for seq in rows],
@@ -528,10 +585,16 @@ class ContinuousEngine(Engine):
             self._leave(seq)
         self._flush()
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache | None = None
+    ) -> torch.Tensor:
         """Decoder forward over the cache rows set up beforehand -> last hidden states (B, T, H)."""
         out = self.decoder(
-            input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=mask,
+            cache=cache if cache is not None else self.cache,
+            use_cache=True,
         )
         return out.last_hidden_state
 

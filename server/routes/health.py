@@ -33,6 +33,7 @@ async def readyz(request: Request) -> Response:
             "skipped_profiles": [s.path for s in serving.registry.skipped],
             "engine": serving.engine.stats(),
             "quantize": getattr(state.packing, "mode", None),
+            "fast_decode": getattr(serving.engine, "fast_decode", None) is not None,
         }
     )
 

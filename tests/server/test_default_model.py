@@ -32,7 +32,9 @@ def test_default_model_chat_stream_steering_and_scoring(default_live) -> None:
     client = openai.OpenAI(base_url=default_live.v1, api_key="x", max_retries=0)
     base = client.models.list().data[0].id
     assert base == "SmolLM2-135M-Instruct"
-    assert httpx.get(default_live.url + "/readyz").json()["quantize"] == "int4"  # Q4_1 weights: packed losslessly
+    ready = httpx.get(default_live.url + "/readyz").json()
+    assert ready["quantize"] == "int4"  # Q4_1 weights: packed losslessly
+    assert ready["fast_decode"] is True
 
     plain = client.chat.completions.create(model=base, messages=QUESTION, temperature=0, max_tokens=8)
     assert "Paris" in plain.choices[0].message.content

@@ -79,6 +79,7 @@ def test_readyz_reports_model_profiles_and_engine(server) -> None:
     assert body["status"] == "ready" and body["profiles"] == ["alpha", "beta", "late"]
     assert (body["engine"]["running"], body["engine"]["waiting"]) == (0, 0)
     assert body["quantize"] == "none"  # random float weights: `auto` packs nothing
+    assert body["fast_decode"] is True  # a Llama: the lean decode step passed its start-up check
     assert [Path(p).name for p in body["skipped_profiles"]] == ["broken.safetensors"]
 
 
@@ -117,11 +118,12 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path) -> None:
     assert settings.keys() == (["a", "b"], [])
     assert settings.cors_origins == ["https://x.example"]
     args = build_parser().parse_args(["serve", "--port", "9000", "--max-queue", "5", "--dtype", "bfloat16",
-                                      "--strength-max", "3", "--no-digest-check"])
+                                      "--strength-max", "3", "--no-digest-check", "--no-fast-decode"])
     from_flags = settings_from_args(args)
     assert (from_flags.port, from_flags.max_queue, from_flags.dtype, from_flags.strength_max) == (
         9000, 5, "bfloat16", 3.0)
     assert from_flags.check_digest is False and from_flags.max_batch_size == 3  # env still applies
+    assert from_flags.fast_decode is False and settings.fast_decode is True
     with pytest.raises(ValidationError):
         Settings(strength_min=2, strength_max=1)
     monkeypatch.setenv("RAHF_ENGINE", "turbo")

@@ -1,0 +1,102 @@
+"""The engine's decode step on the default model: the lean Llama step (server/engine/fastdecode.py)
+against the transformers forward, side by side in one run, at several batch sizes, unsteered and with
+a different random offset per row at five layers. Both steps run on the same engine, cache and weights
+(packed as the server packs them), rounds interleaved; prints the median ms per step and the ratio.
+
+    python bench/decode_step.py                          # rows 1, 8, 16; packed weights (auto)
+    python bench/decode_step.py --rows 1 4 --quantize none --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engine.continuous import ContinuousEngine  # noqa: E402
+from server.engine.packed import pack_model  # noqa: E402
+from steering_vectors.hooks import SteeringPlan, build_plan  # noqa: E402
+from steering_vectors.models import load_model  # noqa: E402
+
+
+def compare(
+    engine: ContinuousEngine, ids: torch.Tensor, context: int, plan: SteeringPlan | None, rounds: int, steps: int
+) -> tuple[float, float, float]:
+    """Median ms per step of the transformers forward and of the lean step, and their largest difference."""
+    rows = ids.shape[0]
+    positions = torch.full((rows,), context, dtype=torch.long)
+    mask = engine._mask(torch.ones(rows, context + 1, dtype=torch.bool)).view(rows, 1, 1, -1)
+    lean = engine.fast_decode
+    assert lean is not None
+
+    def regular() -> torch.Tensor:
+        engine.cache.for_decode(rows, positions, context + 1)
+        with engine.steerer.steering(plan):
+            return engine._forward(ids.view(rows, 1), positions.view(rows, 1), mask)[:, -1]
+
+    def fast() -> torch.Tensor:
+        engine.cache.for_decode(rows, positions, context + 1)
+        return lean(ids, positions, mask, engine.cache, plan)
+
+    times: dict[str, list[float]] = {"transformers": [], "lean": []}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, step in (("transformers", regular), ("lean", fast)):
+                step()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[name].append((time.perf_counter() - start) / steps * 1000)
+        difference = float((fast() - regular()).abs().max())
+    return statistics.median(times["transformers"]), statistics.median(times["lean"]), difference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int4", "int8"])
+    parser.add_argument("--context", type=int, default=128, help="cached positions each row attends to")
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_model(None, dtype="float32").model
+    print(f"weights: {pack_model(model, args.quantize).summary()}")
+    engine = ContinuousEngine(model, max_batch_size=max(args.rows), max_seq_len=args.context + 64)
+    lean = engine.fast_decode
+    if lean is None:
+        print("the lean step is not available for this model")
+        return 1
+    print(f"lean step: {lean.fused} fused projections, start-up check error {engine.fast_decode_error:.2g}")
+    generator = torch.Generator().manual_seed(0)
+    hidden = engine.steerer.hidden_size
+
+    results: dict[str, float] = {}
+    for rows in args.rows:
+        ids = torch.randint(int(model.config.vocab_size), (rows,), generator=generator)
+        layers = (6, 9, 12, 15, 18)
+        steered = [{layer: torch.randn(hidden, generator=generator) for layer in layers} for _ in range(rows)]
+        for label, plan in (("unsteered", None), ("steered", build_plan(steered))):
+            slow, quick, difference = compare(engine, ids, args.context, plan, args.rounds, args.steps)
+            results[f"transformers/lean@{rows}:{label}"] = slow / quick
+            print(
+                f"rows {rows:>3} {label:>9}: transformers {slow:7.2f} ms  lean {quick:7.2f} ms  "
+                f"ratio {slow / quick:5.2f}  max |difference| {difference:.2e}"
+            )
+    print("ratios (step time, transformers forward / lean step):")
+    for key, value in results.items():
+        print(f"  {key}: {value:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

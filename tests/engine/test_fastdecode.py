@@ -1,0 +1,167 @@
+"""The lean decode step against the transformers forward it stands in for: bit-identical hidden states
+for Llama, Qwen2 (q/k/v biases) and Mistral models, float and packed (fused int4 projections), steered
+and unsteered, rows at different lengths; which models it refuses; the engine's start-up check."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.engine.base import GenerationRequest, RowSteering, SamplingParams
+from server.engine.continuous import ContinuousEngine
+from server.engine.fastdecode import LlamaDecodeStep
+from server.engine.packed import pack_model
+from steering_vectors.hooks import build_plan
+from tests.conftest import TINY_HIDDEN, make_tiny_llama
+from tests.engine.test_packed import snap_to_four_bits
+
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=TINY_HIDDEN,
+    intermediate_size=2 * TINY_HIDDEN,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(3)
+    if kind == "llama":
+        return make_tiny_llama(seed=3)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**SMALL, use_sliding_window=False)
+        model = transformers.Qwen2ForCausalLM(config)
+        for layer in model.model.layers:  # random, non-zero q/k/v biases
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.data.normal_()
+        return model.eval()
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=None)).eval()
+    raise ValueError(kind)
+
+
+def history(engine: ContinuousEngine, lengths: list[int], seed: int = 0) -> None:
+    """Fill rows 0..k-1 of the engine's cache with `lengths[i]` random decoded positions each."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = int(engine.config.vocab_size)
+    with torch.inference_mode():
+        for step in range(max(lengths)):
+            rows = [i for i, length in enumerate(lengths) if length > step]
+            n = len(rows)
+            assert rows == list(range(n))  # longer rows first
+            positions = torch.full((n,), step, dtype=torch.long)
+            ids = torch.randint(vocab, (n, 1), generator=generator)
+            allowed = torch.ones(n, step + 1, dtype=torch.bool)
+            engine.cache.for_decode(n, positions, step + 1)
+            engine._forward(ids, positions.unsqueeze(1), engine._mask(allowed).view(n, 1, 1, step + 1))
+
+
+def both_paths(engine: ContinuousEngine, lengths: list[int], plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next decode step of rows with `lengths` cached positions: transformers forward, lean step."""
+    n = len(lengths)
+    positions = torch.tensor(lengths)
+    kv_len = max(lengths) + 1
+    allowed = torch.arange(kv_len).unsqueeze(0) <= positions.unsqueeze(1)
+    mask = engine._mask(allowed).view(n, 1, 1, kv_len)
+    ids = torch.randint(int(engine.config.vocab_size), (n,), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        engine.cache.for_decode(n, positions, kv_len)
+        with engine.steerer.steering(plan):
+            reference = engine._forward(ids.view(n, 1), positions.view(n, 1), mask)[:, -1]
+        keys = engine.cache.keys[0][:n, :, :kv_len].clone()
+        engine.cache.for_decode(n, positions, kv_len)
+        lean = engine.fast_decode(ids, positions, mask, engine.cache, plan)
+        assert torch.equal(engine.cache.keys[0][:n, :, :kv_len], keys)  # the lean step wrote the same K
+    return reference, lean
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lean_step_is_bit_identical_to_the_transformers_forward(kind, packed):
+    model = tiny(kind)
+    if packed:
+        snap_to_four_bits(model)
+        assert pack_model(model, "auto", max_rows=8).mode == "int4"
+    engine = ContinuousEngine(model, max_batch_size=4, max_seq_len=32)
+    step = engine.fast_decode
+    assert step is not None and engine.fast_decode_error == 0.0
+    layers = model.config.num_hidden_layers
+    assert step.fused == (2 * layers if packed else 0)  # q/k/v and gate/up fused only when packed
+    assert step.max_rows == (8 if packed else None)
+    lengths = [7, 4, 4, 1]
+    history(engine, lengths)
+    generator = torch.Generator().manual_seed(1)
+    row_offsets = [
+        {0: torch.randn(TINY_HIDDEN, generator=generator) * 3, layers - 1: torch.randn(TINY_HIDDEN) * 3},
+        None,
+        {1: torch.randn(TINY_HIDDEN, generator=generator) * 3},
+        {0: torch.randn(TINY_HIDDEN, generator=generator) * 3},
+    ]
+    unsteered, lean_unsteered = both_paths(engine, lengths, None)
+    assert torch.equal(lean_unsteered, unsteered)
+    steered, lean_steered = both_paths(engine, lengths, build_plan(row_offsets))
+    assert torch.equal(lean_steered, steered)
+    assert torch.equal(steered[1], unsteered[1])  # the unsteered row is untouched
+    assert not torch.equal(steered[0], unsteered[0])
+
+
+def test_models_the_lean_step_does_not_take():
+    import transformers
+
+    assert LlamaDecodeStep.build(make_tiny_llama()) is not None
+    sliding = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=16))
+    assert LlamaDecodeStep.build(sliding) is None
+    gelu = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, hidden_act="gelu"))
+    assert LlamaDecodeStep.build(gelu) is None
+    qk_norms = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SMALL, head_dim=16))
+    assert LlamaDecodeStep.build(qk_norms) is None
+    assert ContinuousEngine(qk_norms).fast_decode is None  # served through the transformers forward
+
+
+def test_engine_refuses_a_lean_step_that_disagrees(monkeypatch, tiny_model):
+    original = LlamaDecodeStep.__call__
+
+    def off_by_a_bit(self, *args, **kwargs):
+        return original(self, *args, **kwargs) * 1.01
+
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", off_by_a_bit)
+    engine = ContinuousEngine(tiny_model)
+    assert engine.fast_decode is None and engine.fast_decode_error > 1e-3
+    assert ContinuousEngine(tiny_model, fast_decode=False).fast_decode_error is None
+
+
+def test_engine_tokens_are_the_same_with_and_without_the_lean_step(tiny_model):
+    """Four concurrent requests, steered differently, joining at different times: same greedy tokens."""
+    generator = torch.Generator().manual_seed(5)
+    offsets = [{1: torch.randn(TINY_HIDDEN, generator=generator) * 4} for _ in range(2)]
+
+    def run(fast: bool) -> list[list[int]]:
+        engine = ContinuousEngine(tiny_model, max_batch_size=4, prefill_chunk=8, fast_decode=fast)
+        assert (engine.fast_decode is not None) == fast
+        engine.start()
+
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.01 * i)
+            steer = RowSteering(offsets=offsets[i % 2]) if i < 3 else None
+            params = SamplingParams(12 + 3 * i, temperature=0.0)
+            request = GenerationRequest(f"r{i}", [1, 10 + i, 20 * i + 3, 7], params, steer)
+            return [t for event in [e async for e in engine.generate(request)] for t in event.token_ids]
+
+        async def everyone() -> list[list[int]]:
+            return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+        try:
+            return asyncio.run(everyone())
+        finally:
+            engine.shutdown(timeout=5)
+
+    lean, regular = run(True), run(False)
+    assert lean == regular
+    assert [len(tokens) for tokens in lean] == [12, 15, 18, 21]
