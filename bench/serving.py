@@ -1,6 +1,6 @@
-"""Serving benchmark: this server (unsteered, one profile, a profile per request; packed weights and
-float weights) against `transformers serve` (continuous batching) and llama-cpp-python's server, on
-loopback, in one run.
+"""Serving benchmark: this server (unsteered, one profile, a profile per request; packed weights,
+float weights, and without the lean decode step) against `transformers serve` (continuous batching)
+and llama-cpp-python's server, on loopback, in one run.
 
 Knows how to start each server as a subprocess, stream OpenAI chat completions from it, and measure
 tokens/s, time to first token and errors at several concurrency levels. Knows nothing about the
@@ -199,7 +199,11 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
             try:
-                if httpx.get(self.ready_url, timeout=2).status_code == 200:
+                response = httpx.get(self.ready_url, timeout=2)
+                if response.status_code == 200:
+                    body = response.json()
+                    if isinstance(body, dict) and "quantize" in body:  # this server: say how it decodes
+                        print(f"{self.name}: quantize={body['quantize']} fast_decode={body.get('fast_decode')}")
                     return
             except httpx.HTTPError:
                 pass
@@ -245,7 +249,9 @@ def threads(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
 
 
-def start_this(args: argparse.Namespace, work: Path, quantize: str, name: str = "this") -> Server:
+def start_this(
+    args: argparse.Namespace, work: Path, quantize: str, name: str = "this", extra: tuple[str, ...] = ()
+) -> Server:
     profiles = work / f"profiles-{name}"
     profiles.mkdir()
     write_profiles(profiles, hidden=576)
@@ -255,7 +261,7 @@ def start_this(args: argparse.Namespace, work: Path, quantize: str, name: str = 
         rahf, "serve", "--engine", args.engine, "--dtype", args.dtype, "--port", str(port),
         "--profile-dir", str(profiles), "--max-batch-size", str(max(args.concurrency)),
         "--max-queue", "256", "--max-tokens-limit", str(max(args.max_tokens, 256)), "--log-level", "warning",
-        "--quantize", quantize, "--packed-max-rows", str(args.packed_max_rows),
+        "--quantize", quantize, "--packed-max-rows", str(args.packed_max_rows), *extra,
     ]  # fmt: skip
     server = Server(
         name, command, f"http://127.0.0.1:{port}/readyz", work, {"RAHF_LOG_JSON": "false", **threads(args)}
@@ -303,7 +309,7 @@ def measure(targets: list[Target], args: argparse.Namespace) -> list[RunResult]:
     """Each concurrency level in turn, the targets of one server interleaved (side by side)."""
     results = []
     for concurrency in args.concurrency:
-        requests = max(concurrency, args.min_requests)
+        requests = max(concurrency * args.waves, args.min_requests)
         for target in targets:
             if target.steering != "none" and concurrency not in (args.steered_concurrency or args.concurrency):
                 continue
@@ -361,6 +367,8 @@ def ratios(results: list[RunResult]) -> dict[str, float | None]:
         "this/llama_cpp@1": ratio(this1, tps("llama.cpp", 1)),
         "this/this_float@8": ratio(this8, float8),
         "this/this_float@1": ratio(this1, float1),
+        "this/this_no_lean@8": ratio(this8, tps("this-no-lean", 8)),
+        "this/this_no_lean@1": ratio(this1, tps("this-no-lean", 1)),
         "this_float/transformers_serve@8": ratio(float8, tps("transformers-serve", 8)),
         "this_float/transformers_serve@1": ratio(float1, tps("transformers-serve", 1)),
         "this_ttft_p50@8_s": ttft8[0] if ttft8 else None,
@@ -397,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--min-requests", type=int, default=4, help="requests per level at least (c=1: sequential)")
+    parser.add_argument(
+        "--waves", type=int, default=2, help="requests per level = concurrency x waves (steadier when replies differ)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--engine", default="continuous", choices=["continuous", "simple"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
@@ -408,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="this server's weights (the default: int4 on the embedded model)")
     parser.add_argument("--packed-max-rows", type=int, default=16)
     parser.add_argument(
-        "--only", nargs="+", default=["this", "this-float", "transformers", "llamacpp"],
-        help="this: this server (--quantize, with the steered runs); this-float: this server, float weights",
+        "--only", nargs="+", default=["this", "this-float", "this-no-lean", "transformers", "llamacpp"],
+        help="this: this server (--quantize, with the steered runs); this-float: this server, float weights; "
+        "this-no-lean: this server decoding through the transformers forward (--no-fast-decode)",
     )
     parser.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON))
     parser.add_argument("--start-timeout", type=float, default=600)
@@ -438,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     if "this-float" in args.only:
         server = start_this(args, work, "none", "this-float")
         results += run_server(server, [Target("this-float", server.url, "")], args, memory)  # type: ignore[attr-defined]
+    if "this-no-lean" in args.only:
+        server = start_this(args, work, args.quantize, "this-no-lean", ("--no-fast-decode",))
+        results += run_server(server, [Target("this-no-lean", server.url, "")], args, memory)  # type: ignore[attr-defined]
     if "transformers" in args.only:
         server = start_transformers(args, work, model_dir)
         results += run_server(server, [Target("transformers-serve", server.url, str(model_dir))], args, memory)  # type: ignore[attr-defined]
