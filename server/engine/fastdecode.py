@@ -195,6 +195,8 @@ def _unsupported(model: nn.Module) -> str:
         return f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return "sliding-window attention"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "layers with attention other than full attention"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
     try:

@@ -113,6 +113,7 @@ def test_lean_step_is_bit_identical_to_the_transformers_forward(kind, packed):
 
 
 def test_models_the_lean_step_does_not_take():
+    """Sliding windows, other activations, q/k norms: no lean step, the engine uses transformers."""
     import transformers
 
     assert LlamaDecodeStep.build(make_tiny_llama()) is not None
@@ -135,6 +136,26 @@ def test_engine_refuses_a_lean_step_that_disagrees(monkeypatch, tiny_model):
     engine = ContinuousEngine(tiny_model)
     assert engine.fast_decode is None and engine.fast_decode_error > 1e-3
     assert ContinuousEngine(tiny_model, fast_decode=False).fast_decode_error is None
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", broken)
+    engine = ContinuousEngine(tiny_model)  # still starts, on the transformers forward
+    assert engine.fast_decode is None and engine.fast_decode_error is None
+    engine.start()
+    try:
+        request = GenerationRequest("r", [1, 5, 9], SamplingParams(4, temperature=0.0))
+        events = asyncio.run(_collect(engine, request))
+        assert [t for e in events for t in e.token_ids] == tiny_model.generate(
+            torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, 3:].tolist()
+    finally:
+        engine.shutdown(timeout=5)
+
+
+async def _collect(engine: ContinuousEngine, request: GenerationRequest) -> list:
+    return [event async for event in engine.generate(request)]
 
 
 def test_engine_tokens_are_the_same_with_and_without_the_lean_step(tiny_model):
