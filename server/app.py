@@ -51,6 +51,28 @@ def make_engine(loaded: LoadedModel, settings: Settings) -> Engine:
     return SimpleEngine(loaded.model, pad_token_id=int(pad) if pad is not None else 0, **common)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing happens).
+
+    Loading, dequantising and packing the weights free a few hundred MB that glibc otherwise keeps
+    mapped: the resident size after start varied between ~1.03 and ~1.40 GB for the default model,
+    and is ~1.06 GB every time after this.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
     """End-of-sequence ids from the tokenizer and the model's generation config."""
     ids: set[int] = set()
@@ -97,6 +119,7 @@ def create_app(
         registry = ProfileRegistry(settings.profile_dir, loaded.fingerprint, check_digest=settings.check_digest)
         await run_in_threadpool(registry.load_directory)
         engine = (engine_factory or make_engine)(loaded, settings)
+        _return_freed_memory()
         engine.start()
         app.state.serving = Serving(
             engine=engine,
