@@ -9,6 +9,7 @@ ratios between configurations are the point (absolute numbers on a shared machin
 
     python bench/serving.py                       # everything, fp32, concurrency 1, 8 and 32
     python bench/serving.py --only this --concurrency 8 --max-tokens 32
+    python bench/serving.py --one-at-a-time        # each server alone (needs less memory, drifts more)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -306,7 +308,7 @@ def start_llamacpp(args: argparse.Namespace, work: Path, gguf: Path) -> Server |
 
 
 def measure(targets: list[Target], args: argparse.Namespace) -> list[RunResult]:
-    """Each concurrency level in turn, the targets of one server interleaved (side by side)."""
+    """Each concurrency level in turn, the targets at that level one after another (side by side)."""
     results = []
     for concurrency in args.concurrency:
         requests = max(concurrency * args.waves, args.min_requests)
@@ -328,22 +330,56 @@ def fmt(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.2f}s"
 
 
-def run_server(server: Server, targets: list[Target], args: argparse.Namespace, memory: dict) -> list[RunResult]:
+def prepare(server: Server, targets: list[Target], args: argparse.Namespace, memory: dict) -> bool:
+    """Wait until `server` is ready, name its targets' model, warm it up, note its RSS; False if it failed."""
     try:
         server.wait_ready(args.start_timeout)
         for target in targets:
             target.model = target.model or served_name(target.url) or "default"
         asyncio.run(run_level(targets[0], 1, 1, 8, args.request_timeout))  # warm-up
-        before = server.rss_mb()
-        results = measure(targets, args)
-        memory[server.name] = {"rss_mb_before": before, "rss_mb_after": server.rss_mb()}
-        print(f"{server.name}: RSS {before} MB before, {memory[server.name]['rss_mb_after']} MB after", flush=True)
-        return results
     except Exception as error:  # noqa: BLE001 - one server failing must not lose the others' numbers
         print(f"FAILED {server.name}: {error}", flush=True)
-        return []
-    finally:
         server.stop()
+        return False
+    memory[server.name] = {"rss_mb_before": server.rss_mb()}
+    return True
+
+
+def finish(server: Server, memory: dict) -> None:
+    if server.name in memory:
+        memory[server.name]["rss_mb_after"] = after = server.rss_mb()
+        print(f"{server.name}: RSS {memory[server.name]['rss_mb_before']} MB before, {after} MB after", flush=True)
+    server.stop()
+
+
+Launch = Callable[[], "tuple[Server, list[Target]] | None"]
+
+
+def run_servers(launches: list[Launch], args: argparse.Namespace, memory: dict) -> list[RunResult]:
+    """Side by side (all servers up at once, every level's targets interleaved, so machine drift hits
+    all of them alike) or, with --one-at-a-time, each server alone in turn."""
+    results: list[RunResult] = []
+    started: list[Server] = []
+    try:
+        if args.one_at_a_time:
+            for launch in launches:
+                launched = launch()
+                if launched is None:
+                    continue
+                server, targets = launched
+                started.append(server)
+                if prepare(server, targets, args, memory):
+                    results += measure(targets, args)
+                finish(server, memory)
+                started.remove(server)
+            return results
+        launched_all = [launched for launch in launches if (launched := launch()) is not None]
+        started = [server for server, _ in launched_all]
+        ready = [targets for server, targets in launched_all if prepare(server, targets, args, memory)]
+        return measure([target for targets in ready for target in targets], args)
+    finally:
+        for server in started:
+            finish(server, memory)
 
 
 def ratios(results: list[RunResult]) -> dict[str, float | None]:
@@ -423,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         help="this: this server (--quantize, with the steered runs); this-float: this server, float weights; "
         "this-no-lean: this server decoding through the transformers forward (--no-fast-decode)",
     )
+    parser.add_argument(
+        "--one-at-a-time", action="store_true",
+        help="run each server alone in turn (default: all up at once, levels interleaved across them)",
+    )
     parser.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON))
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--request-timeout", type=float, default=1800)
@@ -436,30 +476,32 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rahf-bench-"))
     print(f"model {model_dir}, dtype {args.dtype}, max_tokens {args.max_tokens}, concurrency {args.concurrency}; "
           f"logs under {work}", flush=True)  # fmt: skip
-    results: list[RunResult] = []
     memory: dict = {}
-    if "this" in args.only:
-        server = start_this(args, work, args.quantize)
-        url = server.url  # type: ignore[attr-defined]
-        targets = [
-            Target("this", url, ""),
-            Target("this-steered-one", url, "", "one"),
-            Target("this-steered-different", url, "", "different"),
-        ]
-        results += run_server(server, targets, args, memory)
-    if "this-float" in args.only:
-        server = start_this(args, work, "none", "this-float")
-        results += run_server(server, [Target("this-float", server.url, "")], args, memory)  # type: ignore[attr-defined]
-    if "this-no-lean" in args.only:
-        server = start_this(args, work, args.quantize, "this-no-lean", ("--no-fast-decode",))
-        results += run_server(server, [Target("this-no-lean", server.url, "")], args, memory)  # type: ignore[attr-defined]
-    if "transformers" in args.only:
-        server = start_transformers(args, work, model_dir)
-        results += run_server(server, [Target("transformers-serve", server.url, str(model_dir))], args, memory)  # type: ignore[attr-defined]
-    if "llamacpp" in args.only:
-        server = start_llamacpp(args, work, embedded_gguf_path())
-        if server is not None:
-            results += run_server(server, [Target("llama.cpp", server.url, "")], args, memory)  # type: ignore[attr-defined]
+    starters: dict[str, Callable[[], Server | None]] = {
+        "this": lambda: start_this(args, work, args.quantize),
+        "this-float": lambda: start_this(args, work, "none", "this-float"),
+        "this-no-lean": lambda: start_this(args, work, args.quantize, "this-no-lean", ("--no-fast-decode",)),
+        "transformers": lambda: start_transformers(args, work, model_dir),
+        "llamacpp": lambda: start_llamacpp(args, work, embedded_gguf_path()),
+    }
+
+    def launcher(key: str) -> Launch:
+        def launch() -> tuple[Server, list[Target]] | None:
+            server = starters[key]()
+            if server is None:
+                return None
+            url = server.url  # type: ignore[attr-defined]
+            if key == "this":
+                return server, [
+                    Target("this", url, ""),
+                    Target("this-steered-one", url, "", "one"),
+                    Target("this-steered-different", url, "", "different"),
+                ]
+            return server, [Target(server.name, url, str(model_dir) if key == "transformers" else "")]
+
+        return launch
+
+    results = run_servers([launcher(key) for key in starters if key in args.only], args, memory)
 
     summary = ratios(results)
     print("\nratios:")
