@@ -79,6 +79,29 @@ class RunResult:
     ttft_p99: float | None
     errors: int
     error_samples: list[str] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    rounds: int = 1
+
+
+def merge(parts: list[RunResult]) -> RunResult:
+    """One result from rounds of the same target and level: totals over all of them."""
+    first = parts[0]
+    tokens, seconds = sum(p.tokens for p in parts), sum(p.seconds for p in parts)
+    ttfts = [t for p in parts for t in p.ttfts]
+    return RunResult(
+        target=first.target,
+        concurrency=first.concurrency,
+        requests=sum(p.requests for p in parts),
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
+        ttft_p50=round(statistics.median(ttfts), 3) if ttfts else None,
+        ttft_p99=round(percentile(ttfts, 0.99), 3) if ttfts else None,
+        errors=sum(p.errors for p in parts),
+        error_samples=[e for p in parts for e in p.error_samples][:3],
+        ttfts=ttfts,
+        rounds=len(parts),
+    )
 
 
 # -- one streamed request ---------------------------------------------------------------------------
@@ -165,6 +188,7 @@ async def run_level(target: Target, concurrency: int, requests: int, max_tokens:
         ttft_p99=round(percentile(ttfts, 0.99), 3) if ttfts else None,
         errors=len(errors),
         error_samples=errors[:3],
+        ttfts=[round(t, 4) for t in ttfts],
     )
 
 
@@ -308,18 +332,27 @@ def start_llamacpp(args: argparse.Namespace, work: Path, gguf: Path) -> Server |
 
 
 def measure(targets: list[Target], args: argparse.Namespace) -> list[RunResult]:
-    """Each concurrency level in turn, the targets at that level one after another (side by side)."""
+    """Each concurrency level in turn; at each level `--rounds` rounds of every target one after another
+    (side by side), totals over the rounds."""
     results = []
     for concurrency in args.concurrency:
         requests = max(concurrency * args.waves, args.min_requests)
-        for target in targets:
-            if target.steering != "none" and concurrency not in (args.steered_concurrency or args.concurrency):
-                continue
-            result = asyncio.run(run_level(target, concurrency, requests, args.max_tokens, args.request_timeout))
+        level = [
+            t for t in targets
+            if t.steering == "none" or concurrency in (args.steered_concurrency or args.concurrency)
+        ]  # fmt: skip
+        rounds: dict[str, list[RunResult]] = {t.name: [] for t in level}
+        for _ in range(args.rounds):
+            for target in level:
+                part = asyncio.run(run_level(target, concurrency, requests, args.max_tokens, args.request_timeout))
+                rounds[target.name].append(part)
+        for target in level:
+            result = merge(rounds[target.name])
             print(
                 f"{target.name:>22} c={concurrency:<3} {result.tokens_per_s:8.1f} tok/s  "
                 f"TTFT p50 {fmt(result.ttft_p50)} p99 {fmt(result.ttft_p99)}  errors {result.errors}"
-                f"  ({result.tokens} tokens / {result.seconds:.1f} s)",
+                f"  ({result.tokens} tokens / {result.seconds:.1f} s"
+                + (f", per round {[p.tokens_per_s for p in rounds[target.name]]})" if args.rounds > 1 else ")"),
                 flush=True,
             )
             results.append(result)
@@ -458,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", default=["this", "this-float", "this-no-lean", "transformers", "llamacpp"],
         help="this: this server (--quantize, with the steered runs); this-float: this server, float weights; "
         "this-no-lean: this server decoding through the transformers forward (--no-fast-decode)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds per level, targets interleaved in each (totals reported)"
     )
     parser.add_argument(
         "--one-at-a-time", action="store_true",
