@@ -31,14 +31,13 @@ def compare(
     """Median ms per step of the transformers forward and of the lean step, and their largest difference."""
     rows = ids.shape[0]
     positions = torch.full((rows,), context, dtype=torch.long)
-    mask = engine._mask(torch.ones(rows, context + 1, dtype=torch.bool)).view(rows, 1, 1, -1)
+    mask = engine._decode_mask(positions, context + 1)
     lean = engine.fast_decode
     assert lean is not None
 
     def regular() -> torch.Tensor:
         engine.cache.for_decode(rows, positions, context + 1)
-        with engine.steerer.steering(plan):
-            return engine._forward(ids.view(rows, 1), positions.view(rows, 1), mask)[:, -1]
+        return engine._transformers_decode(ids, positions, mask, plan)
 
     def fast() -> torch.Tensor:
         engine.cache.for_decode(rows, positions, context + 1)

@@ -297,20 +297,18 @@ class ContinuousEngine(Engine):
         offsets = {0: torch.randn(self.steerer.hidden_size, generator=generator)}
         plan = build_plan([offsets, None], dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            ids = torch.randint(vocab, (2, 1), generator=generator).to(self.device)  # first token of each row
-            cache.for_decode(2, torch.zeros(2, dtype=torch.long, device=self.device), 1)
-            self._forward(ids, torch.zeros(2, 1, dtype=torch.long, device=self.device),
-                          self._mask(torch.ones(2, 1, dtype=torch.bool, device=self.device)).view(2, 1, 1, 1), cache)
-            ids = torch.randint(vocab, (2, 1), generator=generator).to(self.device)
+            first = torch.zeros(2, dtype=torch.long, device=self.device)  # first token of each row
+            cache.for_decode(2, first, 1)
+            ids = torch.randint(vocab, (2,), generator=generator).to(self.device)
+            self._transformers_decode(ids, first, self._decode_mask(first, 1), None, cache)
+            ids = torch.randint(vocab, (2,), generator=generator).to(self.device)
             positions = torch.tensor([1, 0], device=self.device)  # row 1 rewrites its first position
-            allowed = torch.tensor([[True, True], [True, False]], device=self.device)
-            mask = self._mask(allowed).view(2, 1, 1, 2)
+            mask = self._decode_mask(positions, 2)
             cache.for_decode(2, positions, 2)
-            with self.steerer.steering(plan):
-                reference = self._forward(ids, positions.unsqueeze(1), mask, cache)[:, -1].float()
+            reference = self._transformers_decode(ids, positions, mask, plan, cache).float()
             cache.for_decode(2, positions, 2)
             try:
-                got = step(ids.view(2), positions, mask, cache, plan).float()
+                got = step(ids, positions, mask, cache, plan).float()
             except Exception as exc:  # noqa: BLE001 - a model the step misreads must still be served
                 log.warning("lean decode step not used: it failed on a probe step (%s)", exc)
                 return
@@ -562,19 +560,17 @@ class ContinuousEngine(Engine):
         """One token for every running row."""
         rows = self._running
         n = len(rows)
-        input_ids = torch.tensor([[seq.next_token] for seq in rows], dtype=torch.long, device=self.device)  # (n, 1)
+        input_ids = torch.tensor([seq.next_token for seq in rows], dtype=torch.long, device=self.device)  # (n,)
         positions = torch.tensor([seq.filled for seq in rows], dtype=torch.long, device=self.device)  # (n,)
         kv_len = max(seq.filled for seq in rows) + 1
         self.cache.for_decode(n, positions, kv_len)
-        allowed = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (n, kv)
-        mask = self._mask(allowed).view(n, 1, 1, kv_len)
+        mask = self._decode_mask(positions, kv_len)
         plan = self._decode_plan()
         step = self.fast_decode
         if step is not None and step.applies(n):
-            hidden = step(input_ids.view(n), positions, mask, self.cache, plan)  # (n, H)
+            hidden = step(input_ids, positions, mask, self.cache, plan)  # (n, H)
         else:
-            with self.steerer.steering(plan):
-                hidden = self._forward(input_ids, positions.unsqueeze(1), mask)[:, -1]
+            hidden = self._transformers_decode(input_ids, positions, mask, plan)
         logits = self.lm_head(hidden)  # (n, V)
         choices = select_tokens(
             logits,
@@ -601,6 +597,25 @@ class ContinuousEngine(Engine):
             use_cache=True,
         )
         return out.last_hidden_state
+
+    def _transformers_decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        plan: SteeringPlan | None,
+        cache: SlotCache | None = None,
+    ) -> torch.Tensor:
+        """One decode step through the transformers forward and the hooks: input_ids, positions (n,),
+        mask from `_decode_mask` -> last hidden states (n, H). The cache is set up with `for_decode`."""
+        n = input_ids.shape[0]
+        with self.steerer.steering(plan):
+            return self._forward(input_ids.view(n, 1), positions.view(n, 1), mask, cache)[:, -1]
+
+    def _decode_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """(n, 1, 1, kv_len) attention mask of a decode step: row i sees keys 0..positions[i]."""
+        allowed = torch.arange(kv_len, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (n, kv)
+        return self._mask(allowed).view(positions.shape[0], 1, 1, kv_len)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self._bool_mask:

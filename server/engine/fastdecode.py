@@ -51,15 +51,15 @@ class _FusedInt4:
         self.packed = torch.cat([p.packed for p in parts], dim=0)  # (N, K/2)
         self.scales = torch.cat([p.scales for p in parts], dim=1)  # (K/G, N, 2)
         self.sizes = [p.out_features for p in parts]
-        self.biases = [p.bias for p in parts]
-        self.has_bias = any(b is not None for b in self.biases)
-        if self.has_bias:
-            zeros = [torch.zeros(p.out_features, dtype=p.weight.dtype) for p in parts]
-            self.bias = torch.cat([b if b is not None else z for b, z in zip(self.biases, zeros, strict=True)])
+        self.bias: torch.Tensor | None = None
+        if any(p.bias is not None for p in parts):
+            self.bias = torch.cat(
+                [p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=p.weight.dtype) for p in parts]
+            )
 
     def __call__(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
         out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales).to(x.dtype)
-        if self.has_bias:
+        if self.bias is not None:
             out = out + self.bias
         return out.split(self.sizes, dim=-1)
 

@@ -57,10 +57,9 @@ def history(engine: ContinuousEngine, lengths: list[int], seed: int = 0) -> None
             n = len(rows)
             assert rows == list(range(n))  # longer rows first
             positions = torch.full((n,), step, dtype=torch.long)
-            ids = torch.randint(vocab, (n, 1), generator=generator)
-            allowed = torch.ones(n, step + 1, dtype=torch.bool)
+            ids = torch.randint(vocab, (n,), generator=generator)
             engine.cache.for_decode(n, positions, step + 1)
-            engine._forward(ids, positions.unsqueeze(1), engine._mask(allowed).view(n, 1, 1, step + 1))
+            engine._transformers_decode(ids, positions, engine._decode_mask(positions, step + 1), None)
 
 
 def both_paths(engine: ContinuousEngine, lengths: list[int], plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +67,11 @@ def both_paths(engine: ContinuousEngine, lengths: list[int], plan) -> tuple[torc
     n = len(lengths)
     positions = torch.tensor(lengths)
     kv_len = max(lengths) + 1
-    allowed = torch.arange(kv_len).unsqueeze(0) <= positions.unsqueeze(1)
-    mask = engine._mask(allowed).view(n, 1, 1, kv_len)
+    mask = engine._decode_mask(positions, kv_len)
     ids = torch.randint(int(engine.config.vocab_size), (n,), generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         engine.cache.for_decode(n, positions, kv_len)
-        with engine.steerer.steering(plan):
-            reference = engine._forward(ids.view(n, 1), positions.view(n, 1), mask)[:, -1]
+        reference = engine._transformers_decode(ids, positions, mask, plan)
         keys = engine.cache.keys[0][:n, :, :kv_len].clone()
         engine.cache.for_decode(n, positions, kv_len)
         lean = engine.fast_decode(ids, positions, mask, engine.cache, plan)
