@@ -83,23 +83,45 @@ class RunResult:
     rounds: int = 1
 
 
-def merge(parts: list[RunResult]) -> RunResult:
-    """One result from rounds of the same target and level: totals over all of them."""
-    first = parts[0]
-    tokens, seconds = sum(p.tokens for p in parts), sum(p.seconds for p in parts)
-    ttfts = [t for p in parts for t in p.ttfts]
+def summarise(
+    target: str,
+    concurrency: int,
+    requests: int,
+    tokens: int,
+    seconds: float,
+    ttfts: list[float],
+    errors: int,
+    error_samples: list[str],
+    rounds: int = 1,
+) -> RunResult:
+    """Throughput and TTFT percentiles of `requests` requests (over `rounds` rounds) of one target."""
     return RunResult(
-        target=first.target,
-        concurrency=first.concurrency,
-        requests=sum(p.requests for p in parts),
+        target=target,
+        concurrency=concurrency,
+        requests=requests,
         tokens=tokens,
         seconds=round(seconds, 3),
         tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
         ttft_p50=round(statistics.median(ttfts), 3) if ttfts else None,
         ttft_p99=round(percentile(ttfts, 0.99), 3) if ttfts else None,
-        errors=sum(p.errors for p in parts),
-        error_samples=[e for p in parts for e in p.error_samples][:3],
+        errors=errors,
+        error_samples=error_samples[:3],
         ttfts=ttfts,
+        rounds=rounds,
+    )
+
+
+def merge(parts: list[RunResult]) -> RunResult:
+    """One result from rounds of the same target and level: totals over all of them."""
+    return summarise(
+        parts[0].target,
+        parts[0].concurrency,
+        sum(p.requests for p in parts),
+        sum(p.tokens for p in parts),
+        sum(p.seconds for p in parts),
+        [t for p in parts for t in p.ttfts],
+        sum(p.errors for p in parts),
+        [e for p in parts for e in p.error_samples],
         rounds=len(parts),
     )
 
@@ -177,19 +199,8 @@ async def run_level(target: Target, concurrency: int, requests: int, max_tokens:
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(requests)))
         seconds = time.perf_counter() - started
-    return RunResult(
-        target=target.name,
-        concurrency=concurrency,
-        requests=requests,
-        tokens=tokens,
-        seconds=round(seconds, 3),
-        tokens_per_s=round(tokens / seconds, 2) if seconds > 0 else 0.0,
-        ttft_p50=round(statistics.median(ttfts), 3) if ttfts else None,
-        ttft_p99=round(percentile(ttfts, 0.99), 3) if ttfts else None,
-        errors=len(errors),
-        error_samples=errors[:3],
-        ttfts=[round(t, 4) for t in ttfts],
-    )
+    rounded = [round(t, 4) for t in ttfts]
+    return summarise(target.name, concurrency, requests, tokens, seconds, rounded, len(errors), errors)
 
 
 def percentile(values: list[float], q: float) -> float:
