@@ -66,6 +66,16 @@ def _run(session, k: int, n: int) -> Kernel:  # noqa: ANN001
     return call
 
 
+def nbits_node(k: int, n: int, bits: int, output: str):  # noqa: ANN201
+    """MatMulNBits over inputs A, B (codes), S (scales), Z (zeros), int8 compute (accuracy level 4)."""
+    from onnx import helper
+
+    return helper.make_node(
+        "MatMulNBits", ["A", "B", "S", "Z"], [output], domain="com.microsoft",
+        K=k, N=n, bits=bits, block_size=GROUP, accuracy_level=4,
+    )  # fmt: skip
+
+
 def ort_int4(linears: list[nn.Module], threads: int) -> Kernel:
     """One MatMulNBits (4 bits, int8 compute) for linears sharing an input, outputs concatenated."""
     import numpy as np
@@ -84,17 +94,7 @@ def ort_int4(linears: list[nn.Module], threads: int) -> Kernel:
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last"),
     ]
     nodes = [
-        helper.make_node(
-            "MatMulNBits",
-            ["A", "B", "S", "Z"],
-            ["Q"],
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=4,
-            block_size=GROUP,
-            accuracy_level=4,
-        ),
+        nbits_node(k, n, 4, "Q"),
         helper.make_node("Reshape", ["A", "groups"], ["Ag"]),
         helper.make_node("ReduceSum", ["Ag", "last"], ["As"], keepdims=0),
         helper.make_node("MatMul", ["As", "L"], ["Lo"]),
@@ -106,7 +106,7 @@ def ort_int4(linears: list[nn.Module], threads: int) -> Kernel:
 def ort_int8(head: PackedLinear, threads: int) -> Kernel:
     """The int8 head (per-row scale) as an 8-bit MatMulNBits with zero 128 and int8 compute."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     n, k = head.packed.shape
     codes = (head.packed.to(torch.int16) + 128).to(torch.uint8).reshape(n, k // GROUP, GROUP)
@@ -116,17 +116,7 @@ def ort_int8(head: PackedLinear, threads: int) -> Kernel:
         numpy_helper.from_array(scales.numpy(), "S"),
         numpy_helper.from_array(np.full((n, k // GROUP), 128, dtype=np.uint8), "Z"),
     ]
-    node = helper.make_node(
-        "MatMulNBits",
-        ["A", "B", "S", "Z"],
-        ["Y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=8,
-        block_size=GROUP,
-        accuracy_level=4,
-    )
+    node = nbits_node(k, n, 8, "Y")
     return _run(ort_session([node], inits, k, n, threads), k, n)
 
 
