@@ -5,6 +5,7 @@ a different random offset per row at five layers. Both steps run on the same eng
 
     python bench/decode_step.py                          # rows 1, 8, 16; packed weights (auto)
     python bench/decode_step.py --rows 1 4 --quantize none --threads 1
+    python bench/decode_step.py --rows 1 --threads 2 --profile   # and where a step's time goes
 """
 
 from __future__ import annotations
@@ -56,6 +57,31 @@ def compare(
     return statistics.median(times["transformers"]), statistics.median(times["lean"]), difference
 
 
+def profile_step(engine: ContinuousEngine, model: torch.nn.Module, ids: torch.Tensor, context: int) -> None:
+    """torch.profiler over 10 unsteered lean steps with the output head: where a step's time goes."""
+    from torch.profiler import profile
+
+    rows = ids.shape[0]
+    positions = torch.full((rows,), context, dtype=torch.long)
+    mask = engine._decode_mask(positions, context + 1)
+    lean = engine.fast_decode
+    assert lean is not None
+
+    def step() -> torch.Tensor:
+        engine.cache.for_decode(rows, positions, context + 1)
+        return model.lm_head(lean(ids, positions, mask, engine.cache, None))
+
+    with torch.inference_mode():
+        step()
+        with profile() as prof:
+            for _ in range(10):
+                step()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+    calls = sum(e.count for e in events if e.key.startswith("aten::")) / 10
+    print(f"rows {rows}: {calls:.0f} aten calls per step (nested ones included)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16])
@@ -64,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's table of the lean step plus head"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"rows {rows:>3} {label:>9}: transformers {slow:7.2f} ms  lean {quick:7.2f} ms  "
                 f"ratio {slow / quick:5.2f}  max |difference| {difference:.2e}"
             )
+        if args.profile:
+            profile_step(engine, model, ids, args.context)
     print("ratios (step time, transformers forward / lean step):")
     for key, value in results.items():
         print(f"  {key}: {value:.3f}")
