@@ -5,22 +5,48 @@ how a request turns itself into engine sampling parameters. Knows nothing about 
 on disk or the engine's scheduling: the serving layer resolves profile names and tokenises.
 
 Unknown fields are refused with a 400 naming them, so a client never silently loses a parameter it
-relies on (tools, response_format, logit_bias …).
+relies on (tools, response_format, logit_bias …). Types are strict, as in the OpenAI API: `"stream":
+"yes"` or `"n": "2"` is a 400, not a guess. Text with an unpaired UTF-16 surrogate (`"\\ud800"` in the
+JSON) is refused before it reaches the tokeniser.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine.base import SamplingParams
 
 PositionMode = Literal["all", "generated"]
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _unpaired_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string in a JSON value that is not valid Unicode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = _unpaired_surrogate(item, where)
+        if found:
+            return found
+    return None
 
 
 class SteeringEntry(_Strict):
@@ -56,6 +82,12 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -71,7 +103,7 @@ class _GenerationRequest(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Stop = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -80,6 +112,14 @@ class _GenerationRequest(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     steering: SteeringSpec = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _unpaired_surrogate(data, "")
+        if where:
+            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -19,7 +19,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(int(seed))
+        generator.manual_seed(int(seed) % 2**64)  # seed + choice index may pass 2**63; torch takes uint64
     return generator
 
 

@@ -115,6 +115,13 @@ def test_context_window_is_enforced(server, base) -> None:
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, None, None),
         ({"steering": {"profile": "alpha", "weight": 2}}, "steering.weight", "unsupported_parameter"),
         ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage", "invalid_value"),
+        ({"stream": "yes"}, "stream", "invalid_value"),  # strict types: no guessing at strings
+        ({"n": "2"}, "n", "invalid_value"),
+        ({"seed": 2**63}, "seed", "invalid_value"),  # beyond a signed 64-bit integer
+        ({"seed": -(2**63) - 1}, "seed", "invalid_value"),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "invalid_value"),
+        ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, "messages[0]",
+         "invalid_value"),
     ],
 )
 def test_bad_parameters_are_400_naming_them(server, base, fields, param, code) -> None:
@@ -124,6 +131,43 @@ def test_bad_parameters_are_400_naming_them(server, base, fields, param, code) -
         assert response.json()["error"]["param"].startswith("messages[0].content")
         return
     assert_envelope(response, 400, param, code=code)
+
+
+def test_unpaired_surrogates_are_400_naming_the_field(server, base) -> None:
+    # JSON may spell a lone UTF-16 surrogate (json.dumps writes these as \\udXXX escapes); it is not text a
+    # tokeniser can encode
+    for route, body, where in (
+        ("/chat/completions", {"model": base, "messages": [{"role": "user", "content": "a\ud800b"}]},
+         "messages[0].content"),
+        ("/chat/completions", {"model": base, "messages": [{"role": "user", "content": "x"}], "stop": ["\udfff"]},
+         "stop[0]"),
+        ("/completions", {"model": base, "prompt": ["fine", "\ud83d"]}, "prompt[1]"),
+    ):
+        raw = json.dumps(body).encode()
+        assert b"\\ud" in raw
+        response = httpx.post(server.v1 + route, content=raw, headers={"content-type": "application/json"})
+        error = assert_envelope(response, 400, None, code="invalid_value")
+        assert where in error["message"] and "surrogate" in error["message"]
+    assert chat(server, base).status_code == 200  # and the server carries on
+
+
+def test_largest_seed_with_several_choices(server, base) -> None:
+    # seed + choice index passes 2**63 - 1 for the second choice; both choices are reproducible
+    first = chat(server, base, seed=2**63 - 1, n=2, temperature=1.0)
+    second = chat(server, base, seed=2**63 - 1, n=2, temperature=1.0)
+    assert first.status_code == 200, first.text
+    texts = [c["message"]["content"] for c in first.json()["choices"]]
+    assert len(texts) == 2
+    assert texts == [c["message"]["content"] for c in second.json()["choices"]]
+
+
+def test_assistant_message_may_omit_content(server, base) -> None:
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "b"},
+    ]
+    assert chat(server, base, messages=messages).status_code == 200
 
 
 def test_completion_specific_errors(server, base) -> None:
