@@ -1,8 +1,9 @@
 """The `rahf` command: `serve`, `train`, `eval` and `profiles`.
 
-Knows argument parsing and hands each subcommand to the module that does the work. `serve` belongs to
-the server package, which is imported only when that subcommand runs its parser registration; the
-library itself never imports server code.
+Knows argument parsing and hands each subcommand to the module that does the work; the library's own
+errors (bad data, model or profile) and missing files end the command with a one-line message. `serve`
+belongs to the server package, which is imported only when that subcommand runs its parser
+registration; the library itself never imports server code.
 """
 
 from __future__ import annotations
@@ -34,9 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import SteeringError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except SteeringError as exc:  # bad data, model or profile: say what, no traceback
+        print(f"rahf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"rahf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -127,6 +127,26 @@ def ensure_embedded_cache(cache_dir: Path | None = None) -> tuple[Path, bool]:
     return target, False
 
 
+def local_model_dir(model: str | os.PathLike[str]) -> Path:
+    """`model` as a local transformers model directory; ModelNotFoundError when it is not one."""
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} is not a local transformers model directory (no config.json). Pass a directory "
+            "made by save_pretrained, or omit --model to use the embedded default; hub downloads are "
+            "disabled."
+        )
+    return path
+
+
+def check_model(model: str | os.PathLike[str] | None = None) -> None:
+    """Fail fast, without loading anything, when `load_model(model)` cannot find the model."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        embedded_gguf_path()
+    else:
+        local_model_dir(model)
+
+
 def load_model(
     model: str | os.PathLike[str] | None = None,
     *,
@@ -143,13 +163,7 @@ def load_model(
         path, from_cache = ensure_embedded_cache(cache_dir)
         name = EMBEDDED_NAME
     else:
-        path = Path(model).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is not a local transformers model directory (no config.json). Pass a directory "
-                "made by save_pretrained, or omit --model to use the embedded default; hub downloads are "
-                "disabled."
-            )
+        path = local_model_dir(model)
         from_cache, name = True, path.name
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:

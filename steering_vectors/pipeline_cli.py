@@ -11,9 +11,11 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 
 from .data import TokenBudget, load_pairs, resolve_split, sample_pairs
 from .evaluate import GENERATION_PROMPTS
-from .models import default_cache_dir, load_model
+from .models import check_model, default_cache_dir, load_model
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,53 @@ DEFAULT_STRENGTHS = "0.25,0.5,1,2"
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    """Comma-separated finite numbers, at least one."""
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated non-negative integers (layer indices), at least one."""
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices >= 0, got {text!r}")
+    return values
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+_count, _count0 = _at_least(1), _at_least(0)
+
+
+def _name(text: str) -> str:
+    from .errors import ProfileFormatError
+    from .profile import validate_name
+
+    try:
+        return validate_name(text)
+    except ProfileFormatError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _check_layers(layers: list[int], model: torch.nn.Module) -> None:
+    from .errors import ProfileLayerError
+    from .layers import find_decoder_layers
+
+    count = len(find_decoder_layers(model))
+    outside = sorted(layer for layer in set(layers) if layer >= count)
+    if outside:
+        raise ProfileLayerError(f"--layers {outside}: the model has {count} decoder layers (0..{count - 1})")
 
 
 def _fits(text: str) -> list[str]:
@@ -51,7 +95,7 @@ def _fits(text: str) -> list[str]:
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="learn preference profiles with RAHF (and closed-form baselines)")
     train.add_argument("--data", required=True, help="folder with train.jsonl/dev.jsonl, or one JSONL file")
-    train.add_argument("--name", required=True, help="profile name (file <out>/<name>.safetensors)")
+    train.add_argument("--name", required=True, type=_name, help="profile name (file <out>/<name>.safetensors)")
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
     train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
     train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
@@ -60,18 +104,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
     train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
-    train.add_argument("--max-pairs", type=int, default=24, help="training pairs (seeded sample)")
+    train.add_argument("--max-pairs", type=_count, default=24, help="training pairs (seeded sample)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--prompt-tokens", type=int, default=48, help="prompt token budget")
-    train.add_argument("--response-tokens", type=int, default=32, help="response token budget")
-    train.add_argument("--epochs", type=int, default=1, help="epochs of the LoRA step")
-    train.add_argument("--batch-pairs", type=int, default=2, help="pairs per LoRA step")
+    train.add_argument("--prompt-tokens", type=_count, default=48, help="prompt token budget")
+    train.add_argument("--response-tokens", type=_count, default=32, help="response token budget")
+    train.add_argument("--epochs", type=_count, default=1, help="epochs of the LoRA step")
+    train.add_argument("--batch-pairs", type=_count, default=2, help="pairs per LoRA step")
     train.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
-    train.add_argument("--fit-steps", type=int, default=30)
-    train.add_argument("--fit-batch", type=int, default=8)
+    train.add_argument("--fit-steps", type=_count, default=30)
+    train.add_argument("--fit-batch", type=_count, default=8)
     train.add_argument("--fit-lr", type=float, default=None, help="offset learning rate (default: scaled)")
-    train.add_argument("--pref-steps", type=int, default=32, help="Adam steps of the 'pref' fit")
-    train.add_argument("--pref-batch", type=int, default=8, help="pairs per step of the 'pref' fit")
+    train.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
+    train.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
     train.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
     train.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
     train.add_argument(
@@ -82,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--position-mode", choices=("all", "generated"), default="all")
     train.add_argument(
-        "--calib-pairs", type=int, default=12, help="training pairs to tune the default strength"
+        "--calib-pairs", type=_count, default=12, help="training pairs to tune the default strength"
     )
     train.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
     train.add_argument(
@@ -90,9 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: cache folder)")
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
-    train.add_argument("--eval-pairs", type=int, default=32, help="dev pairs (seeded sample) for --eval")
-    train.add_argument("--gen-prompts", type=int, default=3, help="fixed prompts for side-by-side generations")
-    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--eval-pairs", type=_count, default=32, help="dev pairs (seeded sample) for --eval")
+    train.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
+    train.add_argument("--threads", type=_count, default=None)
     train.set_defaults(handler=run_train)
 
     ev = sub.add_parser("eval", help="evaluate profiles on held-out preference pairs")
@@ -102,14 +146,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, required=True, help="report folder")
     ev.add_argument("--title", default="Profile evaluation")
     ev.add_argument("--model", default=None)
-    ev.add_argument("--max-pairs", type=int, default=32)
+    ev.add_argument("--max-pairs", type=_count, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS))
-    ev.add_argument("--prompt-tokens", type=int, default=48)
-    ev.add_argument("--response-tokens", type=int, default=32)
+    ev.add_argument("--prompt-tokens", type=_count, default=48)
+    ev.add_argument("--response-tokens", type=_count, default=32)
     ev.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
-    ev.add_argument("--gen-prompts", type=int, default=3, help="fixed prompts for side-by-side generations")
-    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
+    ev.add_argument("--threads", type=_count, default=None)
     ev.set_defaults(handler=run_eval)
 
 
@@ -157,10 +201,13 @@ def run_train(args: argparse.Namespace) -> int:
     log.info("work folder %s (a rerun of this command resumes from it)", work)
 
     # 1. model and data
+    check_model(args.model)
+    data_file = resolve_split(args.data, "train")
+    all_pairs = load_pairs(data_file)  # malformed data fails here, before the model loads
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    data_file = resolve_split(args.data, "train")
-    pairs = sample_pairs(load_pairs(data_file), args.max_pairs, seed=args.seed)
+    _check_layers(args.layers, model)
+    pairs = sample_pairs(all_pairs, args.max_pairs, seed=args.seed)
     log.info("%d training pairs from %s", len(pairs), data_file)
 
     # 2. step 1: instruct, and step 2: collect patterns (skipped when the work folder has them, or when
@@ -354,9 +401,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from .profile import Profile
 
     _setup(args)
+    check_model(args.model)
+    unchecked = [Profile.load(p) for p in args.profiles]  # unreadable files and bad data fail before the model loads
+    all_pairs = load_pairs(resolve_split(args.data, args.split))
     loaded = load_model(args.model)
-    profiles = [Profile.load(p).validate_for(loaded.fingerprint) for p in args.profiles]
-    pairs = sample_pairs(load_pairs(resolve_split(args.data, args.split)), args.max_pairs, seed=args.seed)
+    profiles = [profile.validate_for(loaded.fingerprint) for profile in unchecked]
+    pairs = sample_pairs(all_pairs, args.max_pairs, seed=args.seed)
     budget = TokenBudget(args.prompt_tokens, args.response_tokens)
     results = evaluate_profiles(
         loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=args.bf16,

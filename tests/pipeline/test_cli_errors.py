@@ -1,0 +1,97 @@
+"""`rahf train` / `rahf eval` / `rahf serve` refuse bad input with one line on stderr, not a traceback,
+and before any model is loaded or any training step runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from steering_vectors.cli import main
+from steering_vectors.profile import Profile
+
+
+@pytest.fixture
+def good_data(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    return path
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse rejects a flag with exit status 2
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip().splitlines()[-1] if err.strip() else ""
+
+
+def train(data: Path, out: Path, *extra: str, model: Path | None = None) -> list[str]:
+    argv = ["train", "--data", str(data), "--name", "tiny", "--out", str(out), *extra]
+    return argv + (["--model", str(model)] if model else [])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--max-pairs", "0"), "argument --max-pairs: expected an integer >= 1, got 0"),
+        (("--pref-steps", "-3"), "argument --pref-steps: expected an integer >= 1, got -3"),
+        (("--strengths", "1,nan"), "argument --strengths: expected comma-separated finite numbers, got '1,nan'"),
+        (("--strengths", ","), "argument --strengths: expected comma-separated finite numbers, got ','"),
+        (("--layers", "2,-1"), "argument --layers: expected comma-separated layer indices >= 0, got '2,-1'"),
+        (("--name", "../up"), "argument --name: invalid profile name '../up'"),
+    ],
+)
+def test_bad_flags_are_refused_by_the_parser(good_data, tmp_path, capsys, extra, message) -> None:
+    code, last = run(train(good_data, tmp_path / "out", *extra), capsys)
+    assert code == 2
+    assert last.startswith("rahf train: error: " + message)
+
+
+def test_malformed_data_is_one_line_before_the_model_loads(tmp_path, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello."}) + "\n")
+    # the model directory does not exist either: the data is read first, the model checked first of all
+    code, last = run(train(data, tmp_path / "out", model=tmp_path / "no-model"), capsys)
+    assert code == 2 and last.startswith("rahf train: error: ") and "no config.json" in last
+    code, last = run(train(data, tmp_path / "out"), capsys)
+    assert (code, last) == (2, f"rahf train: error: {data}:1: missing field 'rejected'")
+    code, last = run(train(tmp_path / "missing.jsonl", tmp_path / "out"), capsys)
+    assert code == 2 and "no such preference file" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_beyond_the_model_are_refused_before_training(good_data, tiny_model_dir, tmp_path, capsys) -> None:
+    work = tmp_path / "work"
+    argv = train(good_data, tmp_path / "out", "--layers", "1,7,9", "--fit", "pref", "--work-dir", str(work),
+                 model=tiny_model_dir)  # fmt: skip
+    code, last = run(argv, capsys)
+    assert code == 2
+    assert last == "rahf train: error: --layers [7, 9]: the model has 4 decoder layers (0..3)"
+    assert not (work / "pref.ckpt").exists() and not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_unreadable_profiles_and_data(good_data, tmp_path, capsys) -> None:
+    out = tmp_path / "report"
+    code, last = run(["eval", str(tmp_path / "none.safetensors"), "--data", str(good_data), "--out", str(out)], capsys)
+    assert code == 2 and last.startswith("rahf eval: error: cannot read profile file")
+    not_a_profile = tmp_path / "x.safetensors"
+    not_a_profile.write_bytes(b"\x01\x02")
+    code, last = run(["eval", str(not_a_profile), "--data", str(good_data), "--out", str(out)], capsys)
+    assert code == 2 and last.startswith(f"rahf eval: error: {not_a_profile}")
+    assert not out.exists()
+
+
+def test_serve_refuses_a_missing_model_directory(tmp_path, capsys) -> None:
+    code, last = run(["serve", "--model", str(tmp_path / "nothing"), "--plain-logs"], capsys)
+    assert code == 2 and last.startswith("rahf serve: error: ") and "no config.json" in last
+
+
+def test_profiles_command_still_reads_good_files(capsys) -> None:
+    # the error handling wraps every command; a good run is unchanged
+    path = Path(__file__).resolve().parents[2] / "profiles" / "harmless.safetensors"
+    assert main(["profiles", "show", str(path)]) == 0
+    assert Profile.load(path).name in capsys.readouterr().out
