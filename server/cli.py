@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from steering_vectors.models import check_model
+    from steering_vectors.models import check_device, check_model
 
     from . import logs
     from .app import create_app
@@ -81,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise SystemExit(f"rahf serve: invalid settings:\n{exc}") from None
-    check_model(settings.model)  # a missing model directory is a one-line error, not a failed start-up
+    check_model(settings.model)  # a missing model or device is a one-line error, not a failed start-up
+    check_device(settings.device)
     logs.configure(settings.log_level, json_lines=settings.log_json)
     keep_streams_open_on_shutdown()  # uvicorn's graceful shutdown, not sse-starlette, decides when streams end
     uvicorn.run(

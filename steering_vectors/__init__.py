@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from .errors import (  # noqa: E402
+    DeviceError,
     ModelNotFoundError,
     PlanError,
     ProfileError,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelFingerprint",
+    "DeviceError",
     "ModelNotFoundError",
     "PlanError",
     "Profile",

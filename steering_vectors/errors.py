@@ -15,6 +15,10 @@ class ModelNotFoundError(SteeringError):
     """The requested model (or the embedded default) is not installed or not a model directory."""
 
 
+class DeviceError(SteeringError):
+    """The requested torch device is unknown or not available on this machine."""
+
+
 class UnsupportedArchitectureError(SteeringError):
     """The model's decoder layers could not be located."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError
+from .errors import DeviceError, ModelNotFoundError
 from .layers import find_decoder_layers, hidden_size_of, unwrap_model
 from .profile import ModelFingerprint
 
@@ -139,6 +139,26 @@ def local_model_dir(model: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device this machine has; DeviceError naming the problem otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {device!r}: CUDA is not available (this torch build or machine has no GPU)")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"device {device!r}: MPS is not available on this machine")
+    elif parsed.type != "cpu":
+        raise DeviceError(f"device {device!r}: use cpu, cuda, cuda:N or mps")
+    return parsed
+
+
 def check_model(model: str | os.PathLike[str] | None = None) -> None:
     """Fail fast, without loading anything, when `load_model(model)` cannot find the model."""
     if model is None or str(model) == DEFAULT_MODEL:
@@ -158,6 +178,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    check_device(device)
     torch_dtype = resolve_dtype(dtype)
     if model is None or str(model) == DEFAULT_MODEL:
         path, from_cache = ensure_embedded_cache(cache_dir)

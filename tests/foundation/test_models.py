@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steering_vectors import ModelNotFoundError
-from steering_vectors.models import ensure_embedded_cache, load_model
+from steering_vectors import DeviceError, ModelNotFoundError
+from steering_vectors.models import check_device, ensure_embedded_cache, load_model
 
 
 def test_local_model_directory_loads(tiny_model_dir):
@@ -21,6 +21,18 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_model(tmp_path / "nowhere")
     with pytest.raises(ModelNotFoundError, match="hub downloads are disabled"):
         load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_devices_are_checked_before_loading(tiny_model_dir):
+    assert check_device("cpu") == torch.device("cpu")
+    for bad, words in (("tpu", "unknown device 'tpu'"), ("meta", "use cpu, cuda")):
+        with pytest.raises(DeviceError, match=words):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            check_device("cuda")
+    with pytest.raises(DeviceError):
+        load_model(tiny_model_dir, device="meta")
 
 
 def test_missing_embedded_package_names_what_to_install(monkeypatch):
