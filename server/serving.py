@@ -360,13 +360,23 @@ class Serving:
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         self._check_n(request.n)
+        prompts = request.prompts()
+        # a batch larger than the engine's running rows plus queue could never be admitted whole: refuse it
+        # here (400, not a 429 that invites a retry) before tokenising anything or admitting any part of it
+        limit = self.settings.max_batch_size + self.settings.max_queue
+        if len(prompts) * request.n > limit:
+            raise bad_request(
+                f"this request asks for {len(prompts) * request.n} completions ({len(prompts)} prompts x n "
+                f"{request.n}); this server runs and queues at most {limit} at once",
+                "prompt",
+            )
         steering = self._steering(request)
         rid = f"cmpl-{uuid.uuid4().hex}"
         requests: list[GenerationRequest] = []
         texts: list[str] = []
         prompt_tokens = 0
         vocab = len(self.tokenizer)
-        for p, prompt in enumerate(request.prompts()):
+        for p, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 ids, text = self._encode(prompt, add_special_tokens=True), prompt
             else:

@@ -182,6 +182,23 @@ def test_completion_specific_errors(server, base) -> None:
     assert_envelope(post(prompt="x", max_tokens=-1), 400, "max_tokens")
 
 
+def test_a_batch_larger_than_the_engine_can_hold_is_400_and_admits_nothing(server, base) -> None:
+    settings = server.app.state.serving.settings
+    limit = settings.max_batch_size + settings.max_queue
+    engine = server.app.state.serving.engine
+
+    def post(prompts: int, n: int) -> httpx.Response:
+        body = {"model": base, "prompt": ["x"] * prompts, "n": n, "max_tokens": 1}
+        return httpx.post(server.v1 + "/completions", json=body, timeout=60)
+
+    for prompts, n in ((limit + 1, 1), (limit // 2 + 1, 2)):
+        error = assert_envelope(post(prompts, n), 400, "prompt", code="invalid_value")
+        assert f"asks for {prompts * n} completions" in error["message"] and f"at most {limit}" in error["message"]
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (0, 0)  # no part of it was admitted
+    accepted = post(3, 2)
+    assert accepted.status_code == 200 and len(accepted.json()["choices"]) == 6
+
+
 def test_invalid_json_and_unknown_routes(server) -> None:
     response = httpx.post(server.v1 + "/chat/completions", content=b"{not json",
                           headers={"content-type": "application/json"})
