@@ -144,7 +144,7 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or xpu") from None
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -154,8 +154,11 @@ def check_device(device: str | torch.device) -> torch.device:
     elif parsed.type == "mps":
         if not torch.backends.mps.is_available():
             raise DeviceError(f"device {device!r}: MPS is not available on this machine")
+    elif parsed.type == "xpu":
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise DeviceError(f"device {device!r}: no Intel XPU is available on this machine")
     elif parsed.type != "cpu":
-        raise DeviceError(f"device {device!r}: use cpu, cuda, cuda:N or mps")
+        raise DeviceError(f"device {device!r}: use cpu, cuda, cuda:N, mps or xpu")
     return parsed
 
 

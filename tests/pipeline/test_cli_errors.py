@@ -89,7 +89,7 @@ def test_serve_refuses_a_missing_model_directory_or_device(tmp_path, capsys) -> 
     code, last = run(["serve", "--model", str(tmp_path / "nothing"), "--plain-logs"], capsys)
     assert code == 2 and last.startswith("rahf serve: error: ") and "no config.json" in last
     code, last = run(["serve", "--device", "tpu", "--plain-logs"], capsys)
-    assert (code, last) == (2, "rahf serve: error: unknown device 'tpu'; use cpu, cuda, cuda:N or mps")
+    assert (code, last) == (2, "rahf serve: error: unknown device 'tpu'; use cpu, cuda, cuda:N, mps or xpu")
 
 
 def test_profiles_command_still_reads_good_files(capsys) -> None:
