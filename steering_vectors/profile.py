@@ -71,6 +71,17 @@ class ModelFingerprint:
         )
 
 
+def _json_ready(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None, so that strict JSON encoders accept it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -152,8 +163,9 @@ class Profile:
         }
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description (no tensors)."""
-        return {
+        """JSON-ready description (no tensors): strict JSON, non-finite numbers (e.g. NaN accuracies of
+        strengths the calibration skipped, in the provenance) as None."""
+        return _json_ready({
             "name": self.name,
             "description": self.description,
             "layers": self.layers,
@@ -166,7 +178,7 @@ class Profile:
             "offset_norms": {str(k): v for k, v in self.norms().items()},
             "created": int(self.created),
             "format_version": self.format_version,
-        }
+        })
 
     # -- validation ---------------------------------------------------------------------------------
 
@@ -226,6 +238,8 @@ class Profile:
                 raise ProfileFormatError(f"{source}: unexpected tensor {key!r} (expected offset.<layer>)")
             if tensor.ndim != 1:
                 raise ProfileShapeError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected 1-D")
+            if not tensor.is_floating_point():
+                raise ProfileFormatError(f"{source}: tensor {key!r} is {tensor.dtype}; offsets are floating point")
             offsets[int(match.group(1))] = tensor
         try:
             version = int(metadata.get("format_version", "0"))

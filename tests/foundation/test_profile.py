@@ -132,6 +132,30 @@ def test_non_finite_values_raise_value_error(fingerprint, bad):
         Profile.from_bytes(st_save(tensors, metadata=profile.metadata()))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.uint8])
+def test_non_float_offsets_raise_format_error(fingerprint, dtype):
+    profile = _profile(fingerprint)
+    tensors = {f"offset.{layer}": t.clone() for layer, t in profile.offsets.items()}
+    tensors["offset.3"] = tensors["offset.3"].to(dtype)
+    with pytest.raises(ProfileFormatError, match=f"'offset.3' is {dtype}; offsets are floating point"):
+        Profile.from_bytes(st_save(tensors, metadata=profile.metadata()))
+    tensors["offset.3"] = tensors["offset.1"].half()  # any float width is fine: stored as float32
+    loaded = Profile.from_bytes(st_save(tensors, metadata=profile.metadata()))
+    assert loaded.offsets[3].dtype == torch.float32
+    assert torch.equal(loaded.offsets[3], profile.offsets[1].half().float())
+
+
+def test_summary_is_strict_json_with_non_finite_provenance(fingerprint):
+    # the calibration records NaN accuracy for strengths it skipped; a summary must still be strict JSON
+    profile = _profile(fingerprint)
+    calibration = {"rows": [{"accuracy": float("nan")}], "limit": float("inf"), "pairs": (1, 2.5)}
+    profile.provenance = {"calibration": calibration}
+    loaded = Profile.from_bytes(profile.to_bytes())
+    summary = json.loads(json.dumps(loaded.summary(), allow_nan=False))
+    assert summary["provenance"] == {"calibration": {"rows": [{"accuracy": None}], "limit": None, "pairs": [1, 2.5]}}
+    assert loaded.provenance["calibration"]["limit"] == float("inf")  # the stored record itself is untouched
+
+
 def test_wrong_hidden_size_raises_shape_error(fingerprint):
     other = _profile(None, size=TINY_HIDDEN * 2)
     with pytest.raises(ProfileShapeError, match="hidden size"):

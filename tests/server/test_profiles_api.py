@@ -189,3 +189,17 @@ def test_reload_picks_up_files_written_by_hand(fresh, tiny_loaded) -> None:
     assert response.status_code == 200 and response.json()["data"] == ["alpha", "manual"]
     expected = greedy(tiny_loaded, chat_ids(tiny_loaded, PROMPT), MAX, [(manual, 1.0)])
     assert content(reply(fresh, f"{fresh.base}:manual")) == text_of(tiny_loaded, expected)
+
+
+def test_profiles_with_non_finite_provenance_are_listed_as_strict_json(fresh, tiny_loaded) -> None:
+    # shipped profiles record NaN accuracy for calibration strengths that were skipped
+    profile = make_profile(tiny_loaded, "calibrated", seed=13)
+    profile.provenance = {"calibration": {"rows": [{"strength": 2.0, "accuracy": float("nan")}]}}
+    created = put(fresh, "calibrated", profile.to_bytes())
+    assert created.status_code == 201, created.text
+    shown, listed = httpx.get(fresh.v1 + "/profiles/calibrated"), httpx.get(fresh.v1 + "/profiles")
+    for response in (created, shown, listed):
+        assert response.status_code in (200, 201), response.text
+        json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in a JSON response"))
+    assert shown.json()["provenance"]["calibration"]["rows"] == [{"strength": 2.0, "accuracy": None}]
+    assert "calibrated" in [p["id"] for p in listed.json()["data"]]
