@@ -130,6 +130,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
     if kind == "extra_forbidden":
         return APIError(400, f"unsupported parameter: {param}", param=param, code="unsupported_parameter")
+    if kind == "missing" and param is None:  # no body at all
+        return APIError(400, "the request body is empty: send a JSON object", code="missing_required_parameter")
     if kind == "missing":
         return APIError(400, f"missing required parameter: {param}", param=param, code="missing_required_parameter")
     message = str(first.get("msg", "invalid value"))

@@ -203,6 +203,10 @@ def test_invalid_json_and_unknown_routes(server) -> None:
     response = httpx.post(server.v1 + "/chat/completions", content=b"{not json",
                           headers={"content-type": "application/json"})
     assert_envelope(response, 400, None, code="invalid_json")
+    empty = httpx.post(server.v1 + "/chat/completions", content=b"", headers={"content-type": "application/json"})
+    assert assert_envelope(empty, 400, None, code="missing_required_parameter")["message"] == (
+        "the request body is empty: send a JSON object"
+    )
     assert_envelope(httpx.get(server.v1 + "/nothing-here"), 404, None, type="not_found_error")
     assert_envelope(httpx.get(server.v1 + "/chat/completions"), 405, None)
 
