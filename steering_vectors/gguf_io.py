@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ProfileFormatError, ProfileLayerError
+from .errors import ProfileError, ProfileFormatError, ProfileLayerError, ProfileShapeError
 from .profile import ModelFingerprint, Profile
 
 ARCH = "controlvector"
@@ -80,6 +80,8 @@ def read_control_vector(data: bytes, *, name: str, source: str = "<bytes>") -> P
         try:
             reader = gguf.GGUFReader(tmp)
             offsets, meta = _decode(reader, source)
+        except ProfileError:  # a readable file with content we refuse: its own message
+            raise
         except Exception as exc:  # any failure of the third-party parser on untrusted bytes
             raise ProfileFormatError(f"{source}: unreadable GGUF control vector ({exc}); truncated?") from exc
     finally:
@@ -116,8 +118,12 @@ def _decode(reader: object, source: str) -> tuple[dict[int, torch.Tensor], dict[
         match = _DIRECTION.match(tensor.name)
         if not match:
             continue
-        values = np.asarray(tensor.data, dtype=np.float32).reshape(-1).copy()
-        offsets[int(match.group(1))] = torch.from_numpy(values)
+        data = np.asarray(tensor.data)
+        if not np.issubdtype(data.dtype, np.floating):
+            raise ProfileFormatError(f"{source}: tensor {tensor.name!r} is {data.dtype}; directions are floating point")
+        if data.squeeze().ndim != 1:
+            raise ProfileShapeError(f"{source}: tensor {tensor.name!r} has shape {data.shape}, expected 1-D")
+        offsets[int(match.group(1))] = torch.from_numpy(data.astype(np.float32).reshape(-1).copy())
     return offsets, meta
 
 

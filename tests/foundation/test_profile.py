@@ -101,6 +101,28 @@ def test_foreign_gguf_control_vector_imports_without_fingerprint(tmp_path):
     assert torch.equal(profile.offsets[2], torch.arange(TINY_HIDDEN, dtype=torch.float32))
 
 
+def _control_vector(tmp_path, tensors: dict[str, np.ndarray]) -> bytes:
+    path = tmp_path / "cv.gguf"
+    writer = gguf.GGUFWriter(path, "controlvector")
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_gguf_directions_must_be_float_vectors(tmp_path):
+    flat = np.ones(TINY_HIDDEN, dtype=np.float32)
+    with pytest.raises(ProfileShapeError, match=r"'direction.2' has shape \(2, 32\), expected 1-D"):
+        read_control_vector(_control_vector(tmp_path, {"direction.2": flat.reshape(2, -1)}), name="x")
+    with pytest.raises(ProfileFormatError, match="'direction.2' is int32; directions are floating point"):
+        read_control_vector(_control_vector(tmp_path, {"direction.2": flat.astype(np.int32)}), name="x")
+    half = read_control_vector(_control_vector(tmp_path, {"direction.2": flat.astype(np.float16)}), name="x")
+    assert half.offsets[2].dtype == torch.float32 and torch.equal(half.offsets[2], torch.ones(TINY_HIDDEN))
+
+
 def test_gguf_export_refuses_layer_zero(fingerprint):
     with pytest.raises(ProfileLayerError, match="layer 0"):
         write_control_vector(_profile(fingerprint, layers=(0, 2)))
