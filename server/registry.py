@@ -82,6 +82,8 @@ class ProfileRegistry:
         profiles: dict[str, Profile] = {}
         skipped: list[SkippedFile] = []
         if self.directory is not None:
+            if not self.directory.is_dir():
+                log.warning("profile directory %s does not exist: creating it empty", self.directory)
             self.directory.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.directory.iterdir()):
                 if path.name.startswith(".") or path.suffix not in (SUFFIX, ".gguf") or not path.is_file():
