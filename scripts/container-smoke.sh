@@ -101,6 +101,7 @@ grep -q '"smoke"' "$WORK/readyz.json" || fail "the test profile was not loaded f
 # -- 4. health check, a steered completion, a streamed one ----------------------------------------------
 podman healthcheck run "$NAME" || fail "the image's HEALTHCHECK failed"
 say "HEALTHCHECK passes"
+curl -fsS --max-time 30 "$URL/v1/profiles" | grep -q '"id":"smoke"' || fail "GET /v1/profiles does not list the profile"
 
 chat() {  # chat BODY OUTFILE [curl options...]
   local body=$1 out=$2
