@@ -21,6 +21,7 @@ from .engine.base import SamplingParams
 PositionMode = Literal["all", "generated"]
 
 
+_NULL_IS_DEFAULT = frozenset({"n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "echo"})
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
 
 
@@ -115,10 +116,13 @@ class _GenerationRequest(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
+    def _normalise(cls, data: Any) -> Any:
         where = _unpaired_surrogate(data, "")
         if where:
             raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+        if isinstance(data, dict):
+            # the OpenAI API documents these as "... or null", null meaning the default (n: null is n = 1)
+            data = {key: value for key, value in data.items() if not (value is None and key in _NULL_IS_DEFAULT)}
         return data
 
     @field_validator("stop")

@@ -161,6 +161,19 @@ def test_largest_seed_with_several_choices(server, base) -> None:
     assert texts == [c["message"]["content"] for c in second.json()["choices"]]
 
 
+def test_null_means_the_default_where_the_openai_api_allows_null(server, base) -> None:
+    nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None, "logprobs": None,
+             "seed": None, "stop": None, "top_p": None, "user": None, "stream_options": None}
+    plain, nulled = chat(server, base), chat(server, base, **nulls)
+    assert nulled.status_code == 200, nulled.text
+    assert len(nulled.json()["choices"]) == 1 and nulled.json()["choices"][0]["logprobs"] is None
+    assert nulled.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]  # greedy, same reply
+    body = {"model": base, "prompt": "x", "max_tokens": 2, "n": None, "echo": None, "stream": None}
+    completion = httpx.post(server.v1 + "/completions", json=body, timeout=60)
+    assert completion.status_code == 200 and not completion.json()["choices"][0]["text"].startswith("x")
+    assert_envelope(chat(server, base, model=None), 400, "model")  # required fields stay required
+
+
 def test_assistant_message_may_omit_content(server, base) -> None:
     messages = [
         {"role": "user", "content": "a"},
