@@ -5,8 +5,10 @@ how a request turns itself into engine sampling parameters. Knows nothing about 
 on disk or the engine's scheduling: the serving layer resolves profile names and tokenises.
 
 Unknown fields are refused with a 400 naming them, so a client never silently loses a parameter it
-relies on (tools, response_format, logit_bias …). Types are strict, as in the OpenAI API: `"stream":
-"yes"` or `"n": "2"` is a 400, not a guess. Text with an unpaired UTF-16 surrogate (`"\\ud800"` in the
+relies on (tools, response_format, logit_bias …); given at the value that asks for nothing (`"tools":
+null`, `"response_format": {"type": "text"}`, `"logit_bias": {}` …) they are taken as absent. Types
+are strict, as in the OpenAI API: `"stream": "yes"` or `"n": "2"` is a 400, not a guess; null means
+the default where the API allows null. Text with an unpaired UTF-16 surrogate (`"\\ud800"` in the
 JSON) is refused before it reaches the tokeniser.
 """
 
@@ -22,6 +24,19 @@ PositionMode = Literal["all", "generated"]
 
 
 _NULL_IS_DEFAULT = frozenset({"n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "echo"})
+# OpenAI parameters this server does not implement, given with the value that asks for nothing (what
+# some SDKs and gateways send by default): taken as absent; any other value is refused as unsupported
+_UNSUPPORTED_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "metadata": (None, {}),
+    "store": (None, False),
+}
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
 
 
@@ -122,7 +137,12 @@ class _GenerationRequest(_Strict):
             raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
         if isinstance(data, dict):
             # the OpenAI API documents these as "... or null", null meaning the default (n: null is n = 1)
-            data = {key: value for key, value in data.items() if not (value is None and key in _NULL_IS_DEFAULT)}
+            data = {
+                key: value
+                for key, value in data.items()
+                if not (value is None and key in _NULL_IS_DEFAULT)
+                and not any(value == v and type(value) is type(v) for v in _UNSUPPORTED_AT_DEFAULT.get(key, ()))
+            }
         return data
 
     @field_validator("stop")

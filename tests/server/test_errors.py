@@ -174,6 +174,17 @@ def test_null_means_the_default_where_the_openai_api_allows_null(server, base) -
     assert_envelope(chat(server, base, model=None), 400, "model")  # required fields stay required
 
 
+def test_unsupported_parameters_at_their_do_nothing_value_are_ignored(server, base) -> None:
+    idle = {"tools": None, "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {},
+            "parallel_tool_calls": None, "store": False, "functions": [], "metadata": None}
+    response = chat(server, base, **idle)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"] == chat(server, base).json()["choices"][0]["message"]
+    for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                        ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}), ("store", True)):
+        assert_envelope(chat(server, base, **{name: value}), 400, name, code="unsupported_parameter")
+
+
 def test_assistant_message_may_omit_content(server, base) -> None:
     messages = [
         {"role": "user", "content": "a"},
