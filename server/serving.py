@@ -68,6 +68,8 @@ def parse_model_alias(model: str, base: str) -> _Wanted | None:
         )
     rest = model[len(prefix) :]
     name, sep, strength_text = rest.partition("@")
+    if not name:
+        raise bad_request(f"model alias {model!r} names no profile; use '{base}:<profile>[@<strength>]'", "model")
     strength: float | None = None
     if sep:
         try:

@@ -56,6 +56,8 @@ def test_unknown_profile_is_404_naming_the_entry(server, base) -> None:
 def test_unknown_model_is_404(server, base) -> None:
     assert_envelope(chat(server, "gpt-4o"), 404, "model", code="model_not_found")
     assert_envelope(chat(server, f"{base}:"), 404, "model")
+    error = assert_envelope(chat(server, f"{base}:@2"), 400, "model", code="invalid_value")
+    assert "names no profile" in error["message"]
 
 
 @pytest.mark.parametrize("strength", [10.5, -11, 1e308])
