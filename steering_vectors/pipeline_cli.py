@@ -33,7 +33,10 @@ DEFAULT_STRENGTHS = "0.25,0.5,1,2"
 
 def _floats(text: str) -> list[float]:
     """Comma-separated finite numbers, at least one."""
-    values = [float(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
     if not values or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
     return values
@@ -41,7 +44,10 @@ def _floats(text: str) -> list[float]:
 
 def _ints(text: str) -> list[int]:
     """Comma-separated non-negative integers (layer indices), at least one."""
-    values = [int(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices >= 0, got {text!r}")
     return values

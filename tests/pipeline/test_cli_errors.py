@@ -42,6 +42,8 @@ def train(data: Path, out: Path, *extra: str, model: Path | None = None) -> list
         (("--strengths", "1,nan"), "argument --strengths: expected comma-separated finite numbers, got '1,nan'"),
         (("--strengths", ","), "argument --strengths: expected comma-separated finite numbers, got ','"),
         (("--layers", "2,-1"), "argument --layers: expected comma-separated layer indices >= 0, got '2,-1'"),
+        (("--layers", "a,b"), "argument --layers: expected comma-separated layer indices >= 0, got 'a,b'"),
+        (("--strengths", "1,x"), "argument --strengths: expected comma-separated finite numbers, got '1,x'"),
         (("--name", "../up"), "argument --name: invalid profile name '../up'"),
     ],
 )
