@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from steering_vectors.hooks import SteeringPlan, build_plan  # noqa: E402
 from steering_vectors.models import load_model  # noqa: E402
 
 
-def compare(
-    engine: ContinuousEngine, ids: torch.Tensor, context: int, plan: SteeringPlan | None, rounds: int, steps: int
-) -> tuple[float, float, float]:
-    """Median ms per step of the transformers forward and of the lean step, and their largest difference."""
+def decode_steps(
+    engine: ContinuousEngine, ids: torch.Tensor, context: int, plan: SteeringPlan | None
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """One decode step of `ids` at position `context` through the transformers forward and the lean step."""
     rows = ids.shape[0]
     positions = torch.full((rows,), context, dtype=torch.long)
     mask = engine._decode_mask(positions, context + 1)
@@ -44,6 +45,14 @@ def compare(
         engine.cache.for_decode(rows, positions, context + 1)
         return lean(ids, positions, mask, engine.cache, plan)
 
+    return regular, fast
+
+
+def compare(
+    engine: ContinuousEngine, ids: torch.Tensor, context: int, plan: SteeringPlan | None, rounds: int, steps: int
+) -> tuple[float, float, float]:
+    """Median ms per step of the transformers forward and of the lean step, and their largest difference."""
+    regular, fast = decode_steps(engine, ids, context, plan)
     times: dict[str, list[float]] = {"transformers": [], "lean": []}
     with torch.inference_mode():
         for _ in range(rounds):
@@ -61,15 +70,10 @@ def profile_step(engine: ContinuousEngine, model: torch.nn.Module, ids: torch.Te
     """torch.profiler over 10 unsteered lean steps with the output head: where a step's time goes."""
     from torch.profiler import profile
 
-    rows = ids.shape[0]
-    positions = torch.full((rows,), context, dtype=torch.long)
-    mask = engine._decode_mask(positions, context + 1)
-    lean = engine.fast_decode
-    assert lean is not None
+    _, fast = decode_steps(engine, ids, context, None)
 
     def step() -> torch.Tensor:
-        engine.cache.for_decode(rows, positions, context + 1)
-        return model.lm_head(lean(ids, positions, mask, engine.cache, None))
+        return model.lm_head(fast())
 
     with torch.inference_mode():
         step()
@@ -79,7 +83,7 @@ def profile_step(engine: ContinuousEngine, model: torch.nn.Module, ids: torch.Te
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
     calls = sum(e.count for e in events if e.key.startswith("aten::")) / 10
-    print(f"rows {rows}: {calls:.0f} aten calls per step (nested ones included)")
+    print(f"rows {ids.shape[0]}: {calls:.0f} aten calls per step (nested ones included)")
 
 
 def main(argv: list[str] | None = None) -> int:
