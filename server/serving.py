@@ -18,7 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from steering_vectors.hooks import combine_offsets
+from steering_vectors.hooks import combine_low_rank, combine_offsets
 from steering_vectors.profile import Profile
 
 from .config import Settings
@@ -129,6 +129,7 @@ def resolve_steering(
         position = modes.pop()
     return RowSteering(
         offsets=combine_offsets(chosen),
+        low_rank=combine_low_rank(chosen),
         position_mode=position,
         applied=tuple((profile.name, strength) for profile, strength in chosen),
     )

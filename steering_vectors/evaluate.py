@@ -9,6 +9,7 @@ Knows nothing about how profiles are trained (see `rahf`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode, pad_id
-from .hooks import Steerer, build_plan, combine_offsets, positions_from_attention_mask
+from .hooks import Steerer, build_plan, combine_low_rank, combine_offsets, positions_from_attention_mask
 from .profile import Profile
 
 GENERATION_PROMPTS: tuple[str, ...] = (
@@ -52,7 +53,10 @@ def steered(
     if profile is None or strength == 0.0:
         yield
         return
-    with steered_offsets(model, combine_offsets([(profile, strength)]), profile.position_mode, batch):
+    entries = [(profile, strength)]
+    with steered_offsets(
+        model, combine_offsets(entries), profile.position_mode, batch, low_rank=combine_low_rank(entries)
+    ):
         yield
 
 
@@ -62,8 +66,11 @@ def steered_offsets(
     offsets: dict[int, torch.Tensor] | None,
     position_mode: str = "all",
     batch: Batch | None = None,
+    *,
+    low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Iterator[None]:
-    """Add `offsets` (layer -> (H,), may require grad) to every row, in `position_mode`, by the hooks."""
+    """Add `offsets` (layer -> (H,), may require grad) and optional `low_rank` terms (layer -> (down,
+    up), may require grad) to every row, in `position_mode`, by the hooks."""
     if not offsets:
         yield
         return
@@ -75,6 +82,7 @@ def steered_offsets(
         modes=[position_mode] * size,
         positions=positions,
         prompt_lengths=batch.prompt_lengths if batch is not None else None,
+        row_low_rank=[low_rank] * size if low_rank else None,
     )
     with steerer.steering(plan):
         yield
@@ -108,14 +116,16 @@ def pair_logprobs(
     *,
     budget: TokenBudget = DEFAULT_BUDGET,
     bf16: bool = False,
+    low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) (N,) mean reply-token log-likelihoods, as `score_pairs` scores them, in one batch.
 
-    Steered by `offsets` in `position_mode`; differentiable with respect to the offsets (no `no_grad`).
+    Steered by `offsets` (and `low_rank` terms) in `position_mode`; differentiable with respect to them
+    (no `no_grad`).
     """
     pad = pad_id(tokenizer)
     batch = collate(pair_examples(tokenizer, pairs, budget), pad)
-    with _autocast(bf16), steered_offsets(model, offsets, position_mode, batch):
+    with _autocast(bf16), steered_offsets(model, offsets, position_mode, batch, low_rank=low_rank):
         scores = sequence_logprobs(model, batch)
     return scores[0::2], scores[1::2]
 
@@ -179,7 +189,7 @@ def perplexity(
     for chunk in chunks:
         input_ids = torch.tensor([chunk])
         batch = Batch(input_ids, torch.ones_like(input_ids), torch.ones_like(input_ids))
-        flat = Profile(profile.name, profile.offsets) if profile is not None else None  # position mode "all"
+        flat = _everywhere(profile)  # position mode "all"
         with torch.no_grad(), _autocast(bf16), steered(model, flat, strength, batch):
             logits = model(input_ids=input_ids, use_cache=False).logits
         logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
@@ -187,6 +197,11 @@ def perplexity(
         total += float(nll.sum())
         count += nll.numel()
     return math.exp(total / count)
+
+
+def _everywhere(profile: Profile | None) -> Profile | None:
+    """`profile` in position mode "all": perplexity and generation steer every position."""
+    return dataclasses.replace(profile, position_mode="all") if profile is not None else None
 
 
 def generate(
@@ -206,7 +221,7 @@ def generate(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        flat = Profile(profile.name, profile.offsets) if profile is not None else None
+        flat = _everywhere(profile)
         with torch.no_grad(), _autocast(bf16), steered(model, flat, strength):
             out = model.generate(
                 input_ids=input_ids,

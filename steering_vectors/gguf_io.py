@@ -42,6 +42,12 @@ def write_control_vector(profile: Profile, *, model_hint: str | None = None) -> 
             f"profile {profile.name!r} steers layer 0, which GGUF control vectors cannot carry "
             "(llama.cpp rejects direction.0); drop that layer before exporting"
         )
+    if profile.low_rank:
+        raise ProfileFormatError(
+            f"profile {profile.name!r} has low-rank (input-dependent) terms at layers {sorted(profile.low_rank)}, "
+            "which GGUF control vectors cannot carry (they hold one constant offset per layer); serve it from "
+            "the safetensors file instead"
+        )
     hint = model_hint or (profile.fingerprint.architecture if profile.fingerprint else "llama")
     meta = profile.metadata()
     with tempfile.TemporaryDirectory() as tmp:

@@ -123,6 +123,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
     train.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
     train.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
+    train.add_argument(
+        "--pref-rank",
+        type=_count0,
+        default=0,
+        help="rank of an input-dependent low-rank term per layer in the 'pref' fit (0: constant offsets only)",
+    )
     train.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
     train.add_argument(
         "--pref-l2", type=float, default=0.01, help="weight of sum_l ||delta_l||^2 in the 'pref' loss"
@@ -278,6 +284,7 @@ def run_train(args: argparse.Namespace) -> int:
     fit_losses: list[float] = []
     pref_losses: list[float] = []
     pref_settings: dict[str, Any] = {}
+    low_rank: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # fit -> its low-rank terms, if any
     for fit in args.fit:
         if fit == "rahf":
             fit_config = FitConfig(
@@ -299,18 +306,19 @@ def run_train(args: argparse.Namespace) -> int:
                 steps=args.pref_steps,
                 batch_pairs=args.pref_batch,
                 lr=args.pref_lr,
+                rank=args.pref_rank,
                 position_mode=args.position_mode,
                 budget=budget,
                 bf16=args.bf16,
                 seed=args.seed,
             )
             t_pref = time.perf_counter()
-            fitted[fit], pref_losses = fit_preference_offsets(
+            fitted[fit], low_rank[fit], pref_losses = fit_preference_offsets(
                 model, tokenizer, pairs, args.layers, pref_config, work / "pref.ckpt"
             )
             timings["fit_pref_s"] = time.perf_counter() - t_pref
             pref_settings = {
-                key: getattr(pref_config, key) for key in ("beta", "l2", "kl", "steps", "batch_pairs", "lr")
+                key: getattr(pref_config, key) for key in ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")
             }
         elif fit == "mean":
             fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)
@@ -348,6 +356,7 @@ def run_train(args: argparse.Namespace) -> int:
                 else f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)"
             ),
             position_mode=args.position_mode,
+            low_rank=low_rank.get(fit),
         )
         strength, rows = 1.0, []
         if calib_pairs:

@@ -3,10 +3,15 @@
 Knows the file format, its metadata and validation against a model's fingerprint. Knows nothing about
 hooks (see `hooks`), models (see `models`, which computes fingerprints) or HTTP.
 
-File layout (format version 1):
+File layout (format version 1, or 2 when the profile has low-rank terms):
 - tensors ``offset.<layer>``: float32, shape ``(hidden_size,)``, one per steered decoder layer; layer
   indices are 0-based positions in the model's decoder stack, and an offset at layer ``l`` is added to
   that layer's output (``output_hidden_states[l + 1]`` in transformers terms).
+- version 2 only, optional per steered layer: ``down.<layer>`` ``(rank, hidden_size)`` and ``up.<layer>``
+  ``(hidden_size, rank)``, an input-dependent term: the layer's output ``h`` becomes
+  ``h + s * (offset + up @ down @ (h / rms(h)))`` at strength ``s`` (see `hooks.low_rank_delta`).
+  Version-1 files have constant offsets only, and this library writes version 1 for those, so older
+  readers keep reading them.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
   ``provenance`` (JSON), ``created``.
@@ -41,11 +46,11 @@ from .errors import (
 )
 
 FORMAT_NAME = "rahf-profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this library reads; it writes 1 unless a profile has low-rank terms
 PositionMode = Literal["all", "generated"]
 POSITION_MODES: tuple[str, ...] = ("all", "generated")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_TENSOR_KEY = re.compile(r"^offset\.(\d+)$")
+_TENSOR_KEY = re.compile(r"^(offset|down|up)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,11 @@ def validate_name(name: str) -> str:
 
 @dataclass
 class Profile:
-    """A named set of per-layer offsets and how to apply them."""
+    """A named set of per-layer offsets and how to apply them.
+
+    `low_rank` (optional) maps some of the offset layers to a ``(down (rank, H), up (H, rank))`` pair
+    that adds ``up @ down @ (h / rms(h))``: an offset that depends on the hidden state ``h``.
+    """
 
     name: str
     offsets: dict[int, torch.Tensor]
@@ -105,7 +114,8 @@ class Profile:
     method: str = "manual"
     provenance: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -133,6 +143,34 @@ class Profile:
         if len(sizes) != 1:
             raise ProfileShapeError(f"profile {self.name!r}: offsets have different sizes {sorted(sizes)}")
         self.offsets = dict(sorted(clean.items()))
+        self.low_rank = self._clean_low_rank(self.hidden_size)
+        if self.low_rank:
+            self.format_version = max(self.format_version, 2)
+
+    def _clean_low_rank(self, hidden: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, pair in self.low_rank.items():
+            if layer not in self.offsets:
+                raise ProfileLayerError(
+                    f"profile {self.name!r}: layer {layer!r} has a low-rank term but no offset "
+                    "(use a zero offset for a low-rank term alone)"
+                )
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ProfileFormatError(f"profile {self.name!r}: the low-rank term of layer {layer} is not (down, up)")
+            down, up = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in pair)
+            rank = down.shape[0] if down.ndim == 2 else -1
+            if rank < 1 or down.shape != (rank, hidden) or up.shape != (hidden, rank):
+                raise ProfileShapeError(
+                    f"profile {self.name!r}: the low-rank term of layer {layer} has down {tuple(down.shape)} and "
+                    f"up {tuple(up.shape)}; expected (rank, {hidden}) and ({hidden}, rank) with rank >= 1"
+                )
+            if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                raise ProfileValueError(
+                    f"profile {self.name!r}: the low-rank term of layer {layer} contains NaN or Inf; "
+                    "refit the profile"
+                )
+            clean[layer] = (down, up)
+        return dict(sorted(clean.items()))
 
     @property
     def layers(self) -> list[int]:
@@ -145,8 +183,12 @@ class Profile:
     def norms(self) -> dict[int, float]:
         return {layer: float(t.norm()) for layer, t in self.offsets.items()}
 
+    def ranks(self) -> dict[int, int]:
+        """layer -> rank of its low-rank term (layers without one are left out)."""
+        return {layer: int(down.shape[0]) for layer, (down, _) in self.low_rank.items()}
+
     def renamed(self, name: str) -> Profile:
-        return dataclasses.replace(self, name=name, offsets=dict(self.offsets))
+        return dataclasses.replace(self, name=name, offsets=dict(self.offsets), low_rank=dict(self.low_rank))
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -176,6 +218,7 @@ class Profile:
             "provenance": self.provenance,
             "fingerprint": dataclasses.asdict(self.fingerprint) if self.fingerprint else None,
             "offset_norms": {str(k): v for k, v in self.norms().items()},
+            "low_rank": {str(k): v for k, v in self.ranks().items()},
             "created": int(self.created),
             "format_version": self.format_version,
         })
@@ -220,6 +263,9 @@ class Profile:
 
     def to_bytes(self) -> bytes:
         tensors = {f"offset.{layer}": t for layer, t in self.offsets.items()}
+        for layer, (down, up) in self.low_rank.items():
+            tensors[f"down.{layer}"] = down
+            tensors[f"up.{layer}"] = up
         return st_save(tensors, metadata=self.metadata())
 
     @classmethod
@@ -231,16 +277,27 @@ class Profile:
             raise ProfileFormatError(f"{source}: not a readable safetensors file ({exc}); is it truncated?") from exc
         if metadata.get("format") != FORMAT_NAME:
             raise ProfileFormatError(f"{source}: safetensors file without '{FORMAT_NAME}' metadata")
-        offsets: dict[int, torch.Tensor] = {}
+        parts: dict[str, dict[int, torch.Tensor]] = {"offset": {}, "down": {}, "up": {}}
         for key, tensor in tensors.items():
             match = _TENSOR_KEY.match(key)
             if not match:
-                raise ProfileFormatError(f"{source}: unexpected tensor {key!r} (expected offset.<layer>)")
-            if tensor.ndim != 1:
-                raise ProfileShapeError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected 1-D")
+                raise ProfileFormatError(
+                    f"{source}: unexpected tensor {key!r} (expected offset.<layer>, down.<layer> or up.<layer>)"
+                )
+            kind, layer = match.group(1), int(match.group(2))
+            expected = 1 if kind == "offset" else 2
+            if tensor.ndim != expected:
+                raise ProfileShapeError(
+                    f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}-D"
+                )
             if not tensor.is_floating_point():
                 raise ProfileFormatError(f"{source}: tensor {key!r} is {tensor.dtype}; offsets are floating point")
-            offsets[int(match.group(1))] = tensor
+            parts[kind][layer] = tensor
+        offsets = parts["offset"]
+        unpaired = sorted(set(parts["down"]) ^ set(parts["up"]))
+        if unpaired:
+            raise ProfileFormatError(f"{source}: layers {unpaired} have only one of down.<layer> and up.<layer>")
+        low_rank = {layer: (down, parts["up"][layer]) for layer, down in parts["down"].items()}
         try:
             version = int(metadata.get("format_version", "0"))
             if version > FORMAT_VERSION:
@@ -259,6 +316,7 @@ class Profile:
                 provenance=json.loads(metadata.get("provenance") or "{}"),
                 created=float(metadata.get("created", "0")),
                 format_version=version,
+                low_rank=low_rank,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProfileFormatError(f"{source}: malformed profile metadata ({exc})") from exc

@@ -551,6 +551,9 @@ def pca_offsets(records: Sequence[PatternRecord], layers: Sequence[int]) -> dict
     return out
 
 
+LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (down (rank, H), up (H, rank))
+
+
 @dataclass
 class FitConfig:
     """Gradient descent on per-layer offsets with the RAHF alignment loss."""
@@ -622,11 +625,16 @@ def fit_offsets(
         order = order[config.batch_size :]
     pad = pad_id(tokenizer)
 
-    def batch_loss(offsets: dict[int, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
+    def batch_loss(
+        offsets: dict[int, torch.Tensor], indices: list[int], _: LowRank
+    ) -> tuple[torch.Tensor, dict[str, str]]:
         batch = [records[i] for i in indices]
         return alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16), {}
 
-    return adam_on_offsets(layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit offsets")
+    offsets, _, losses = adam_on_offsets(
+        layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit offsets"
+    )
+    return offsets, losses
 
 
 def adam_on_offsets(
@@ -634,35 +642,52 @@ def adam_on_offsets(
     hidden: int,
     lr: float,
     draws: Sequence[list[int]],
-    batch_loss: Callable[[dict[int, torch.Tensor], list[int]], tuple[torch.Tensor, dict[str, str]]],
+    batch_loss: Callable[[dict[int, torch.Tensor], list[int], LowRank], tuple[torch.Tensor, dict[str, str]]],
     checkpoint: Path | None,
     checkpoint_every: int,
     desc: str,
     identity: dict[str, Any] | None = None,
-) -> tuple[dict[int, torch.Tensor], list[float]]:
+    rank: int = 0,
+    seed: int = 0,
+) -> tuple[dict[int, torch.Tensor], LowRank, list[float]]:
     """Adam on one offset per layer (zeros at first), one step per entry of `draws`.
 
-    `batch_loss(offsets, draw)` returns the step's loss (differentiable in the offsets) and extra
-    progress-bar fields. State goes to `checkpoint` every `checkpoint_every` steps and at the end; a
-    checkpoint whose step count and `identity` match is resumed. Returns the offsets and every loss.
+    With `rank` > 0 each layer also learns a low-rank term (down: seeded random orthonormal rows, up:
+    zeros at first); with 0 the low-rank terms stay empty. `batch_loss(offsets, draw, low_rank)` returns
+    the step's loss (differentiable in both) and extra progress-bar fields. State goes to `checkpoint`
+    every `checkpoint_every` steps and at the end; a checkpoint whose step count and `identity` match is
+    resumed. Returns the offsets, the low-rank terms and every loss.
     """
     steps = len(draws)
     delta = torch.zeros(len(layers), hidden, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    identity = {"steps": steps, **(identity or {})}
+    params = {"delta": delta}
+    if rank:
+        generator = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(len(layers), hidden, rank, generator=generator))[0]
+        params["down"] = basis.transpose(1, 2).contiguous().requires_grad_(True)  # (L, rank, H)
+        params["up"] = torch.zeros(len(layers), hidden, rank, requires_grad=True)
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    identity = {"steps": steps, **(identity or {}), **({"rank": rank} if rank else {})}
     losses: list[float] = []
     start = 0
     state = load_checkpoint(checkpoint) if checkpoint else None
     if state is not None and all(state.get(key) == value for key, value in identity.items()):
         with torch.no_grad():
-            delta.copy_(state["delta"])
+            for key, tensor in params.items():
+                tensor.copy_(state[key])
         optimizer.load_state_dict(state["optimizer"])
         start, losses = int(state["step"]), list(state["losses"])
         log.info("%s: resuming at step %d of %d from %s", desc, start, steps, checkpoint)
+
+    def current_low_rank() -> LowRank:
+        if not rank:
+            return {}
+        return {layer: (params["down"][i], params["up"][i]) for i, layer in enumerate(layers)}
+
     progress = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False)
     for step in progress:
         offsets = {layer: delta[i] for i, layer in enumerate(layers)}
-        loss, postfix = batch_loss(offsets, draws[step])
+        loss, postfix = batch_loss(offsets, draws[step], current_low_rank())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -670,9 +695,12 @@ def adam_on_offsets(
         progress.set_postfix(loss=f"{losses[-1]:.3f}", **postfix)
         done = step + 1
         if checkpoint and (done % checkpoint_every == 0 or done == steps):
-            state = {"step": done, "delta": delta.detach().clone(), "optimizer": optimizer.state_dict()}
+            saved = {key: tensor.detach().clone() for key, tensor in params.items()}
+            state = {"step": done, **saved, "optimizer": optimizer.state_dict()}
             save_checkpoint(checkpoint, {**identity, **state, "losses": losses})
-    return {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}, losses
+    offsets = {layer: delta[i].detach().clone() for i, layer in enumerate(layers)}
+    low_rank = {layer: (down.detach().clone(), up.detach().clone()) for layer, (down, up) in current_low_rank().items()}
+    return offsets, low_rank, losses
 
 
 # -- our addition: offsets learned on the preference metric itself ---------------------------------
@@ -692,6 +720,9 @@ class PrefConfig:
     `evaluate.score_pairs` scores (steered in `position_mode`) plus ``l2 * sum_l ||delta_l||^2`` plus
     ``kl *`` the mean next-token KL(unsteered || steered) over the prompt tokens of the batch (steered at
     every position, as the neutral-text perplexity is).
+
+    With `rank` > 0 each layer also learns a low-rank, input-dependent term (see `hooks.low_rank_delta`);
+    its ``up`` factors join the L2 penalty.
     """
 
     beta: float = 10.0
@@ -700,6 +731,7 @@ class PrefConfig:
     steps: int = 32
     batch_pairs: int = 8
     lr: float = 0.01
+    rank: int = 0
     position_mode: str = "all"
     budget: TokenBudget = field(default_factory=TokenBudget)
     bf16: bool = False
@@ -713,18 +745,29 @@ def preference_objective(
     pairs: Sequence[PreferencePair],
     offsets: dict[int, torch.Tensor],
     config: PrefConfig,
+    low_rank: LowRank | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, preference part) of `pairs` steered by `offsets` (layer -> (H,), may require grad)."""
+    """(total loss, preference part) of `pairs` steered by `offsets` (layer -> (H,), may require grad)
+    and the optional `low_rank` terms (layer -> (down, up), may require grad)."""
     from .evaluate import pair_logprobs
 
     chosen, rejected = pair_logprobs(
-        model, tokenizer, pairs, offsets, config.position_mode, budget=config.budget, bf16=config.bf16
+        model,
+        tokenizer,
+        pairs,
+        offsets,
+        config.position_mode,
+        budget=config.budget,
+        bf16=config.bf16,
+        low_rank=low_rank,
     )
     pref = preference_loss(chosen, rejected, config.beta)
-    penalty = sum((o.float().pow(2).sum() for o in offsets.values()), torch.zeros(()))
+    penalized = [*offsets.values(), *(up for _, up in (low_rank or {}).values())]
+    penalty = sum((t.float().pow(2).sum() for t in penalized), torch.zeros(()))
     total = pref + config.l2 * penalty
     if config.kl:
-        total = total + config.kl * prompt_kl(model, tokenizer, pairs, offsets, config.budget, config.bf16)
+        kl = prompt_kl(model, tokenizer, pairs, offsets, config.budget, config.bf16, low_rank=low_rank)
+        total = total + config.kl * kl
     return total, pref
 
 
@@ -735,6 +778,8 @@ def prompt_kl(
     offsets: dict[int, torch.Tensor],
     budget: TokenBudget = DEFAULT_BUDGET,
     bf16: bool = False,
+    *,
+    low_rank: LowRank | None = None,
 ) -> torch.Tensor:
     """Mean over the pairs' prompt tokens of KL(unsteered || steered) next-token distributions.
 
@@ -749,7 +794,7 @@ def prompt_kl(
     keep = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
     with torch.no_grad(), autocast(bf16):
         plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    with autocast(bf16), steered_offsets(model, offsets, "all", batch):
+    with autocast(bf16), steered_offsets(model, offsets, "all", batch, low_rank=low_rank):
         moved = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     log_p = torch.log_softmax(plain[:, :-1][keep].float(), dim=-1)
     log_q = torch.log_softmax(moved[:, :-1][keep].float(), dim=-1)
@@ -763,11 +808,13 @@ def fit_preference_offsets(
     layers: Sequence[int],
     config: PrefConfig,
     checkpoint: Path | None = None,
-) -> tuple[dict[int, torch.Tensor], list[float]]:
-    """Learn offsets (layer -> (H,)) of the frozen model by Adam on `preference_objective`.
+) -> tuple[dict[int, torch.Tensor], LowRank, list[float]]:
+    """Learn offsets (layer -> (H,)) of the frozen model by Adam on `preference_objective`, and with
+    `config.rank` > 0 low-rank terms (layer -> (down (rank, H), up (H, rank))) too.
 
     Batches of `batch_pairs` pairs are drawn up front from seeded shuffles (epochs over the pairs), so a
-    run resumed from `checkpoint` takes the same steps. Returns the offsets and each step's total loss.
+    run resumed from `checkpoint` takes the same steps. Returns the offsets, the low-rank terms (empty
+    for rank 0) and each step's total loss.
     """
     from .layers import hidden_size_of
 
@@ -777,14 +824,18 @@ def fit_preference_offsets(
     epochs = -(-config.steps * config.batch_pairs // len(pairs))  # enough epochs for every step
     draws = _batches(range(len(pairs)), config.batch_pairs, epochs, config.seed)[: config.steps]
 
-    def batch_loss(offsets: dict[int, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
-        loss, pref = preference_objective(base, tokenizer, [pairs[i] for i in indices], offsets, config)
+    def batch_loss(
+        offsets: dict[int, torch.Tensor], indices: list[int], low_rank: LowRank
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        loss, pref = preference_objective(base, tokenizer, [pairs[i] for i in indices], offsets, config, low_rank)
         return loss, {"pref": f"{float(pref.detach()):.3f}"}
 
     hidden = hidden_size_of(base)
     return adam_on_offsets(
         layers, hidden, config.lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit pref offsets",
         identity={"pairs": len(pairs)},
+        rank=config.rank,
+        seed=config.seed,
     )
 
 
@@ -804,10 +855,12 @@ def make_profile(
     description: str = "",
     default_strength: float = 1.0,
     position_mode: str = "all",
+    low_rank: LowRank | None = None,
 ) -> Profile:
     return Profile(
         name=name,
         offsets=offsets,
+        low_rank=dict(low_rank or {}),
         description=description,
         fingerprint=fingerprint,
         default_strength=default_strength,

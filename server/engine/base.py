@@ -47,7 +47,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RowSteering:
-    """Steering of one sequence: combined offsets (layer -> (H,) float32) and the position mode.
+    """Steering of one sequence: combined offsets (layer -> (H,) float32), the combined low-rank terms
+    (layer -> (down (R, H), up (H, R)), see `steering_vectors.hooks.combine_low_rank`) and the position mode.
 
     `applied` lists (profile name, strength) for the response; the offsets are computed once per
     request from the profile objects it started with, so a profile replaced later does not change it.
@@ -56,6 +57,7 @@ class RowSteering:
     offsets: Mapping[int, torch.Tensor]
     position_mode: str = "all"
     applied: tuple[tuple[str, float], ...] = ()
+    low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass

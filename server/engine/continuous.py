@@ -154,6 +154,7 @@ class _Sequence:
     events: asyncio.Queue
     generator: torch.Generator
     offsets: Mapping[int, torch.Tensor] | None
+    low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None
     mode: str
     max_new_tokens: int
     filled: int = 0  # positions whose K/V are in the cache
@@ -294,8 +295,10 @@ class ContinuousEngine(Engine):
         )
         generator = torch.Generator().manual_seed(0)
         vocab = int(config.vocab_size)
-        offsets = {0: torch.randn(self.steerer.hidden_size, generator=generator)}
-        plan = build_plan([offsets, None], dtype=self.dtype, device=self.device)
+        hidden = self.steerer.hidden_size
+        offsets = {0: torch.randn(hidden, generator=generator)}
+        low_rank = {0: (torch.randn(2, hidden, generator=generator), torch.randn(hidden, 2, generator=generator))}
+        plan = build_plan([offsets, None], row_low_rank=[low_rank, None], dtype=self.dtype, device=self.device)
         with torch.inference_mode():
             first = torch.zeros(2, dtype=torch.long, device=self.device)  # first token of each row
             cache.for_decode(2, first, 1)
@@ -337,6 +340,7 @@ class ContinuousEngine(Engine):
             raise ValueError(f"the prompt has {prompt_len} tokens; this engine holds {self._max_context}")
         steering = request.steering
         offsets = self._checked_offsets(steering.offsets) if steering is not None else None
+        low_rank = self._checked_low_rank(steering.low_rank, offsets or {}) if steering is not None else None
         mode = steering.position_mode if steering is not None else "all"
         if mode not in POSITION_MODES:
             raise PlanError(f"position mode {mode!r} is not one of {POSITION_MODES}")
@@ -346,6 +350,7 @@ class ContinuousEngine(Engine):
             events=asyncio.Queue(),
             generator=make_generator(params.seed if params.temperature > 0 else 0),
             offsets=offsets or None,
+            low_rank=low_rank or None,
             mode=mode,
             max_new_tokens=max(0, min(params.max_new_tokens, self._max_context - prompt_len)),
         )
@@ -371,6 +376,23 @@ class ContinuousEngine(Engine):
             if vector.numel() != hidden:
                 raise PlanError(f"offset of layer {layer} has {vector.numel()} values; hidden size is {hidden}")
             checked[int(layer)] = vector.reshape(hidden).float()
+        return checked
+
+    def _checked_low_rank(
+        self, low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]], offsets: Mapping[int, torch.Tensor]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        hidden = self.steerer.hidden_size
+        checked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, (down, up) in low_rank.items():
+            if int(layer) not in offsets:
+                raise PlanError(f"steering has a low-rank term at layer {layer} but no offset there")
+            rank = down.shape[0] if down.ndim == 2 else -1
+            if rank < 1 or tuple(down.shape) != (rank, hidden) or tuple(up.shape) != (hidden, rank):
+                raise PlanError(
+                    f"low-rank term of layer {layer} has shapes {tuple(down.shape)} and {tuple(up.shape)}; "
+                    f"expected (rank, {hidden}) and ({hidden}, rank)"
+                )
+            checked[int(layer)] = (down.float(), up.float())
         return checked
 
     # -- scheduler thread --------------------------------------------------------------------------
@@ -485,6 +507,7 @@ class ContinuousEngine(Engine):
         if any(seq.offsets is not None and seq.mode == "all" for seq in group):
             plan = build_plan(
                 [seq.offsets for seq in group],
+                row_low_rank=[seq.low_rank for seq in group],
                 modes=[seq.mode for seq in group],
                 positions=torch.where(real, steps, -1),
                 prompt_lengths=lengths_list,
@@ -511,6 +534,7 @@ class ContinuousEngine(Engine):
             return None  # no prompt position is steered in this mode
         return build_plan(
             [seq.offsets],
+            row_low_rank=[seq.low_rank],
             modes=[seq.mode],
             positions=positions,
             prompt_lengths=[len(seq.request.prompt_ids)],
@@ -629,7 +653,12 @@ class ContinuousEngine(Engine):
         In decode every position is past the prompt, so "generated" rows are steered like "all" rows.
         """
         if self._plan_stale:
-            self._plan = build_plan([seq.offsets for seq in self._running], dtype=self.dtype, device=self.device)
+            self._plan = build_plan(
+                [seq.offsets for seq in self._running],
+                row_low_rank=[seq.low_rank for seq in self._running],
+                dtype=self.dtype,
+                device=self.device,
+            )
             self._plan_stale = False
         return self._plan
 

@@ -14,7 +14,7 @@ attention interface lookup). This module runs one token per row through the deco
 - grouped-query attention as one `scaled_dot_product_attention` over the slot cache, with the query
   heads of a group laid out as a sequence (the same trick transformers uses for one-token queries);
 - steering added straight from the step's `SteeringPlan` after each steered layer, exactly like the
-  hook does (``h + offset``), so the hooks are not involved.
+  hook does (``h + offset``, plus the low-rank term where the plan has one), so the hooks are not involved.
 
 Only models whose modules have the Llama structure are taken (`LlamaDecodeStep.build` returns None
 otherwise), and the engine checks the step against the transformers forward once at start-up; the
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steering_vectors.hooks import SteeringPlan
+from steering_vectors.hooks import SteeringPlan, low_rank_delta
 
 from .packed import GROUP, PackedLinear
 
@@ -166,6 +166,7 @@ class LlamaDecodeStep:
         kv_shape = (n, self.kv_heads, self.head_dim)
         half = self.head_dim // 2
         offsets = plan.offsets if plan is not None else {}
+        low_rank = plan.low_rank if plan is not None else {}
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, shape, layer.in_norm, self.eps)
             q, k, v = layer.qkv(x)
@@ -183,7 +184,11 @@ class LlamaDecodeStep:
             hidden = hidden + layer.down_proj(F.silu(gate) * up)
             offset = offsets.get(index)
             if offset is not None:
-                hidden = hidden + offset[:, 0].to(hidden.dtype)
+                delta = offset[:, 0]
+                factors = low_rank.get(index)
+                if factors is not None:  # as the hook: offset + the term, in the offset's dtype
+                    delta = delta + low_rank_delta(hidden.unsqueeze(1), *factors)[:, 0].to(delta.dtype)
+                hidden = hidden + delta.to(hidden.dtype)
         return F.rms_norm(hidden, shape, self.norm, self.eps)
 
 

@@ -194,8 +194,15 @@ class SimpleEngine(Engine):
 
         # 2. per-row steering: offsets and position modes
         row_offsets = [job.request.steering.offsets if job.request.steering else None for job in jobs]
+        row_low_rank = [job.request.steering.low_rank if job.request.steering else None for job in jobs]
         modes = [job.request.steering.position_mode if job.request.steering else "all" for job in jobs]
-        plan_kwargs = {"modes": modes, "prompt_lengths": lengths, "dtype": self.dtype, "device": self.device}
+        plan_kwargs = {
+            "modes": modes,
+            "prompt_lengths": lengths,
+            "dtype": self.dtype,
+            "device": self.device,
+            "row_low_rank": row_low_rank,
+        }
         prefill_plan = build_plan(row_offsets, positions=positions, **plan_kwargs)
 
         # 3. prefill; full logits only when some row scores its prompt

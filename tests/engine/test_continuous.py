@@ -279,3 +279,43 @@ def test_prompts_prefilled_together_match_single_runs(tiny_model, make_engine):
         assert asyncio.run(together()) == alone  # row 1 finishes at its first token; rows 2-3 move down
     finally:
         engine.shutdown(timeout=5)
+
+
+def low_rank_steering(seed: int, rank: int, scale: float = 2.0) -> RowSteering:
+    generator = torch.Generator().manual_seed(seed)
+    offsets = {layer: torch.randn(TINY_HIDDEN, generator=generator) for layer in (1, 2)}
+    low_rank = {}
+    for layer in (1, 2):
+        down = torch.randn(rank, TINY_HIDDEN, generator=generator)
+        low_rank[layer] = (down, scale * torch.randn(TINY_HIDDEN, rank, generator=generator))
+    return RowSteering(offsets=offsets, low_rank=low_rank)
+
+
+def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_engine):
+    from steering_vectors.hooks import Steerer, build_plan
+
+    engine = make_engine(max_batch_size=8, prefill_chunk=4)
+    steer = low_rank_steering(1, rank=3)
+    # alone: the same greedy tokens as transformers' generate under the hooks with the same plan
+    plan = build_plan([dict(steer.offsets)], row_low_rank=[dict(steer.low_rank)])
+    with Steerer.attach(tiny_model).steering(plan):
+        expected = reference(tiny_model, PROMPTS[2], 12)
+    alone = run_alone(engine, PROMPTS[2], greedy(12), steer)
+    assert alone == expected
+    offsets_only = run_alone(engine, PROMPTS[2], greedy(12), RowSteering(offsets=steer.offsets))
+    assert alone != offsets_only  # the low-rank term takes part
+
+    cases = [
+        (PROMPTS[0], low_rank_steering(2, rank=1)),
+        (PROMPTS[1], steering(3)),
+        (PROMPTS[2], steer),
+        (PROMPTS[3], None),
+        (PROMPTS[0], low_rank_steering(4, rank=4)),
+    ]
+    single = [run_alone(engine, p, greedy(10), s) for p, s in cases]
+
+    async def together() -> list[list[int]]:
+        requests = [GenerationRequest(f"r{i}", p, greedy(10), s) for i, (p, s) in enumerate(cases)]
+        return [tokens(events) for events in await asyncio.gather(*(collect(engine, r) for r in requests))]
+
+    assert asyncio.run(together()) == single

@@ -183,3 +183,34 @@ def test_engine_tokens_are_the_same_with_and_without_the_lean_step(tiny_model):
     lean, regular = run(True), run(False)
     assert lean == regular
     assert [len(tokens) for tokens in lean] == [12, 15, 18, 21]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lean_step_with_low_rank_terms_is_bit_identical(packed):
+    """Rows with low-rank terms of different ranks (padded in the plan), offsets only, and none."""
+    model = tiny("llama")
+    if packed:
+        snap_to_four_bits(model)
+        pack_model(model, "auto", max_rows=8)
+    engine = ContinuousEngine(model, max_batch_size=4, max_seq_len=32)
+    assert engine.fast_decode is not None and engine.fast_decode_error == 0.0  # the probe has a low-rank row
+    lengths = [6, 5, 3, 2]
+    history(engine, lengths)
+    gen = torch.Generator().manual_seed(4)
+
+    def term(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rank, TINY_HIDDEN, generator=gen), torch.randn(TINY_HIDDEN, rank, generator=gen)
+
+    row_offsets = [
+        {1: torch.randn(TINY_HIDDEN, generator=gen), 2: torch.randn(TINY_HIDDEN, generator=gen)},
+        {1: torch.randn(TINY_HIDDEN, generator=gen)},
+        None,
+        {2: torch.zeros(TINY_HIDDEN)},
+    ]
+    row_low_rank = [{1: term(2), 2: term(3)}, None, None, {2: term(1)}]
+    unsteered, _ = both_paths(engine, lengths, None)
+    offsets_only, _ = both_paths(engine, lengths, build_plan(row_offsets))
+    steered, lean = both_paths(engine, lengths, build_plan(row_offsets, row_low_rank=row_low_rank))
+    assert torch.equal(lean, steered)
+    assert torch.equal(steered[1], offsets_only[1]) and torch.equal(steered[2], unsteered[2])
+    assert not torch.equal(steered[0], offsets_only[0]) and not torch.equal(steered[3], unsteered[3])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,3 +193,76 @@ def test_plan_errors(tiny_model, steerer):
         build_plan([combine_offsets([(profile, 1.0)])], modes=["generated"])
     with pytest.raises(PlanError, match="mode"):
         build_plan([combine_offsets([(profile, 1.0)])], modes=["sometimes"])
+
+
+# -- low-rank (input-dependent) terms ---------------------------------------------------------------
+
+
+def _low_rank_profile(name: str, layers: list[int], rank: int, seed: int) -> Profile:
+    gen = torch.Generator().manual_seed(seed)
+    return Profile(
+        name=name,
+        offsets={layer: torch.randn(TINY_HIDDEN, generator=gen) for layer in layers},
+        low_rank={
+            layer: (torch.randn(rank, TINY_HIDDEN, generator=gen), torch.randn(TINY_HIDDEN, rank, generator=gen))
+            for layer in layers
+        },
+    )
+
+
+def test_low_rank_delta_equals_a_hand_computation():
+    from steering_vectors.hooks import low_rank_delta
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, TINY_HIDDEN, generator=gen) * 40  # large states: the input is normalised
+    down, up = torch.randn(2, 4, TINY_HIDDEN, generator=gen), torch.randn(2, TINY_HIDDEN, 4, generator=gen)
+    got = low_rank_delta(hidden, down, up)
+    x = hidden.double().numpy()
+    x = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + 1e-6)
+    hand = np.einsum("bhr,brk,btk->bth", up.double().numpy(), down.double().numpy(), x)
+    np.testing.assert_allclose(got.numpy(), hand, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(low_rank_delta(hidden * 7, down, up), got, atol=1e-4)  # scale-free in h
+
+
+def test_low_rank_rows_are_exact_and_other_rows_untouched(tiny_model, steerer):
+    """Rows with a low-rank profile, an offset-only profile and none, in one padded batch."""
+    from steering_vectors.hooks import combine_low_rank, low_rank_delta
+
+    ids, mask = _left_padded_batch()
+    lr, flat = _low_rank_profile("lr", [1, 2], rank=3, seed=1), _profile("flat", [2], seed=2)
+    rows = [[(lr, 0.5)], [(flat, 1.0)], [], [(lr, 0.5), (flat, 1.0)], []]
+    plan = build_plan(
+        [combine_offsets(r) or None for r in rows],
+        row_low_rank=[combine_low_rank(r) or None for r in rows],
+        positions=positions_from_attention_mask(mask),
+    )
+    assert plan.low_rank[1][0].shape == (5, 3, TINY_HIDDEN)  # rank padded to the largest (3) with zeros
+    recorder = _Recorder(steerer)
+    try:
+        with steerer.steering(plan):
+            _forward(tiny_model, ids, mask)
+    finally:
+        recorder.remove()
+    real = mask.bool()
+    for layer in range(TINY_LAYERS):
+        before, after = recorder.before[layer], recorder.after[layer]
+        for row, entries in enumerate(rows):
+            expected = before[row].clone()
+            for profile, strength in entries:
+                if layer in profile.offsets:
+                    expected = expected + strength * profile.offsets[layer]
+                if layer in profile.low_rank:
+                    down, up = profile.low_rank[layer]
+                    expected = expected + low_rank_delta(before[row][None], down[None], (strength * up)[None])[0]
+            keep = real[row]
+            torch.testing.assert_close(after[row][keep], expected[keep], rtol=1e-5, atol=1e-5)
+            if not entries:
+                assert torch.equal(after[row], before[row])  # unsteered rows bit-identical
+
+
+def test_low_rank_plans_refuse_a_term_without_an_offset():
+    lr = _low_rank_profile("lr", [1], rank=2, seed=0)
+    with pytest.raises(PlanError, match="no offset"):
+        build_plan([{2: torch.zeros(TINY_HIDDEN)}], row_low_rank=[dict(lr.low_rank)])
+    with pytest.raises(PlanError, match="2 low-rank entries for 1 rows"):
+        build_plan([dict(lr.offsets)], row_low_rank=[dict(lr.low_rank), None])

@@ -236,3 +236,51 @@ def test_header_length_past_end_is_format_error():
     data = struct.pack("<Q", 10_000) + json.dumps({"__metadata__": {}}).encode()
     with pytest.raises(ProfileFormatError, match="truncated"):
         Profile.from_bytes(data)
+
+
+# -- low-rank (input-dependent) terms ---------------------------------------------------------------
+
+
+def _low_rank(layers=(1, 3), rank=2, seed=1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        layer: (torch.randn(rank, TINY_HIDDEN, generator=gen), torch.randn(TINY_HIDDEN, rank, generator=gen))
+        for layer in layers
+    }
+
+
+def test_low_rank_round_trip_writes_version_2(fingerprint):
+    plain = Profile.from_bytes(_profile(fingerprint).to_bytes())
+    assert plain.format_version == 1 and plain.low_rank == {} and plain.summary()["low_rank"] == {}
+    profile = _profile(fingerprint, low_rank=_low_rank())
+    loaded = Profile.from_bytes(profile.to_bytes())
+    assert loaded.format_version == 2 and loaded.ranks() == {1: 2, 3: 2}
+    assert loaded.summary()["low_rank"] == {"1": 2, "3": 2}
+    _assert_same(profile, loaded)
+    for layer in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(profile.low_rank[layer], loaded.low_rank[layer], strict=True))
+    assert loaded.renamed("other").low_rank.keys() == loaded.low_rank.keys()
+
+
+def test_low_rank_terms_are_validated(fingerprint):
+    with pytest.raises(ProfileLayerError, match="no offset"):
+        _profile(fingerprint, low_rank=_low_rank(layers=(2,)))
+    down, up = _low_rank()[1]
+    with pytest.raises(ProfileShapeError, match="expected"):
+        _profile(fingerprint, low_rank={1: (down, up[:, :1])})
+    with pytest.raises(ProfileShapeError, match="expected"):
+        _profile(fingerprint, low_rank={1: (down[:, :8], up)})
+    with pytest.raises(ProfileValueError, match="NaN or Inf"):
+        _profile(fingerprint, low_rank={1: (down, up * float("inf"))})
+    # files: a down without its up, and a 1-D down
+    profile = _profile(fingerprint)
+    tensors = {f"offset.{k}": v for k, v in profile.offsets.items()}
+    with pytest.raises(ProfileFormatError, match="only one of"):
+        Profile.from_bytes(st_save({**tensors, "down.1": down}, metadata=profile.metadata()))
+    with pytest.raises(ProfileShapeError, match="expected 2-D"):
+        Profile.from_bytes(st_save({**tensors, "down.1": down[0], "up.1": up}, metadata=profile.metadata()))
+
+
+def test_gguf_export_refuses_low_rank_terms(fingerprint):
+    with pytest.raises(ProfileFormatError, match="low-rank"):
+        write_control_vector(_profile(fingerprint, low_rank=_low_rank()))

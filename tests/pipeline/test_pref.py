@@ -87,8 +87,8 @@ def test_objective_in_generated_mode_leaves_prompt_unsteered(tiny) -> None:
 def test_fit_lowers_preference_loss_resumes_and_applies_through_hooks(tiny, tmp_path: Path) -> None:
     model, tok = tiny.model, tiny.tokenizer
     config = PrefConfig(beta=10.0, l2=1e-3, steps=12, batch_pairs=2, lr=0.05, budget=BUDGET, checkpoint_every=4)
-    offsets, losses = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
-    assert len(losses) == 12 and set(offsets) == set(LAYERS)
+    offsets, low_rank, losses = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
+    assert len(losses) == 12 and set(offsets) == set(LAYERS) and low_rank == {}
     zero = {layer: torch.zeros(64) for layer in LAYERS}
     with torch.no_grad():
         start, _ = preference_objective(model, tok, PAIRS, zero, config)
@@ -99,10 +99,10 @@ def test_fit_lowers_preference_loss_resumes_and_applies_through_hooks(tiny, tmp_
     assert after.margin > before.margin
 
     # a rerun with the finished checkpoint resumes at the end and returns the same offsets
-    again, losses_again = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
+    again, _, losses_again = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "pref.ckpt")
     assert losses_again == losses and all(torch.equal(again[k], offsets[k]) for k in LAYERS)
     # the same seed from scratch takes the same steps
-    fresh, losses_fresh = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, None)
+    _, _, losses_fresh = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, None)
     assert losses_fresh == pytest.approx(losses, rel=1e-5)
 
     profile = make_profile(
@@ -121,7 +121,8 @@ def test_fit_lowers_preference_loss_resumes_and_applies_through_hooks(tiny, tmp_
     assert score_pairs(model, tok, PAIRS, loaded, 1.0, budget=BUDGET).chosen == after.chosen
 
 
-def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("rank", [0, 2])
+def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_path: Path, capsys, rank) -> None:
     from steering_vectors.cli import main
 
     data = tmp_path / "pairs.jsonl"
@@ -136,7 +137,7 @@ def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_p
     args = ["train", "--data", str(data), "--name", "tiny", "--out", str(out), "--model", str(tiny_model_dir),
             "--fit", "pref", "--layers", "1,2", "--max-pairs", "4", "--calib-pairs", "2", "--pref-steps", "3",
             "--pref-batch", "2", "--prompt-tokens", "40", "--response-tokens", "12", "--strengths", "0.5,1",
-            "--work-dir", str(work)]  # fmt: skip
+            "--work-dir", str(work), "--pref-rank", str(rank)]  # fmt: skip
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert not (work / "patterns.pt").exists() and not (work / "scit.ckpt").exists()
@@ -146,6 +147,8 @@ def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_p
     assert profile.provenance["fit"] == "pref" and profile.provenance["pref"]["steps"] == 3
     assert profile.provenance["instruct"] == "none"
     assert profile.default_strength in (0.5, 1.0)
+    assert profile.provenance["pref"]["rank"] == rank
+    assert profile.ranks() == ({1: 2, 2: 2} if rank else {})
 
 
 def test_prompt_kl_is_zero_unsteered_and_equals_hand_computation(tiny) -> None:
@@ -168,3 +171,45 @@ def test_prompt_kl_is_zero_unsteered_and_equals_hand_computation(tiny) -> None:
     with torch.no_grad():
         total, pref = preference_objective(model, tok, PAIRS[:1], offsets, config)
     assert total.item() == pytest.approx(pref.item() + 2.0 * hand, rel=1e-4)
+
+
+def test_low_rank_fit_lowers_loss_resumes_saves_and_applies_through_hooks(tiny, tmp_path: Path) -> None:
+    from steering_vectors.hooks import combine_low_rank, low_rank_delta
+
+    model, tok = tiny.model, tiny.tokenizer
+    config = PrefConfig(
+        beta=10.0, l2=1e-3, steps=8, batch_pairs=2, lr=0.05, rank=3, budget=BUDGET, checkpoint_every=4, kl=0.5
+    )
+    offsets, low_rank, losses = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "lr.ckpt")
+    assert len(losses) == 8 and set(low_rank) == set(LAYERS)
+    for down, up in low_rank.values():
+        assert down.shape == (3, 64) and up.shape == (64, 3) and up.abs().max() > 0
+    zero = {layer: torch.zeros(64) for layer in LAYERS}
+    with torch.no_grad():
+        start, _ = preference_objective(model, tok, PAIRS, zero, config)
+        end, _ = preference_objective(model, tok, PAIRS, offsets, config, low_rank)
+        constant_only, _ = preference_objective(model, tok, PAIRS, offsets, config)
+    assert end.item() < 0.9 * start.item()
+    assert end.item() != pytest.approx(constant_only.item(), rel=1e-4)  # the low-rank terms take part
+    # resuming the finished checkpoint gives the same terms; the same seed from scratch the same losses
+    _, again, losses_again = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "lr.ckpt")
+    assert losses_again == losses and all(torch.equal(again[k][1], low_rank[k][1]) for k in LAYERS)
+    _, _, fresh = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, None)
+    assert fresh == pytest.approx(losses, rel=1e-5)
+
+    profile = make_profile(
+        "tiny-lr", offsets, fit="pref", fingerprint=tiny.fingerprint, provenance={}, low_rank=low_rank
+    )
+    loaded = Profile.load(profile.save(tmp_path / "tiny-lr.safetensors"))
+    assert loaded.format_version == 2 and loaded.ranks() == {1: 3, 2: 3}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    entries = [(loaded, 0.5)]
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True).hidden_states
+        plan = build_plan([combine_offsets(entries)], row_low_rank=[combine_low_rank(entries)])
+        with Steerer.attach(model).steering(plan):
+            hooked = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(hooked[1], plain[1])
+    down, up = low_rank[1]
+    term = low_rank_delta(plain[2], down[None], (0.5 * up)[None])
+    assert torch.allclose(hooked[2], plain[2] + 0.5 * offsets[1] + term, atol=1e-6)

@@ -203,3 +203,27 @@ def test_profiles_with_non_finite_provenance_are_listed_as_strict_json(fresh, ti
         json.loads(response.text, parse_constant=lambda name: pytest.fail(f"{name} in a JSON response"))
     assert shown.json()["provenance"]["calibration"]["rows"] == [{"strength": 2.0, "accuracy": None}]
     assert "calibrated" in [p["id"] for p in listed.json()["data"]]
+
+
+def test_low_rank_profile_upload_listing_and_mixing(fresh, tiny_loaded, tiny_profiles) -> None:
+    """A profile with low-rank terms is stored, listed with its ranks, and steers as the hooks do, alone
+    and mixed with an offset-only profile."""
+    generator = torch.Generator().manual_seed(31)
+    low_rank = {2: (torch.randn(3, 64, generator=generator), 3 * torch.randn(64, 3, generator=generator))}
+    profile = make_profile(tiny_loaded, "lr", seed=30, scale=1.0, low_rank=low_rank)
+    response = put(fresh, "lowrank", profile.to_bytes())
+    assert response.status_code == 201, response.text
+    assert response.json()["low_rank"] == {"2": 3} and response.json()["format_version"] == 2
+    listed = {p["id"]: p for p in httpx.get(fresh.v1 + "/profiles").json()["data"]}
+    assert listed["lowrank"]["low_rank"] == {"2": 3} and listed["alpha"]["low_rank"] == {}
+    stored = Profile.load(fresh.profile_dir / "lowrank.safetensors")
+    assert torch.equal(stored.low_rank[2][1], low_rank[2][1])
+
+    ids = chat_ids(tiny_loaded, PROMPT)
+    alone = content(reply(fresh, f"{fresh.base}:lowrank"))
+    assert alone == text_of(tiny_loaded, greedy(tiny_loaded, ids, MAX, [(profile, 1.0)]))
+    offsets_only = Profile("flat", profile.offsets, fingerprint=profile.fingerprint)
+    assert alone != text_of(tiny_loaded, greedy(tiny_loaded, ids, MAX, [(offsets_only, 1.0)]))
+    mixed = [{"profile": "lowrank", "strength": 0.5}, {"profile": "alpha", "strength": -0.5}]
+    expected = greedy(tiny_loaded, ids, MAX, [(profile, 0.5), (tiny_profiles["alpha"], -0.5)])
+    assert content(reply(fresh, steering=mixed)) == text_of(tiny_loaded, expected)
