@@ -2,6 +2,8 @@
 against the transformers forward, side by side in one run, at several batch sizes, unsteered and with
 a different random offset per row at five layers. Both steps run on the same engine, cache and weights
 (packed as the server packs them), rounds interleaved; prints the median ms per step and the ratio.
+Then the cost of steering in the lean step: unsteered, offsets only, and offsets plus a rank-`--rank`
+low-rank term per layer (the input-dependent profile kind), rounds interleaved, with their ratios.
 
     python bench/decode_step.py                          # rows 1, 8, 16; packed weights (auto)
     python bench/decode_step.py --rows 1 4 --quantize none --threads 1
@@ -66,6 +68,24 @@ def compare(
     return statistics.median(times["transformers"]), statistics.median(times["lean"]), difference
 
 
+def steering_cost(
+    engine: ContinuousEngine, ids: torch.Tensor, context: int, plans: dict[str, SteeringPlan | None], rounds: int,
+    steps: int,
+) -> dict[str, float]:
+    """Median ms per lean step under each plan, the plans taking turns within every round."""
+    runs = {label: decode_steps(engine, ids, context, plan)[1] for label, plan in plans.items()}
+    times: dict[str, list[float]] = {label: [] for label in plans}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for label, step in runs.items():
+                step()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[label].append((time.perf_counter() - start) / steps * 1000)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
 def profile_step(engine: ContinuousEngine, model: torch.nn.Module, ids: torch.Tensor, context: int) -> None:
     """torch.profiler over 10 unsteered lean steps with the output head: where a step's time goes."""
     from torch.profiler import profile
@@ -94,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8, help="rank of the low-rank terms in the steering-cost runs")
     parser.add_argument(
         "--profile", action="store_true", help="also print torch.profiler's table of the lean step plus head"
     )
@@ -124,9 +145,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"rows {rows:>3} {label:>9}: transformers {slow:7.2f} ms  lean {quick:7.2f} ms  "
                 f"ratio {slow / quick:5.2f}  max |difference| {difference:.2e}"
             )
+        low_rank = [
+            {layer: (torch.randn(args.rank, hidden, generator=generator), torch.randn(hidden, args.rank) * 0.01)
+             for layer in layers}
+            for _ in range(rows)
+        ]
+        plans = {"unsteered": None, "offsets": build_plan(steered),
+                 "low-rank": build_plan(steered, row_low_rank=low_rank)}
+        cost = steering_cost(engine, ids, args.context, plans, args.rounds, args.steps)
+        results[f"lean offsets/unsteered@{rows}"] = cost["offsets"] / cost["unsteered"]
+        results[f"lean low-rank/offsets@{rows}"] = cost["low-rank"] / cost["offsets"]
+        print(
+            f"rows {rows:>3} lean step: unsteered {cost['unsteered']:7.2f} ms  offsets {cost['offsets']:7.2f} ms  "
+            f"offsets + rank-{args.rank} terms {cost['low-rank']:7.2f} ms"
+        )
         if args.profile:
             profile_step(engine, model, ids, args.context)
-    print("ratios (step time, transformers forward / lean step):")
+    print("ratios of step times (transformers forward / lean step; lean step under one plan / another):")
     for key, value in results.items():
         print(f"  {key}: {value:.3f}")
     return 0
