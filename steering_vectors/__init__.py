@@ -29,7 +29,9 @@ from .hooks import (  # noqa: E402
     Steerer,
     SteeringPlan,
     build_plan,
+    combine_low_rank,
     combine_offsets,
+    low_rank_delta,
     positions_from_attention_mask,
 )
 from .layers import find_decoder_layers  # noqa: E402
@@ -54,7 +56,9 @@ __all__ = [
     "SteeringPlan",
     "UnsupportedArchitectureError",
     "build_plan",
+    "combine_low_rank",
     "combine_offsets",
     "find_decoder_layers",
+    "low_rank_delta",
     "positions_from_attention_mask",
 ]
