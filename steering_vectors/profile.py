@@ -151,7 +151,7 @@ class Profile:
         clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, pair in self.low_rank.items():
             if layer not in self.offsets:
-                raise ProfileLayerError(
+                raise ProfileFormatError(
                     f"profile {self.name!r}: layer {layer!r} has a low-rank term but no offset "
                     "(use a zero offset for a low-rank term alone)"
                 )
@@ -160,7 +160,7 @@ class Profile:
             down, up = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in pair)
             rank = down.shape[0] if down.ndim == 2 else -1
             if rank < 1 or down.shape != (rank, hidden) or up.shape != (hidden, rank):
-                raise ProfileShapeError(
+                raise ProfileFormatError(
                     f"profile {self.name!r}: the low-rank term of layer {layer} has down {tuple(down.shape)} and "
                     f"up {tuple(up.shape)}; expected (rank, {hidden}) and ({hidden}, rank) with rank >= 1"
                 )

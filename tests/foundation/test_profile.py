@@ -263,12 +263,13 @@ def test_low_rank_round_trip_writes_version_2(fingerprint):
 
 
 def test_low_rank_terms_are_validated(fingerprint):
-    with pytest.raises(ProfileLayerError, match="no offset"):
+    # terms that do not fit the file's own offsets are format errors (400 on upload), not model mismatches
+    with pytest.raises(ProfileFormatError, match="no offset"):
         _profile(fingerprint, low_rank=_low_rank(layers=(2,)))
     down, up = _low_rank()[1]
-    with pytest.raises(ProfileShapeError, match="expected"):
+    with pytest.raises(ProfileFormatError, match="expected"):
         _profile(fingerprint, low_rank={1: (down, up[:, :1])})
-    with pytest.raises(ProfileShapeError, match="expected"):
+    with pytest.raises(ProfileFormatError, match="expected"):
         _profile(fingerprint, low_rank={1: (down[:, :8], up)})
     with pytest.raises(ProfileValueError, match="NaN or Inf"):
         _profile(fingerprint, low_rank={1: (down, up * float("inf"))})

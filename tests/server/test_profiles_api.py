@@ -116,6 +116,13 @@ def _nan_profile_bytes(hidden: int) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + struct.pack(f"<{hidden}f", *([float("nan")] * hidden))
 
 
+def _low_rank_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    metadata = {"format": "rahf-profile", "format_version": "2", "name": "x"}
+    return save({"offset.1": torch.ones(64), **tensors}, metadata=metadata)
+
+
 def test_invalid_uploads_are_refused_and_leave_the_file_unchanged(fresh, tiny_loaded) -> None:
     path = fresh.profile_dir / "alpha.safetensors"
     before = path.read_bytes()
@@ -130,6 +137,9 @@ def test_invalid_uploads_are_refused_and_leave_the_file_unchanged(fresh, tiny_lo
         (Profile("x", {1: torch.ones(64)}, fingerprint=other).to_bytes(), 422),  # other weights
         (b"GGUF" + b"\x00" * 20, 400),
         (b"", 400),
+        (_low_rank_bytes({"down.1": torch.ones(2, 64)}), 400),  # a down without its up
+        (_low_rank_bytes({"down.1": torch.ones(2, 64), "up.1": torch.ones(64, 3)}), 400),  # ranks differ
+        (_low_rank_bytes({"down.2": torch.ones(2, 64), "up.2": torch.ones(64, 2)}), 400),  # no offset at 2
     ]
     for data, status in cases:
         error = assert_envelope(put(fresh, "alpha", data), status, "body")
