@@ -65,8 +65,10 @@ def _list(args: argparse.Namespace) -> int:
     for path in sorted(args.directory.glob("*.safetensors")):
         try:
             profile = Profile.load(path)
+            ranks = sorted(set(profile.ranks().values()))
+            low_rank = f" low-rank={','.join(map(str, ranks))}" if ranks else ""
             print(f"{profile.name:24s} layers={profile.layers} method={profile.method} "
-                  f"strength={profile.default_strength:g}")
+                  f"strength={profile.default_strength:g}{low_rank}")
         except SteeringError as exc:
             print(f"{path.name:24s} INVALID: {exc}")
     return 0

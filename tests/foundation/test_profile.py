@@ -285,3 +285,16 @@ def test_low_rank_terms_are_validated(fingerprint):
 def test_gguf_export_refuses_low_rank_terms(fingerprint):
     with pytest.raises(ProfileFormatError, match="low-rank"):
         write_control_vector(_profile(fingerprint, low_rank=_low_rank()))
+
+
+def test_profiles_list_shows_low_rank_terms(tmp_path, fingerprint, capsys):
+    from steering_vectors.cli import main
+
+    _profile(fingerprint, name="flat").save(tmp_path / "flat.safetensors")
+    _profile(fingerprint, name="rich", low_rank=_low_rank(rank=3)).save(tmp_path / "rich.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    assert main(["profiles", "list", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bad.safetensors") and "INVALID" in lines[0]
+    assert lines[1].split() == ["flat", "layers=[1,", "3]", "method=rahf", "strength=1.25"]
+    assert lines[2].split() == ["rich", "layers=[1,", "3]", "method=rahf", "strength=1.25", "low-rank=3"]
