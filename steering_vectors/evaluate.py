@@ -186,10 +186,10 @@ def perplexity(
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     chunks = [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
     total, count = 0.0, 0
+    flat = _everywhere(profile)
     for chunk in chunks:
         input_ids = torch.tensor([chunk])
         batch = Batch(input_ids, torch.ones_like(input_ids), torch.ones_like(input_ids))
-        flat = _everywhere(profile)  # position mode "all"
         with torch.no_grad(), _autocast(bf16), steered(model, flat, strength, batch):
             logits = model(input_ids=input_ids, use_cache=False).logits
         logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
@@ -216,12 +216,12 @@ def generate(
 ) -> list[str]:
     """Greedy replies to single-turn prompts, steered at every position (prompt and generated)."""
     replies = []
+    flat = _everywhere(profile)
     for prompt in prompts:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        flat = _everywhere(profile)
         with torch.no_grad(), _autocast(bf16), steered(model, flat, strength):
             out = model.generate(
                 input_ids=input_ids,

@@ -87,6 +87,12 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+def low_rank_term_rank(down: torch.Tensor, up: torch.Tensor, hidden: int) -> int:
+    """The rank R of a low-rank term ``(down (R, hidden), up (hidden, R))``; 0 when the shapes do not fit."""
+    rank = down.shape[0] if down.ndim == 2 else 0
+    return rank if rank >= 1 and tuple(down.shape) == (rank, hidden) and tuple(up.shape) == (hidden, rank) else 0
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -158,8 +164,7 @@ class Profile:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ProfileFormatError(f"profile {self.name!r}: the low-rank term of layer {layer} is not (down, up)")
             down, up = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in pair)
-            rank = down.shape[0] if down.ndim == 2 else -1
-            if rank < 1 or down.shape != (rank, hidden) or up.shape != (hidden, rank):
+            if not low_rank_term_rank(down, up, hidden):
                 raise ProfileFormatError(
                     f"profile {self.name!r}: the low-rank term of layer {layer} has down {tuple(down.shape)} and "
                     f"up {tuple(up.shape)}; expected (rank, {hidden}) and ({hidden}, rank) with rank >= 1"

@@ -36,7 +36,7 @@ from torch import nn
 
 from steering_vectors.errors import PlanError
 from steering_vectors.hooks import Steerer, SteeringPlan, build_plan
-from steering_vectors.profile import POSITION_MODES
+from steering_vectors.profile import POSITION_MODES, low_rank_term_rank
 
 from .base import (
     Engine,
@@ -386,8 +386,7 @@ class ContinuousEngine(Engine):
         for layer, (down, up) in low_rank.items():
             if int(layer) not in offsets:
                 raise PlanError(f"steering has a low-rank term at layer {layer} but no offset there")
-            rank = down.shape[0] if down.ndim == 2 else -1
-            if rank < 1 or tuple(down.shape) != (rank, hidden) or tuple(up.shape) != (hidden, rank):
+            if not low_rank_term_rank(down, up, hidden):
                 raise PlanError(
                     f"low-rank term of layer {layer} has shapes {tuple(down.shape)} and {tuple(up.shape)}; "
                     f"expected (rank, {hidden}) and ({hidden}, rank)"

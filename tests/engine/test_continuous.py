@@ -319,3 +319,20 @@ def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, ma
         return [tokens(events) for events in await asyncio.gather(*(collect(engine, r) for r in requests))]
 
     assert asyncio.run(together()) == single
+
+
+def test_malformed_low_rank_steering_is_refused_at_submission(make_engine):
+    from steering_vectors.errors import PlanError
+
+    engine = make_engine(max_batch_size=2)
+    good = low_rank_steering(5, rank=2)
+    down, up = good.low_rank[1]
+    cases = {
+        "expected": RowSteering(offsets=good.offsets, low_rank={1: (down, up[:, :1])}),  # ranks differ
+        "no offset": RowSteering(offsets={2: good.offsets[2]}, low_rank={1: (down, up)}),
+    }
+    for message, steer in cases.items():
+        with pytest.raises(PlanError, match=message):
+            run_alone(engine, PROMPTS[1], greedy(2), steer)
+    assert engine.stats()["running"] == 0
+    assert len(run_alone(engine, PROMPTS[1], greedy(2), good)) == 2  # the engine still serves
