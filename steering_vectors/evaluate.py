@@ -97,13 +97,17 @@ def sequence_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def pair_examples(
-    tokenizer: Any, pairs: Sequence[PreferencePair], budget: TokenBudget = DEFAULT_BUDGET
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    budget: TokenBudget = DEFAULT_BUDGET,
+    system: str | None = None,
 ) -> list[Encoded]:
-    """The scored sequences of `pairs`: chosen and rejected reply of each pair in turn (prompt + reply)."""
+    """The scored sequences of `pairs`: chosen and rejected reply of each pair in turn (prompt + reply),
+    with `system` as the system message when given (else the chat template's default)."""
     examples = []
     for pair in pairs:
-        examples.append(encode(tokenizer, pair.prompt, pair.chosen, budget=budget))
-        examples.append(encode(tokenizer, pair.prompt, pair.rejected, budget=budget))
+        examples.append(encode(tokenizer, pair.prompt, pair.chosen, system=system, budget=budget))
+        examples.append(encode(tokenizer, pair.prompt, pair.rejected, system=system, budget=budget))
     return examples
 
 
@@ -150,10 +154,13 @@ def score_pairs(
     batch_size: int = 8,
     bf16: bool = False,
     desc: str = "score",
+    system: str | None = None,
 ) -> PreferenceScore:
-    """Preference accuracy (chosen beats rejected by mean token log-likelihood) and mean margin."""
+    """Preference accuracy (chosen beats rejected by mean token log-likelihood) and mean margin.
+
+    `system`: an instruction given as the system message of every prompt (the prompting baseline)."""
     pad = pad_id(tokenizer)
-    examples = pair_examples(tokenizer, pairs, budget)
+    examples = pair_examples(tokenizer, pairs, budget, system)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
     scores = torch.zeros(len(examples))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
@@ -170,6 +177,52 @@ def score_pairs(
         chosen=[float(x) for x in chosen],
         rejected=[float(x) for x in rejected],
     )
+
+
+def paired_bootstrap(
+    base: PreferenceScore, other: PreferenceScore, *, samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of accuracy(other) - accuracy(base) over the same pairs, by resampling pairs with
+    replacement (both scores keep their pairing)."""
+    if base.n != other.n:
+        raise ValueError(f"paired bootstrap needs the same pairs: {base.n} vs {other.n}")
+    won_base = (torch.tensor(base.chosen) > torch.tensor(base.rejected)).double()
+    won_other = (torch.tensor(other.chosen) > torch.tensor(other.rejected)).double()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, base.n, (samples, base.n), generator=generator)
+    deltas = (won_other[index] - won_base[index]).mean(dim=1)
+    low, high = torch.quantile(deltas, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(low), float(high)
+
+
+def matched_strength(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    profile: Profile,
+    base_ppl: float,
+    *,
+    rise: float = 0.05,
+    high: float = 8.0,
+    steps: int = 8,
+    bf16: bool = False,
+) -> tuple[float, float]:
+    """(strength, perplexity) where the profile raises the neutral text's perplexity by `rise`, found by
+    bisection on [0, `high`] (perplexity is taken to grow with strength). When even `high` stays below
+    the target, returns `high` and its perplexity."""
+    target = base_ppl * (1.0 + rise)
+    top = perplexity(model, tokenizer, text, profile, high, bf16=bf16)
+    if top <= target:
+        return high, top
+    low, low_ppl, high_ppl = 0.0, base_ppl, top
+    for _ in range(steps):
+        middle = (low + high) / 2
+        ppl = perplexity(model, tokenizer, text, profile, middle, bf16=bf16)
+        if ppl <= target:
+            low, low_ppl = middle, ppl
+        else:
+            high, high_ppl = middle, ppl
+    return (low, low_ppl) if abs(low_ppl - target) <= abs(high_ppl - target) else (high, high_ppl)
 
 
 def perplexity(

@@ -8,7 +8,7 @@ fits) go to a work folder, so that a rerun of the same command resumes where the
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import logging
 import math
@@ -67,6 +67,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 _count, _count0 = _at_least(1), _at_least(0)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
 def _name(text: str) -> str:
     from .errors import ProfileFormatError
     from .profile import validate_name
@@ -98,28 +108,62 @@ def _fits(text: str) -> list[str]:
     return fits
 
 
+TRAIN_EPILOG = """
+which method makes which file:
+  <out>/<name>.safetensors           the first fit of --fit (default 'rahf': RAHF step 3, offsets plus
+                                     low-rank terms fitted to the step-1 model's states moved along the
+                                     activity pattern, h_good + alpha * v)
+  <out>/baselines/<name>-<fit>.safetensors
+                                     the other fits: 'mean' (alpha * mean pattern), 'caa' (mean base-model
+                                     difference chosen - rejected), 'pca' (RepE first principal direction),
+                                     'pref' (our own preference-loss fit; not RAHF, needs no step 1 or 2)
+every file records its method and settings (rahf profiles show FILE).
+"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="learn preference profiles with RAHF (and closed-form baselines)")
+    train = sub.add_parser(
+        "train",
+        help="learn preference profiles with RAHF (and closed-form baselines)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--data", required=True, help="folder with train.jsonl/dev.jsonl, or one JSONL file")
     train.add_argument("--name", required=True, type=_name, help="profile name (file <out>/<name>.safetensors)")
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
     train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
-    train.add_argument("--method", choices=("scit", "dual"), default="scit", help="step 1 variant")
+    train.add_argument("--method", choices=("scit", "dual"), default="dual", help="step 1 variant")
     train.add_argument(
         "--fit", type=_fits, default=_fits("all"), help="any of rahf,mean,caa,pca,pref; 'all' = rahf,mean,caa,pca"
     )
     train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
     train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
-    train.add_argument("--max-pairs", type=_count, default=24, help="training pairs (seeded sample)")
+    train.add_argument("--max-pairs", type=_count, default=1024, help="training pairs (seeded sample)")
+    train.add_argument(
+        "--held-out",
+        type=_fraction,
+        default=0.1,
+        help="share of the training file's prompts held out from every fit step (calibration, step-1 gap)",
+    )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--prompt-tokens", type=_count, default=48, help="prompt token budget")
-    train.add_argument("--response-tokens", type=_count, default=32, help="response token budget")
+    train.add_argument("--prompt-tokens", type=_count, default=96, help="prompt token budget")
+    train.add_argument("--response-tokens", type=_count, default=64, help="reply token budget of steps 1-3")
+    train.add_argument(
+        "--eval-response-tokens", type=_count, default=256, help="reply token budget of calibration and --eval"
+    )
     train.add_argument("--epochs", type=_count, default=1, help="epochs of the LoRA step")
     train.add_argument("--batch-pairs", type=_count, default=2, help="pairs per LoRA step")
     train.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
-    train.add_argument("--fit-steps", type=_count, default=30)
-    train.add_argument("--fit-batch", type=_count, default=8)
-    train.add_argument("--fit-lr", type=float, default=None, help="offset learning rate (default: scaled)")
+    train.add_argument("--fit-steps", type=_count, default=128, help="Adam steps of the 'rahf' fit")
+    train.add_argument("--fit-batch", type=_count, default=8, help="replies per step of the 'rahf' fit")
+    train.add_argument("--fit-lr", type=float, default=None, help="'rahf' fit learning rate (default: scaled)")
+    train.add_argument(
+        "--rank", type=_count0, default=8, help="rank of the input-dependent low-rank term per layer in the 'rahf' fit"
+    )
+    train.add_argument("--kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'rahf' fit")
+    train.add_argument(
+        "--l2", type=float, default=1e-3, help="weight of the low-rank factors' squared norms in the 'rahf' fit"
+    )
     train.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
     train.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
     train.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
@@ -131,22 +175,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
     train.add_argument(
-        "--pref-l2", type=float, default=0.01, help="weight of sum_l ||delta_l||^2 in the 'pref' loss"
+        "--pref-l2", type=float, default=0.01, help="weight of the squared norms of offsets and factors in 'pref'"
     )
     train.add_argument(
         "--pref-kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'pref' loss"
     )
     train.add_argument("--position-mode", choices=("all", "generated"), default="all")
     train.add_argument(
-        "--calib-pairs", type=_count, default=12, help="training pairs to tune the default strength"
+        "--calib-pairs", type=_count, default=64, help="held-out training pairs to tune the default strength"
+    )
+    train.add_argument(
+        "--gap-pairs", type=_count0, default=64, help="held-out pairs for step 1's likelihood gap (0: skip)"
     )
     train.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
     train.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast (measured slower on a busy 2-core CPU)"
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast; auto: on where the CPU has bf16 units (AVX-512 BF16, AMX), off elsewhere",
     )
-    train.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: cache folder)")
+    train.add_argument(
+        "--work-dir", type=Path, default=None, help="stage folders and checkpoints (default: <cache>/runs)"
+    )
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
-    train.add_argument("--eval-pairs", type=_count, default=32, help="dev pairs (seeded sample) for --eval")
+    train.add_argument("--eval-pairs", type=_count, default=1000, help="dev pairs (seeded sample) for --eval")
     train.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
     train.add_argument("--threads", type=_count, default=None)
     train.set_defaults(handler=run_train)
@@ -158,12 +210,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, required=True, help="report folder")
     ev.add_argument("--title", default="Profile evaluation")
     ev.add_argument("--model", default=None)
-    ev.add_argument("--max-pairs", type=_count, default=32)
+    ev.add_argument("--max-pairs", type=_count, default=1000)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS))
-    ev.add_argument("--prompt-tokens", type=_count, default=48)
-    ev.add_argument("--response-tokens", type=_count, default=32)
-    ev.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
+    ev.add_argument("--prompt-tokens", type=_count, default=96)
+    ev.add_argument("--response-tokens", type=_count, default=256, help="reply tokens scored per reply")
+    ev.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast")
     ev.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
     ev.add_argument("--threads", type=_count, default=None)
     ev.set_defaults(handler=run_eval)
@@ -181,96 +233,88 @@ def _command_line() -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     from .evaluate import calibrate_strength, neutral_text, perplexity, write_report
+    from .pipeline import (
+        Stages,
+        fit_stage,
+        instruct_folder,
+        instruct_stage,
+        patterns_folder,
+        patterns_stage,
+        resolve_bf16,
+        split_training_pairs,
+    )
     from .rahf import (
         RECORD_FITS,
         FitConfig,
         InstructConfig,
-        PatternStore,
         PrefConfig,
         caa_offsets,
-        collect_patterns,
         fit_offsets,
         fit_preference_offsets,
         make_profile,
         mean_pattern_offsets,
         pca_offsets,
-        train_dual,
-        train_scit,
     )
 
     _setup(args)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    bf16 = resolve_bf16(args.bf16)
     budget = TokenBudget(args.prompt_tokens, args.response_tokens)
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("handler", "out", "work_dir", "eval", "eval_pairs", "threads")
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    work = args.work_dir or default_cache_dir() / "runs" / f"{args.name}-{key}"
-    work.mkdir(parents=True, exist_ok=True)
-    log.info("work folder %s (a rerun of this command resumes from it)", work)
+    eval_budget = TokenBudget(args.prompt_tokens, args.eval_response_tokens)
+    stages = Stages(args.work_dir or default_cache_dir() / "runs")
+    log.info("stage folders under %s (a rerun resumes from them); bf16 autocast %s", stages.root, bf16)
 
-    # 1. model and data
+    # 1. model and data: the fit pairs, and calibration pairs held out from every fit step
     check_model(args.model)
     data_file = resolve_split(args.data, "train")
-    all_pairs = load_pairs(data_file)  # malformed data fails here, before the model loads
+    split = split_training_pairs(
+        data_file, max_pairs=args.max_pairs, calib_pairs=args.calib_pairs, held_out=args.held_out, seed=args.seed
+    )  # malformed data fails here, before the model loads
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_layers(args.layers, model)
-    pairs = sample_pairs(all_pairs, args.max_pairs, seed=args.seed)
-    log.info("%d training pairs from %s", len(pairs), data_file)
+    log.info(
+        "%d training pairs and %d held-out calibration pairs from %s (%d / %d prompts' pairs)",
+        len(split.pairs), len(split.calib), data_file, split.pool, split.held,
+    )
 
-    # 2. step 1: instruct, and step 2: collect patterns (skipped when the work folder has them, or when
-    # no requested fit uses them: 'pref' needs only the pairs)
-    patterns_file = work / "patterns.pt"
-    instruct_losses: list[float] = []
+    # 2. step 1: instruct, and step 2: collect patterns, each resumed from its stage folder; skipped when
+    # no requested fit uses patterns ('pref' needs only the pairs)
+    config = InstructConfig(
+        epochs=args.epochs, batch_pairs=args.batch_pairs, lr=args.lr, bf16=bf16, seed=args.seed, budget=budget
+    )
+    instruct_record: dict[str, Any] = {}
     records: list[Any] = []
     needs_records = any(fit in RECORD_FITS for fit in args.fit)
+    base_means = any(fit in ("caa", "pca") for fit in args.fit)
     if not needs_records:
         log.info("fits %s need no activity patterns: skipping steps 1 and 2", ",".join(args.fit))
-    elif patterns_file.is_file():
-        store = PatternStore.load(patterns_file)
-        log.info("loaded %d pattern records from %s", len(store), patterns_file)
     else:
-        config = InstructConfig(
-            epochs=args.epochs,
-            batch_pairs=args.batch_pairs,
-            lr=args.lr,
-            bf16=args.bf16,
-            seed=args.seed,
-            budget=budget,
+        instruct_dir = instruct_folder(stages, split, args.method, config, loaded.fingerprint)
+        patterns_dir = patterns_folder(stages, instruct_dir, args.layers, base_means)
+        if not (patterns_dir / "patterns.pt").is_file() or not (instruct_dir / "instruct.json").is_file():
+            model, instruct_record = instruct_stage(
+                model, tokenizer, split, args.method, config, instruct_dir,
+                gap_pairs=split.calib[: args.gap_pairs],
+            )
+        records, patterns_record = patterns_stage(
+            model, tokenizer, split.pairs, args.layers, args.method, budget,
+            folder=patterns_dir, base_means=base_means, bf16=bf16,
         )
-        t0 = time.perf_counter()
-        trainer = train_scit if args.method == "scit" else train_dual
-        model, instruct_losses = trainer(model, tokenizer, pairs, config, work)
-        timings["instruct_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        store = collect_patterns(
-            model,
-            tokenizer,
-            pairs,
-            args.layers,
-            method=args.method,
-            budget=budget,
-            bf16=args.bf16,
-            spill_dir=work / "spill",
-        )
-        store.save(patterns_file)
-        timings["collect_s"] = time.perf_counter() - t0
-        model = model.unload()  # the base model again, LoRA layers removed
-        (work / "instruct_losses.json").write_text(json.dumps(instruct_losses))
-    if needs_records:
-        records = store.all()
-    if not instruct_losses and (work / "instruct_losses.json").is_file():
-        instruct_losses = json.loads((work / "instruct_losses.json").read_text())
+        if hasattr(model, "unload"):
+            model = model.unload()  # the base model again, LoRA layers removed
+        instruct_record = instruct_record or json.loads((instruct_dir / "instruct.json").read_text())
+        timings["instruct_s"] = instruct_record.get("seconds", float("nan"))
+        timings["collect_s"] = patterns_record.get("seconds", float("nan"))
+    instruct_losses = instruct_record.get("losses", [])
 
-    # 3. step 3: offsets by each fit method
+    # 3. step 3: offsets (and low-rank terms) by each fit method
     t0 = time.perf_counter()
     provenance: dict[str, Any] = {
         "data": str(data_file),
-        "pairs": len(pairs),
+        "pairs": len(split.pairs),
+        "held_out": args.held_out,
         "seed": args.seed,
         "instruct": args.method,
         "layers": args.layers,
@@ -278,47 +322,51 @@ def run_train(args: argparse.Namespace) -> int:
         "budget": {"prompt": budget.prompt, "response": budget.response},
         "model": loaded.name,
         "command": _command_line(),
+        "bf16_autocast": bf16,
+        "instruct_epochs": args.epochs,
         "instruct_loss_first_last": [instruct_losses[0], instruct_losses[-1]] if instruct_losses else None,
+        "instruct_gap": {k: instruct_record.get(k) for k in ("gap_before", "gap_after")},
+        "stages": {"instruct": instruct_dir.name, "patterns": patterns_dir.name} if needs_records else {},
     }
     fitted: dict[str, dict[int, torch.Tensor]] = {}
-    fit_losses: list[float] = []
-    pref_losses: list[float] = []
-    pref_settings: dict[str, Any] = {}
     low_rank: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # fit -> its low-rank terms, if any
+    extras: dict[str, dict[str, Any]] = {}
     for fit in args.fit:
         if fit == "rahf":
             fit_config = FitConfig(
-                alpha=args.alpha,
-                steps=args.fit_steps,
-                batch_size=args.fit_batch,
-                lr=args.fit_lr,
-                bf16=args.bf16,
-                seed=args.seed,
+                alpha=args.alpha, steps=args.fit_steps, batch_size=args.fit_batch, lr=args.fit_lr, rank=args.rank,
+                kl=args.kl, l2=args.l2, bf16=bf16, seed=args.seed,
             )
-            fitted[fit], fit_losses = fit_offsets(
-                model, tokenizer, records, args.layers, fit_config, work / "fit.ckpt"
+            folder = stages.folder("fit-rahf", {"patterns": patterns_dir.name, **dataclasses.asdict(fit_config)})
+            fitted[fit], low_rank[fit], losses, record = fit_stage(
+                folder, lambda ckpt, c=fit_config: fit_offsets(model, tokenizer, records, args.layers, c, ckpt)
             )
+            timings["fit_rahf_s"] = record["seconds"]
+            settings = {k: getattr(fit_config, k) for k in ("steps", "batch_size", "lr", "rank", "kl", "l2")}
+            extras[fit] = {"fit_loss_first_last": record["loss_first_last"], "rahf": settings}
         elif fit == "pref":
             pref_config = PrefConfig(
-                beta=args.pref_beta,
-                l2=args.pref_l2,
-                kl=args.pref_kl,
-                steps=args.pref_steps,
-                batch_pairs=args.pref_batch,
-                lr=args.pref_lr,
-                rank=args.pref_rank,
-                position_mode=args.position_mode,
-                budget=budget,
-                bf16=args.bf16,
-                seed=args.seed,
+                beta=args.pref_beta, l2=args.pref_l2, kl=args.pref_kl, steps=args.pref_steps,
+                batch_pairs=args.pref_batch, lr=args.pref_lr, rank=args.pref_rank, position_mode=args.position_mode,
+                budget=budget, bf16=bf16, seed=args.seed,
             )
-            t_pref = time.perf_counter()
-            fitted[fit], low_rank[fit], pref_losses = fit_preference_offsets(
-                model, tokenizer, pairs, args.layers, pref_config, work / "pref.ckpt"
+            folder = stages.folder(
+                "fit-pref",
+                {**split.settings(), "layers": args.layers, "model": loaded.fingerprint.digest,
+                 **{k: v for k, v in dataclasses.asdict(pref_config).items() if k != "budget"},
+                 "budget": [budget.prompt, budget.response]},
             )
-            timings["fit_pref_s"] = time.perf_counter() - t_pref
-            pref_settings = {
-                key: getattr(pref_config, key) for key in ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")
+            fitted[fit], low_rank[fit], losses, record = fit_stage(
+                folder,
+                lambda ckpt, c=pref_config: fit_preference_offsets(model, tokenizer, split.pairs, args.layers, c, ckpt),
+            )
+            timings["fit_pref_s"] = record["seconds"]
+            settings = {k: getattr(pref_config, k) for k in ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")}
+            # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
+            extras[fit] = {
+                "instruct": "none", "alpha": None, "instruct_loss_first_last": None, "instruct_gap": None,
+                "instruct_epochs": None, "stages": {}, "pref": settings,
+                "fit_loss_first_last": record["loss_first_last"],
             }
         elif fit == "mean":
             fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)
@@ -328,28 +376,19 @@ def run_train(args: argparse.Namespace) -> int:
             fitted[fit] = pca_offsets(records, args.layers)
     timings["fit_s"] = time.perf_counter() - t0
 
-    # 4. default strengths, tuned on training pairs within the fluency cap; then the files
+    # 4. default strengths, tuned on held-out training pairs within the fluency cap; then the files
     t0 = time.perf_counter()
     text = neutral_text()
-    calib_pairs = pairs[: args.calib_pairs]
-    base_ppl = perplexity(model, tokenizer, text, bf16=args.bf16) if calib_pairs else float("nan")
+    base_ppl = perplexity(model, tokenizer, text, bf16=bf16)
     written = []
     for fit, offsets in fitted.items():
         name = args.name if fit == args.fit[0] else f"{args.name}-{fit}"
-        extra: dict[str, Any] = {}
-        if fit == "rahf" and fit_losses:
-            extra = {"fit_loss_first_last": [fit_losses[0], fit_losses[-1]]}
-        if fit == "pref":
-            # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
-            extra = {"instruct": "none", "alpha": None, "instruct_loss_first_last": None, "pref": pref_settings}
-            if pref_losses:
-                extra["fit_loss_first_last"] = [pref_losses[0], pref_losses[-1]]
         profile = make_profile(
             name,
             offsets,
             fit=fit,
             fingerprint=loaded.fingerprint,
-            provenance={**provenance, **extra},
+            provenance={**provenance, **extras.get(fit, {})},
             description=(
                 f"preference-loss offsets from {Path(args.data).name} (pref fit, not RAHF)"
                 if fit == "pref"
@@ -358,21 +397,15 @@ def run_train(args: argparse.Namespace) -> int:
             position_mode=args.position_mode,
             low_rank=low_rank.get(fit),
         )
-        strength, rows = 1.0, []
-        if calib_pairs:
-            strength, rows = calibrate_strength(
-                model,
-                tokenizer,
-                calib_pairs,
-                profile,
-                args.strengths,
-                base_ppl=base_ppl,
-                text=text,
-                budget=budget,
-                bf16=args.bf16,
-            )
+        strength, rows = calibrate_strength(
+            model, tokenizer, split.calib, profile, args.strengths, base_ppl=base_ppl, text=text,
+            budget=eval_budget, bf16=bf16,
+        )
         profile.default_strength = strength
-        profile.provenance["calibration"] = {"pairs": len(calib_pairs), "rows": rows, "strength": strength}
+        profile.provenance["calibration"] = {
+            "pairs": len(split.calib), "held_out": True, "response_tokens": eval_budget.response,
+            "rows": rows, "strength": strength,
+        }
         target = (
             args.out / f"{name}.safetensors"
             if fit == args.fit[0]
@@ -383,7 +416,11 @@ def run_train(args: argparse.Namespace) -> int:
         log.info("wrote %s (default strength %g)", target, strength)
     timings["calibrate_s"] = time.perf_counter() - t0
     timings["train_total_s"] = time.perf_counter() - started
-    summary: dict[str, Any] = {"profiles": [str(p) for p in written], "timings": timings}
+    summary: dict[str, Any] = {
+        "profiles": [str(p) for p in written],
+        "timings": timings,
+        "instruct_gap": provenance["instruct_gap"] if needs_records else None,
+    }
 
     # 5. optional evaluation on the dev split
     if args.eval:
@@ -394,7 +431,8 @@ def run_train(args: argparse.Namespace) -> int:
         dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=args.seed)
         profiles = [Profile.load(p) for p in written]
         results = evaluate_profiles(
-            model, tokenizer, dev, profiles, args.strengths, budget=budget, bf16=args.bf16
+            model, tokenizer, dev, profiles, args.strengths, budget=eval_budget, bf16=bf16,
+            prompts=GENERATION_PROMPTS[: args.gen_prompts],
         )
         timings["eval_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
@@ -407,12 +445,13 @@ def run_train(args: argparse.Namespace) -> int:
             command=_command_line(),
         )
         summary["report"] = str(report)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_profiles, write_report
+    from .pipeline import resolve_bf16
     from .profile import Profile
 
     _setup(args)
@@ -424,7 +463,7 @@ def run_eval(args: argparse.Namespace) -> int:
     pairs = sample_pairs(all_pairs, args.max_pairs, seed=args.seed)
     budget = TokenBudget(args.prompt_tokens, args.response_tokens)
     results = evaluate_profiles(
-        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=args.bf16,
+        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=resolve_bf16(args.bf16),
         prompts=GENERATION_PROMPTS[: args.gen_prompts],
     )
     results["command"] = _command_line()

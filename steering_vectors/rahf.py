@@ -81,20 +81,31 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+class _StopForward(Exception):
+    """Raised by a recording hook after the deepest layer of interest: the rest of the forward is skipped."""
+
+
 @contextlib.contextmanager
-def record_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def record_layers(
+    model: nn.Module, layers: Sequence[int], *, stop: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
     """Record the outputs of decoder layers (after any steering hook) into a dict, for the block.
 
-    Installs the steering hooks first, so recorded outputs include the offsets of an active plan.
+    Installs the steering hooks first, so recorded outputs include the terms of an active plan. With
+    `stop`, the forward pass ends right after the deepest of `layers` (no later layers, no output head):
+    run it through `forward_recorded`, which swallows the early exit.
     """
     Steerer.attach(model)
     decoder = find_decoder_layers(model)
     recorded: dict[int, torch.Tensor] = {}
     handles = []
+    last = max(layers)
     for layer in layers:
 
         def hook(module: nn.Module, args: object, output: object, layer: int = layer) -> None:
             recorded[layer] = output[0] if isinstance(output, tuple) else output  # (B, T, H)
+            if stop and layer == last:
+                raise _StopForward
 
         handles.append(decoder[layer].register_forward_hook(hook))
     try:
@@ -102,6 +113,15 @@ def record_layers(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int,
     finally:
         for handle in handles:
             handle.remove()
+
+
+def forward_recorded(model: nn.Module, batch: Batch) -> None:
+    """One forward pass over `batch` for `record_layers`; an early exit after the last recorded layer is
+    the expected end, not an error."""
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _StopForward:
+        pass
 
 
 def response_ce(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -337,23 +357,30 @@ def train_dual(
 
 @dataclass
 class PatternRecord:
-    """One (prompt, reply): base-model ids and, per target layer (rows of the tensors), response states.
+    """One (prompt, reply): base-model ids and, per target layer (rows of the tensors), reply-token states.
 
-    base: (L, T, H) hidden states of the base model over the reply tokens, no instruction.
-    pattern: (L, T, H) instructed difference v (good minus bad) over the same reply tokens.
+    anchor: (L, T, H) hidden states of the step-1 model on the plain input (no instruction) over the reply
+        tokens: SCIT's instructed model, Dual's model tuned on chosen replies. The RAHF target starts here.
+    pattern: (L, T, H) the activity pattern v (good minus bad) over the same reply tokens.
+    base_mean: (L, H) token-mean of the base model's states over the reply (for CAA and PCA), or None
+        when not collected.
     """
 
     input_ids: tuple[int, ...]
     prompt_len: int
     label: int  # 1 for the chosen reply, 0 for the rejected one
     pair_index: int
-    base: torch.Tensor
+    anchor: torch.Tensor
     pattern: torch.Tensor
+    base_mean: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return (
-            self.base.numel() * self.base.element_size() + self.pattern.numel() * self.pattern.element_size()
-        )
+        tensors = [self.anchor, self.pattern] + ([self.base_mean] if self.base_mean is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def target(self, alpha: float) -> torch.Tensor:
+        """(L, T, H) float32 RAHF target ``anchor + alpha * pattern``."""
+        return self.anchor.float() + alpha * self.pattern.float()
 
 
 class PatternStore:
@@ -380,6 +407,7 @@ class PatternStore:
     def spill(self) -> None:
         if not self._memory or self.spill_dir is None:
             return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"patterns-{len(self._shards):04d}.pt"
         save_checkpoint(path, {"records": [vars(r) for r in self._memory]})
         self._shards.append(path)
@@ -402,21 +430,30 @@ class PatternStore:
         return list(self)
 
     def save(self, path: Path) -> None:
-        save_checkpoint(path, {"layers": self.layers, "records": [vars(r) for r in self]})
+        """One file with every record; shards are written one at a time, so memory stays bounded."""
+        self.spill()
+        save_checkpoint(path, {"layers": self.layers, "shards": [str(p) for p in self._shards], "records": [
+            vars(r) for r in self._memory
+        ]})
 
     @classmethod
     def load(cls, path: Path) -> PatternStore:
         data = torch.load(path, map_location="cpu", weights_only=False)
         store = cls(data["layers"])
+        for shard in data.get("shards", []):
+            for record in torch.load(shard, map_location="cpu", weights_only=False)["records"]:
+                store.add(PatternRecord(**record))
         for record in data["records"]:
             store.add(PatternRecord(**record))
         return store
 
 
 def _hidden_rows(model: nn.Module, batch: Batch, layers: Sequence[int], bf16: bool) -> list[torch.Tensor]:
-    """Per row, (L, T_response, H) float32 hidden states at `layers` over the response tokens."""
-    with torch.no_grad(), autocast(bf16), record_layers(model, layers) as recorded:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    """Per row, (L, T_response, H) float32 hidden states at `layers` over the response tokens.
+
+    The forward pass stops after the deepest of `layers`."""
+    with torch.no_grad(), autocast(bf16), record_layers(model, layers, stop=True) as recorded:
+        forward_recorded(model, batch)
     stacked = torch.stack([recorded[layer].float() for layer in layers], dim=1)  # (B, L, T, H)
     rows = []
     for row in range(batch.input_ids.shape[0]):
@@ -439,6 +476,17 @@ def _adapter(model: nn.Module, name: str | None) -> Iterator[None]:
     yield
 
 
+def instructed_adapters(model: nn.Module, method: str) -> tuple[str | None, str | None]:
+    """The (good, bad) adapter names of step 1's model for `method`; None where the model has none
+    (an uninstructed model: SCIT then contrasts the instructions on the base model)."""
+    if method == "scit":
+        name = "scit" if hasattr(model, "peft_config") and "scit" in model.peft_config else None
+        return name, name
+    if method == "dual":
+        return "good", "bad"
+    raise ValueError(f"method {method!r} is not 'scit' or 'dual'")
+
+
 def collect_patterns(
     model: nn.Module,
     tokenizer: Any,
@@ -452,40 +500,49 @@ def collect_patterns(
     bf16: bool = False,
     spill_dir: Path | None = None,
     memory_limit: int = 512 << 20,
+    base_means: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> PatternStore:
-    """Step 2: for each pair and reply, v = h(good) - h(bad) over the reply tokens, plus base states.
+    """Step 2: for each pair and reply, v = h(good) - h(bad) over the reply tokens, and the anchor.
 
-    method "scit": one model (adapter 'scit', or none), good/bad instruction as system prompt.
-    method "dual": adapters 'good' and 'bad', no instruction. The base states run with adapters disabled.
-    replies: "chosen", "rejected" or "both".
+    method "scit": one model (adapter 'scit', or none), good/bad instruction as system prompt; the anchor
+        is the same model on the plain input.
+    method "dual": adapters 'good' and 'bad' on the plain input; the anchor is the 'good' states.
+    base_means: also keep the token-mean of the base model's states (adapters disabled) for CAA and PCA.
+    dtype: storage type of anchor and pattern (float16 halves the memory of a large run).
+    replies: "chosen", "rejected" or "both". Every forward pass stops after the deepest of `layers`.
     """
-    if method not in ("scit", "dual"):
-        raise ValueError(f"method {method!r} is not 'scit' or 'dual'")
+    good_adapter, bad_adapter = instructed_adapters(model, method)
     which = {"chosen": (1,), "rejected": (0,), "both": (1, 0)}[replies]
     items = [(i, pair, label) for i, pair in enumerate(pairs) for label in which]
     store = PatternStore(layers, spill_dir, memory_limit)
     pad = pad_id(tokenizer)
-    if method == "scit":
-        good_adapter: str | None = "scit" if hasattr(model, "peft_config") else None
-        bad_adapter = good_adapter
-        good_system, bad_system = GOOD_INSTRUCTION, BAD_INSTRUCTION
-    else:
-        good_adapter, bad_adapter, good_system, bad_system = "good", "bad", None, None
+    good_system, bad_system = (GOOD_INSTRUCTION, BAD_INSTRUCTION) if method == "scit" else (None, None)
     model.eval()
     for start in tqdm(range(0, len(items), batch_size), desc="collect patterns", leave=False):
         chunk = items[start : start + batch_size]
         texts = [(pair, pair.chosen if label else pair.rejected) for _, pair, label in chunk]
-        base_ex = [encode(tokenizer, p.prompt, r, budget=budget) for p, r in texts]
-        good_ex = [encode(tokenizer, p.prompt, r, system=good_system, budget=budget) for p, r in texts]
-        bad_ex = [encode(tokenizer, p.prompt, r, system=bad_system, budget=budget) for p, r in texts]
-        with _adapter(model, None):
-            base_rows = _hidden_rows(model, collate(base_ex, pad), layers, bf16)
+        plain_ex = [encode(tokenizer, p.prompt, r, budget=budget) for p, r in texts]
+        plain = collate(plain_ex, pad)
+        base_rows: list[torch.Tensor | None] = [None] * len(chunk)
+        if base_means:
+            with _adapter(model, None):
+                base_rows = list(_hidden_rows(model, plain, layers, bf16))
         with _adapter(model, good_adapter):
-            good_rows = _hidden_rows(model, collate(good_ex, pad), layers, bf16)
+            if method == "scit":
+                good_ex = [encode(tokenizer, p.prompt, r, system=good_system, budget=budget) for p, r in texts]
+                good_rows = _hidden_rows(model, collate(good_ex, pad), layers, bf16)
+                anchor_rows = _hidden_rows(model, plain, layers, bf16)
+            else:
+                good_rows = anchor_rows = _hidden_rows(model, plain, layers, bf16)
         with _adapter(model, bad_adapter):
-            bad_rows = _hidden_rows(model, collate(bad_ex, pad), layers, bf16)
-        for (index, _, label), example, base, good, bad in zip(
-            chunk, base_ex, base_rows, good_rows, bad_rows, strict=True
+            if method == "scit":
+                bad_ex = [encode(tokenizer, p.prompt, r, system=bad_system, budget=budget) for p, r in texts]
+                bad_rows = _hidden_rows(model, collate(bad_ex, pad), layers, bf16)
+            else:
+                bad_rows = _hidden_rows(model, plain, layers, bf16)
+        for (index, _, label), example, base, anchor, good, bad in zip(
+            chunk, plain_ex, base_rows, anchor_rows, good_rows, bad_rows, strict=True
         ):
             store.add(
                 PatternRecord(
@@ -493,11 +550,52 @@ def collect_patterns(
                     prompt_len=example.prompt_len,
                     label=label,
                     pair_index=index,
-                    base=base,
-                    pattern=good - bad,
+                    anchor=anchor.to(dtype),
+                    pattern=(good - bad).to(dtype),
+                    base_mean=base.double().mean(dim=1).float() if base is not None else None,
                 )
             )
     return store
+
+
+# -- step 1's separation, measured on pairs it never saw --------------------------------------------
+
+
+def likelihood_gap(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    method: str,
+    *,
+    budget: TokenBudget = DEFAULT_BUDGET,
+    bf16: bool = False,
+    batch_size: int = 8,
+    instructed: bool = True,
+) -> dict[str, float]:
+    """How well step 1's model tells chosen from rejected: per pair, with d(r) = LLn(r | good) - LLn(r |
+    bad) (mean reply-token log-likelihood under the good vs the bad instruction for SCIT, the good vs the
+    bad adapter for Dual), the gap d(chosen) - d(rejected). Returns its mean, the share of pairs with a
+    positive gap and n. `instructed=False` measures the model before step 1 (adapters disabled)."""
+    from .evaluate import sequence_logprobs
+
+    good_adapter, bad_adapter = instructed_adapters(model, method) if instructed else (None, None)
+    good_system, bad_system = (GOOD_INSTRUCTION, BAD_INSTRUCTION) if method == "scit" else (None, None)
+    pad = pad_id(tokenizer)
+    scores: dict[str, list[float]] = {"good": [], "bad": []}
+    model.eval()
+    for side, adapter, system in (("good", good_adapter, good_system), ("bad", bad_adapter, bad_system)):
+        examples = [
+            encode(tokenizer, pair.prompt, reply, system=system, budget=budget)
+            for pair in pairs
+            for reply in (pair.chosen, pair.rejected)
+        ]
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad)
+            with torch.no_grad(), autocast(bf16), _adapter(model, adapter):
+                scores[side] += [float(x) for x in sequence_logprobs(model, batch)]
+    d = torch.tensor(scores["good"], dtype=torch.float64) - torch.tensor(scores["bad"], dtype=torch.float64)
+    gap = d[0::2] - d[1::2]
+    return {"mean_gap": float(gap.mean()), "accuracy": float((gap > 0).double().mean()), "n": len(pairs)}
 
 
 # -- step 3: offsets ---------------------------------------------------------------------------------
@@ -520,7 +618,9 @@ def pair_differences(records: Sequence[PatternRecord], layers: Sequence[int]) ->
     """Per layer (N, H): token-mean base state of the chosen reply minus that of the rejected, per pair."""
     by_pair: dict[int, dict[int, torch.Tensor]] = {}
     for record in records:
-        by_pair.setdefault(record.pair_index, {})[record.label] = record.base.double().mean(dim=1)  # (L, H)
+        if record.base_mean is None:
+            raise ValueError("CAA and PCA need the base model's states: collect with base_means=True")
+        by_pair.setdefault(record.pair_index, {})[record.label] = record.base_mean.double()  # (L, H)
     complete = [p for p in sorted(by_pair) if set(by_pair[p]) == {0, 1}]
     if not complete:
         raise ValueError("CAA and PCA need both replies of a pair: collect with replies='both'")
@@ -556,15 +656,33 @@ LowRank = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (down (rank, 
 
 @dataclass
 class FitConfig:
-    """Gradient descent on per-layer offsets with the RAHF alignment loss."""
+    """Adam on per-layer offsets (and, with `rank` > 0, low-rank input-dependent terms) with the RAHF
+    alignment loss towards ``anchor + alpha * v``, plus ``kl *`` the prompt-token KL(unsteered || steered)
+    of the batch's prompts and ``l2 * sum_l (||down_l||^2 + ||up_l||^2)`` on the low-rank factors."""
 
     alpha: float = 1.0
     steps: int = 80
     batch_size: int = 8
     lr: float | None = None  # None: a quarter of the RMS entry of the mean-pattern offsets
+    rank: int = 0
+    kl: float = 0.0
+    l2: float = 0.0
     bf16: bool = False
     checkpoint_every: int = 20
     seed: int = 0
+
+
+def _batch_plan(
+    size: int, offsets: dict[int, torch.Tensor], low_rank: LowRank | None
+) -> SteeringPlan:
+    """The same offsets and low-rank terms on every row of a batch of `size` (differentiable)."""
+    return SteeringPlan(
+        offsets={layer: o.view(1, 1, -1).expand(size, 1, -1) for layer, o in offsets.items()},
+        low_rank={
+            layer: (down.unsqueeze(0).expand(size, -1, -1), up.unsqueeze(0).expand(size, -1, -1))
+            for layer, (down, up) in (low_rank or {}).items()
+        },
+    )
 
 
 def alignment_loss(
@@ -575,27 +693,43 @@ def alignment_loss(
     alpha: float,
     pad_id: int,
     bf16: bool = False,
+    low_rank: LowRank | None = None,
 ) -> torch.Tensor:
-    """mean over target layers and response tokens of || h^delta_l(x)[t] - (h_l(x)[t] + alpha v_l(t)) ||_2.
+    """mean over target layers and reply tokens of || h^steered_l(x)[t] - (anchor_l(x)[t] + alpha v_l(t)) ||_2.
 
-    The offsets (layer -> (H,), may require grad) are added through the server's hooks at every position.
+    The frozen model is steered by `offsets` (layer -> (H,)) and optional `low_rank` terms (layer -> (down,
+    up)), all may require grad, through the server's hooks at every position; the pass stops after the
+    deepest target layer.
     """
     batch = collate([Encoded(r.input_ids, r.prompt_len) for r in records], pad_id)
-    size = batch.input_ids.shape[0]
-    plan = SteeringPlan(offsets={layer: o.view(1, 1, -1).expand(size, 1, -1) for layer, o in offsets.items()})
+    plan = _batch_plan(batch.input_ids.shape[0], offsets, low_rank)
     steerer = Steerer.attach(model)
-    with autocast(bf16), record_layers(model, layers) as recorded, steerer.steering(plan):
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    with autocast(bf16), record_layers(model, layers, stop=True) as recorded, steerer.steering(plan):
+        forward_recorded(model, batch)
     total = torch.zeros((), dtype=torch.float32)
     count = 0
     for row, record in enumerate(records):
         keep = batch.response_mask[row].bool()
+        target = record.target(alpha)
         for i, layer in enumerate(layers):
             steered = recorded[layer][row][keep].float()  # (T, H)
-            target = record.base[i] + alpha * record.pattern[i]
-            total = total + (steered - target).norm(dim=-1).sum()
+            total = total + (steered - target[i]).norm(dim=-1).sum()
             count += steered.shape[0]
     return total / count
+
+
+def records_prompt_kl(
+    model: nn.Module,
+    records: Sequence[PatternRecord],
+    offsets: dict[int, torch.Tensor],
+    pad_id: int,
+    bf16: bool = False,
+    low_rank: LowRank | None = None,
+) -> torch.Tensor:
+    """`prompt_kl` over the prompt tokens of pattern records (each prompt once)."""
+    prompts = list(dict.fromkeys(tuple(r.input_ids[: r.prompt_len]) for r in records))
+    batch = collate([Encoded(p, 0) for p in prompts], pad_id)
+    return _batch_prompt_kl(model, batch, offsets, bf16, low_rank)
 
 
 def fit_offsets(
@@ -605,8 +739,10 @@ def fit_offsets(
     layers: Sequence[int],
     config: FitConfig,
     checkpoint: Path | None = None,
-) -> tuple[dict[int, torch.Tensor], list[float]]:
-    """Step 3: learn offsets (layer -> (H,)) of the frozen model by Adam on `alignment_loss`."""
+) -> tuple[dict[int, torch.Tensor], LowRank, list[float]]:
+    """Step 3: learn offsets (layer -> (H,)) and, with `config.rank`, low-rank terms of the frozen model
+    by Adam on `alignment_loss` (+ KL and L2 terms, see `FitConfig`). Returns offsets, low-rank terms
+    (empty for rank 0) and each step's total loss."""
     seed_everything(config.seed)
     base = unwrap_model(model)
     hidden = records[0].pattern.shape[-1]
@@ -626,15 +762,31 @@ def fit_offsets(
     pad = pad_id(tokenizer)
 
     def batch_loss(
-        offsets: dict[int, torch.Tensor], indices: list[int], _: LowRank
+        offsets: dict[int, torch.Tensor], indices: list[int], low_rank: LowRank
     ) -> tuple[torch.Tensor, dict[str, str]]:
         batch = [records[i] for i in indices]
-        return alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16), {}
+        align = alignment_loss(base, batch, layers, offsets, config.alpha, pad, config.bf16, low_rank)
+        total, postfix = align, {"align": f"{float(align.detach()):.3f}"}
+        if config.l2 and low_rank:
+            total = total + config.l2 * factor_penalty(low_rank)
+        if config.kl:
+            kl = records_prompt_kl(base, batch, offsets, pad, config.bf16, low_rank)
+            total = total + config.kl * kl
+            postfix["kl"] = f"{float(kl.detach()):.4f}"
+        return total, postfix
 
-    offsets, _, losses = adam_on_offsets(
-        layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit offsets"
+    identity = {"alpha": config.alpha, "kl": config.kl, "l2": config.l2, "records": len(records)}
+    return adam_on_offsets(
+        layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit RAHF terms",
+        identity=identity, rank=config.rank, seed=config.seed,
     )
-    return offsets, losses
+
+
+def factor_penalty(low_rank: LowRank) -> torch.Tensor:
+    """sum over layers of ||down||^2 + ||up||^2: both factors, so neither can grow while the other shrinks."""
+    return sum(
+        (down.float().pow(2).sum() + up.float().pow(2).sum() for down, up in low_rank.values()), torch.zeros(())
+    )
 
 
 def adam_on_offsets(
@@ -722,7 +874,7 @@ class PrefConfig:
     every position, as the neutral-text perplexity is).
 
     With `rank` > 0 each layer also learns a low-rank, input-dependent term (see `hooks.low_rank_delta`);
-    its ``up`` factors join the L2 penalty.
+    both its factors join the L2 penalty (`factor_penalty`).
     """
 
     beta: float = 10.0
@@ -762,9 +914,8 @@ def preference_objective(
         low_rank=low_rank,
     )
     pref = preference_loss(chosen, rejected, config.beta)
-    penalized = [*offsets.values(), *(up for _, up in (low_rank or {}).values())]
-    penalty = sum((t.float().pow(2).sum() for t in penalized), torch.zeros(()))
-    total = pref + config.l2 * penalty
+    penalty = sum((t.float().pow(2).sum() for t in offsets.values()), torch.zeros(()))
+    total = pref + config.l2 * (penalty + factor_penalty(low_rank or {}))
     if config.kl:
         kl = prompt_kl(model, tokenizer, pairs, offsets, config.budget, config.bf16, low_rank=low_rank)
         total = total + config.kl * kl
@@ -787,14 +938,23 @@ def prompt_kl(
     the training prompts, not on the neutral text the evaluation uses.
     """
     from .data import encode_prompt
-    from .evaluate import steered_offsets
 
     examples = [Encoded(tuple(encode_prompt(tokenizer, p.prompt, budget=budget.prompt)), 0) for p in pairs]
-    batch = collate(examples, pad_id(tokenizer))
-    keep = batch.attention_mask[:, 1:].bool()  # positions whose next token is real
+    return _batch_prompt_kl(model, collate(examples, pad_id(tokenizer)), offsets, bf16, low_rank)
+
+
+def _batch_prompt_kl(
+    model: nn.Module,
+    batch: Batch,
+    offsets: dict[int, torch.Tensor],
+    bf16: bool,
+    low_rank: LowRank | None,
+) -> torch.Tensor:
+    keep = batch.attention_mask[:, 1:].bool()  # positions whose next token is real (right padding)
     with torch.no_grad(), autocast(bf16):
         plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    with autocast(bf16), steered_offsets(model, offsets, "all", batch, low_rank=low_rank):
+    plan = _batch_plan(batch.input_ids.shape[0], offsets, low_rank)
+    with autocast(bf16), Steerer.attach(model).steering(plan):
         moved = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     log_p = torch.log_softmax(plain[:, :-1][keep].float(), dim=-1)
     log_q = torch.log_softmax(moved[:, :-1][keep].float(), dim=-1)

@@ -14,8 +14,9 @@ from steering_vectors.profile import Profile
 
 @pytest.fixture
 def good_data(tmp_path: Path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    path = tmp_path / "pairs.jsonl"  # 20 prompts: 4 of them fall into the default held-out 10 %
+    rows = [{"prompt": f"Hi {i}", "chosen": "Hello.", "rejected": "Go away."} for i in range(20)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -73,7 +74,21 @@ def test_layers_beyond_the_model_are_refused_before_training(good_data, tiny_mod
     code, last = run(argv, capsys)
     assert code == 2
     assert last == "rahf train: error: --layers [7, 9]: the model has 4 decoder layers (0..3)"
-    assert not (work / "pref.ckpt").exists() and not (tmp_path / "out").exists()
+    assert not list(work.glob("*/fit.ckpt")) and not (tmp_path / "out").exists()
+
+
+def test_too_few_prompts_to_hold_out_calibration_pairs_is_one_line(tmp_path, capsys) -> None:
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    code, last = run(train(data, tmp_path / "out", model=tmp_path / "no-model"), capsys)
+    assert code == 2 and "no config.json" in last  # the model directory is checked first of all
+    code, last = run(train(data, tmp_path / "out"), capsys)
+    assert code == 2 and last == (
+        f"rahf train: error: {data}: 1 pairs split into 1 for training and 0 held out for calibration "
+        "(--held-out 0.1); both need at least one: change --held-out or add pairs"
+    )
+    code, last = run(train(data, tmp_path / "out", "--held-out", "1.5"), capsys)
+    assert code == 2 and last.startswith("rahf train: error: argument --held-out: expected a fraction")
 
 
 def test_eval_refuses_unreadable_profiles_and_data(good_data, tmp_path, capsys) -> None:

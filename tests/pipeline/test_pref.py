@@ -137,11 +137,11 @@ def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_p
     args = ["train", "--data", str(data), "--name", "tiny", "--out", str(out), "--model", str(tiny_model_dir),
             "--fit", "pref", "--layers", "1,2", "--max-pairs", "4", "--calib-pairs", "2", "--pref-steps", "3",
             "--pref-batch", "2", "--prompt-tokens", "40", "--response-tokens", "12", "--strengths", "0.5,1",
-            "--work-dir", str(work), "--pref-rank", str(rank)]  # fmt: skip
+            "--work-dir", str(work), "--pref-rank", str(rank), "--held-out", "0.5"]  # fmt: skip
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert not (work / "patterns.pt").exists() and not (work / "scit.ckpt").exists()
-    assert (work / "pref.ckpt").is_file() and "fit_pref_s" in summary["timings"]
+    assert [p.name.split("-")[:2] for p in work.iterdir()] == [["fit", "pref"]]  # no step 1 or 2 folders
+    assert len(list(work.glob("fit-pref-*/fit.ckpt"))) == 1 and "fit_pref_s" in summary["timings"]
     profile = Profile.load(out / "tiny.safetensors")
     assert profile.method == "pref" and profile.layers == [1, 2]
     assert profile.provenance["fit"] == "pref" and profile.provenance["pref"]["steps"] == 3

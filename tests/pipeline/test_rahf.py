@@ -97,7 +97,9 @@ def test_collected_patterns_equal_hidden_state_differences(tiny) -> None:
         for row, record in enumerate(records):
             assert record.pattern.shape == (2, min(12, len(tok(replies[row][1])["input_ids"])), 64)
             assert torch.equal(record.pattern[i], h_good[row] - h_bad[row])
-            assert torch.equal(record.base[i], h_base[row])
+            # no adapter: the uninstructed model is its own anchor, and the base means are its states' means
+            assert torch.equal(record.anchor[i], h_base[row])
+            assert torch.allclose(record.base_mean[i], h_base[row].double().mean(dim=0).float())
             assert record.input_ids == base[row].input_ids
 
 
@@ -110,9 +112,10 @@ def test_pattern_store_spills_to_disk(tmp_path: Path) -> None:
     for record in records:
         store.add(record)
     assert store.spilled == 3 and len(store) == 3
-    assert [float(r.base[0, 0, 0]) for r in store] == [0.0, 1.0, 2.0]
+    assert [float(r.anchor[0, 0, 0]) for r in store] == [0.0, 1.0, 2.0]
     store.save(tmp_path / "all.pt")
     assert [r.pair_index for r in PatternStore.load(tmp_path / "all.pt")] == [0, 1, 2]
+    assert [float(r.anchor[0, 0, 0]) for r in PatternStore.load(tmp_path / "all.pt")] == [0.0, 1.0, 2.0]
 
 
 def test_fit_lowers_alignment_loss_and_profile_applies_through_hooks(tiny, tmp_path: Path) -> None:
@@ -120,7 +123,8 @@ def test_fit_lowers_alignment_loss_and_profile_applies_through_hooks(tiny, tmp_p
     layers = [1, 2]
     records = collect_patterns(model, tok, PAIRS, layers, method="scit", budget=BUDGET, bf16=False).all()
     config = FitConfig(alpha=2.0, steps=12, batch_size=6, lr=None, bf16=False)
-    offsets, losses = fit_offsets(model, tok, records, layers, config, tmp_path / "fit.ckpt")
+    offsets, low_rank, losses = fit_offsets(model, tok, records, layers, config, tmp_path / "fit.ckpt")
+    assert low_rank == {}
     zero = {layer: torch.zeros(64) for layer in layers}
     with torch.no_grad():
         start = alignment_loss(model, records, layers, zero, 2.0, tok.pad_token_id).item()
@@ -129,7 +133,7 @@ def test_fit_lowers_alignment_loss_and_profile_applies_through_hooks(tiny, tmp_p
     assert end < 0.9 * start
 
     # a rerun with the finished checkpoint resumes at the end and returns the same offsets
-    again, losses_again = fit_offsets(model, tok, records, layers, config, tmp_path / "fit.ckpt")
+    again, _, losses_again = fit_offsets(model, tok, records, layers, config, tmp_path / "fit.ckpt")
     assert losses_again == losses and all(torch.equal(again[k], offsets[k]) for k in layers)
 
     profile = make_profile(
@@ -167,6 +171,7 @@ def _synthetic_records() -> list[PatternRecord]:
                     pair,
                     torch.randn(2, t, 6, generator=gen),
                     torch.randn(2, t, 6, generator=gen),
+                    torch.randn(2, 6, generator=gen),
                 )
             )
     return records
@@ -183,9 +188,9 @@ def test_mean_caa_pca_equal_hand_computations() -> None:
         np.testing.assert_allclose(mean[layer].numpy(), 1.5 * tokens.mean(axis=0), rtol=1e-5, atol=1e-6)
         diffs = []
         for pair in range(5):
-            chosen = next(r for r in records if r.pair_index == pair and r.label == 1).base[i].numpy()
-            rejected = next(r for r in records if r.pair_index == pair and r.label == 0).base[i].numpy()
-            diffs.append(chosen.astype(np.float64).mean(axis=0) - rejected.astype(np.float64).mean(axis=0))
+            chosen = next(r for r in records if r.pair_index == pair and r.label == 1).base_mean[i].numpy()
+            rejected = next(r for r in records if r.pair_index == pair and r.label == 0).base_mean[i].numpy()
+            diffs.append(chosen.astype(np.float64) - rejected.astype(np.float64))
         d = np.stack(diffs)
         np.testing.assert_allclose(caa[layer].numpy(), d.mean(axis=0), rtol=1e-5, atol=1e-6)
         centred = d - d.mean(axis=0)
@@ -197,7 +202,10 @@ def test_mean_caa_pca_equal_hand_computations() -> None:
         np.testing.assert_allclose(pca[layer].numpy(), m * u, rtol=1e-4, atol=1e-6)
 
 
-def test_caa_needs_both_replies() -> None:
+def test_caa_needs_both_replies_and_base_states() -> None:
     records = [r for r in _synthetic_records() if r.label == 1]
     with pytest.raises(ValueError, match="both replies"):
         caa_offsets(records, [0, 1])
+    without = [PatternRecord(r.input_ids, r.prompt_len, r.label, r.pair_index, r.anchor, r.pattern) for r in records]
+    with pytest.raises(ValueError, match="base_means=True"):
+        caa_offsets(without, [0, 1])
