@@ -253,3 +253,260 @@ def fit_stage(
     record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
     write_json(folder / "fit.json", record)
     return offsets, low_rank, losses, record
+
+
+# -- one run: the stages in order, for `rahf train` and `rahf compare` ----------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run depends on: the flags of `rahf train`."""
+
+    data_file: Path
+    method: str = "dual"
+    layers: tuple[int, ...] = (6, 9, 12, 15, 18)
+    alpha: float = 4.0
+    max_pairs: int = 1024
+    held_out: float = 0.1
+    seed: int = 0
+    prompt_tokens: int = 96
+    response_tokens: int = 64
+    eval_response_tokens: int = 256
+    epochs: int = 1
+    batch_pairs: int = 2
+    lr: float = 5e-4
+    fit_steps: int = 128
+    fit_batch: int = 8
+    fit_lr: float | None = None
+    rank: int = 8
+    kl: float = 0.0
+    l2: float = 1e-3
+    pref_steps: int = 32
+    pref_batch: int = 8
+    pref_lr: float = 0.01
+    pref_rank: int = 0
+    pref_beta: float = 10.0
+    pref_l2: float = 0.01
+    pref_kl: float = 0.0
+    position_mode: str = "all"
+    calib_pairs: int = 64
+    gap_pairs: int = 64
+    bf16: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any, data_file: Path, bf16: bool) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"data_file", "bf16", "layers"}
+        return cls(
+            data_file=data_file, bf16=bf16, layers=tuple(args.layers), **{n: getattr(args, n) for n in names}
+        )
+
+    @property
+    def budget(self) -> TokenBudget:
+        return TokenBudget(self.prompt_tokens, self.response_tokens)
+
+    @property
+    def eval_budget(self) -> TokenBudget:
+        return TokenBudget(self.prompt_tokens, self.eval_response_tokens)
+
+
+@dataclass
+class FitResult:
+    offsets: dict[int, torch.Tensor]
+    low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    provenance: dict[str, Any]  # what this fit adds to (or overrides in) the run's provenance
+    seconds: dict[str, float]  # wall time of the stages it used (of the runs that finished them)
+
+
+class Run:
+    """One training run over a model: its pairs, and the stages it needs, each resumed from `stages`."""
+
+    def __init__(self, config: RunConfig, loaded: Any, stages: Stages, command: str = "") -> None:
+        self.config = config
+        self.loaded = loaded
+        self.stages = stages
+        self.command = command
+        self.split = split_training_pairs(
+            config.data_file,
+            max_pairs=config.max_pairs,
+            calib_pairs=config.calib_pairs,
+            held_out=config.held_out,
+            seed=config.seed,
+        )
+        self._records: dict[bool, tuple[list[Any], dict[str, Any], dict[str, Any]]] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    def instruct_config(self) -> Any:
+        from .rahf import InstructConfig
+
+        c = self.config
+        return InstructConfig(
+            epochs=c.epochs, batch_pairs=c.batch_pairs, lr=c.lr, bf16=c.bf16, seed=c.seed, budget=c.budget
+        )
+
+    def instruct_dir(self) -> Path:
+        config = self.instruct_config()
+        return instruct_folder(self.stages, self.split, self.config.method, config, self.loaded.fingerprint)
+
+    def instructed(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Step 1's model (LoRA-wrapped; `release` unwraps it) and its record, resumed or trained."""
+        return instruct_stage(
+            self.model,
+            self.loaded.tokenizer,
+            self.split,
+            self.config.method,
+            self.instruct_config(),
+            self.instruct_dir(),
+            gap_pairs=self.split.calib[: self.config.gap_pairs],
+        )
+
+    @staticmethod
+    def release(model: nn.Module) -> None:
+        if hasattr(model, "unload"):
+            model.unload()  # the base model again (in place), LoRA layers removed
+
+    def records(self, base_means: bool) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+        """Step 2's records (and steps 1's and 2's records), from the stage folders or computed."""
+        if base_means not in self._records and True in self._records:
+            return self._records[True]  # records with base means serve a request without them too
+        if base_means not in self._records:
+            instruct_dir = self.instruct_dir()
+            folder = patterns_folder(self.stages, instruct_dir, self.config.layers, base_means)
+            model, instruct_record = self.model, read_json(instruct_dir / "instruct.json")
+            needs_step1 = not (folder / "patterns.pt").is_file() or "gap_after" not in instruct_record
+            if needs_step1:
+                model, instruct_record = self.instructed()
+            try:
+                records, patterns_record = patterns_stage(
+                    model, self.loaded.tokenizer, self.split.pairs, self.config.layers, self.config.method,
+                    self.config.budget, folder=folder, base_means=base_means, bf16=self.config.bf16,
+                )
+            finally:
+                if needs_step1:
+                    self.release(model)
+            patterns_record = {**patterns_record, "folder": folder.name, "instruct_folder": instruct_dir.name}
+            self._records[base_means] = (records, instruct_record, patterns_record)
+        return self._records[base_means]
+
+    def base_provenance(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "data": str(c.data_file),
+            "pairs": len(self.split.pairs),
+            "held_out": c.held_out,
+            "seed": c.seed,
+            "instruct": c.method,
+            "layers": list(c.layers),
+            "alpha": c.alpha,
+            "budget": {"prompt": c.prompt_tokens, "response": c.response_tokens},
+            "model": self.loaded.name,
+            "command": self.command,
+            "bf16_autocast": c.bf16,
+        }
+
+    def fit(self, fit: str, *, base_means: bool = False) -> FitResult:
+        """Step 3 by `fit` (rahf, mean, caa, pca or pref), with the stages it needs."""
+        from .rahf import (
+            FitConfig,
+            PrefConfig,
+            caa_offsets,
+            fit_offsets,
+            fit_preference_offsets,
+            mean_pattern_offsets,
+            pca_offsets,
+        )
+
+        c, tokenizer = self.config, self.loaded.tokenizer
+        layers = list(c.layers)
+        if fit == "pref":
+            pref = PrefConfig(
+                beta=c.pref_beta, l2=c.pref_l2, kl=c.pref_kl, steps=c.pref_steps, batch_pairs=c.pref_batch,
+                lr=c.pref_lr, rank=c.pref_rank, position_mode=c.position_mode, budget=c.budget, bf16=c.bf16,
+                seed=c.seed,
+            )
+            settings = {k: v for k, v in dataclasses.asdict(pref).items() if k != "budget"}
+            folder = self.stages.folder(
+                "fit-pref",
+                {**self.split.settings(), "layers": layers, "model": self.loaded.fingerprint.digest, **settings,
+                 "budget": [c.prompt_tokens, c.response_tokens]},
+            )
+            offsets, low_rank, _, record = fit_stage(
+                folder, lambda ckpt: fit_preference_offsets(self.model, tokenizer, self.split.pairs, layers, pref, ckpt)
+            )
+            kept = ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")
+            # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
+            provenance = {
+                "instruct": "none", "alpha": None, "pref": {k: settings[k] for k in kept},
+                "fit_loss_first_last": record["loss_first_last"],
+            }
+            return FitResult(offsets, low_rank, provenance, {"fit_s": record["seconds"]})
+        records, instruct_record, patterns_record = self.records(base_means or fit in ("caa", "pca"))
+        losses = instruct_record.get("losses", [])
+        provenance = {
+            "instruct_epochs": c.epochs,
+            "instruct_loss_first_last": [losses[0], losses[-1]] if losses else None,
+            "instruct_gap": {k: instruct_record.get(k) for k in ("gap_before", "gap_after")},
+            "stages": {"instruct": patterns_record["instruct_folder"], "patterns": patterns_record["folder"]},
+        }
+        seconds = {
+            "instruct_s": instruct_record.get("seconds", float("nan")),
+            "collect_s": patterns_record.get("seconds", float("nan")),
+        }
+        low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if fit == "rahf":
+            config = FitConfig(
+                alpha=c.alpha, steps=c.fit_steps, batch_size=c.fit_batch, lr=c.fit_lr, rank=c.rank, kl=c.kl,
+                l2=c.l2, bf16=c.bf16, seed=c.seed,
+            )
+            settings = {"patterns": patterns_record["folder"], **dataclasses.asdict(config)}
+            folder = self.stages.folder("fit-rahf", settings)
+            offsets, low_rank, _, record = fit_stage(
+                folder, lambda ckpt: fit_offsets(self.model, tokenizer, records, layers, config, ckpt)
+            )
+            seconds["fit_s"] = record["seconds"]
+            provenance["fit_loss_first_last"] = record["loss_first_last"]
+            provenance["rahf"] = {k: getattr(config, k) for k in ("steps", "batch_size", "lr", "rank", "kl", "l2")}
+        elif fit == "mean":
+            offsets = mean_pattern_offsets(records, layers, c.alpha)
+        elif fit == "caa":
+            offsets = caa_offsets(records, layers)
+        elif fit == "pca":
+            offsets = pca_offsets(records, layers)
+        else:
+            raise ValueError(f"unknown fit {fit!r}")
+        return FitResult(offsets, low_rank, provenance, seconds)
+
+    def profile(self, fit: str, name: str, result: FitResult) -> Any:
+        from .rahf import make_profile
+
+        data = Path(self.config.data_file).parent.name or Path(self.config.data_file).name
+        return make_profile(
+            name,
+            result.offsets,
+            fit=fit,
+            fingerprint=self.loaded.fingerprint,
+            provenance={**self.base_provenance(), **result.provenance},
+            description=(
+                f"preference-loss offsets from {data} (pref fit, not RAHF)"
+                if fit == "pref"
+                else f"RAHF-{self.config.method} profile from {data} ({fit} fit)"
+            ),
+            position_mode=self.config.position_mode,
+            low_rank=result.low_rank or None,
+        )
+
+    def calibrate(self, profile: Any, strengths: Sequence[float], base_ppl: float, text: str) -> None:
+        """Set the profile's default strength on the held-out calibration pairs (never fit pairs)."""
+        from . import evaluate
+
+        strength, rows = evaluate.calibrate_strength(
+            self.model, self.loaded.tokenizer, self.split.calib, profile, strengths, base_ppl=base_ppl, text=text,
+            budget=self.config.eval_budget, bf16=self.config.bf16,
+        )
+        profile.default_strength = strength
+        profile.provenance["calibration"] = {
+            "pairs": len(self.split.calib), "held_out": True, "response_tokens": self.config.eval_response_tokens,
+            "rows": rows, "strength": strength,
+        }

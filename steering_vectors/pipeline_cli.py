@@ -8,7 +8,6 @@ fits) go to a work folder, so that a rerun of the same command resumes where the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -232,214 +231,85 @@ def _command_line() -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .evaluate import calibrate_strength, neutral_text, perplexity, write_report
-    from .pipeline import (
-        Stages,
-        fit_stage,
-        instruct_folder,
-        instruct_stage,
-        patterns_folder,
-        patterns_stage,
-        resolve_bf16,
-        split_training_pairs,
-    )
-    from .rahf import (
-        RECORD_FITS,
-        FitConfig,
-        InstructConfig,
-        PrefConfig,
-        caa_offsets,
-        fit_offsets,
-        fit_preference_offsets,
-        make_profile,
-        mean_pattern_offsets,
-        pca_offsets,
-    )
+    from .evaluate import neutral_text, perplexity, write_report
+    from .pipeline import Run, RunConfig, Stages, resolve_bf16
 
     _setup(args)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     bf16 = resolve_bf16(args.bf16)
-    budget = TokenBudget(args.prompt_tokens, args.response_tokens)
-    eval_budget = TokenBudget(args.prompt_tokens, args.eval_response_tokens)
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
     log.info("stage folders under %s (a rerun resumes from them); bf16 autocast %s", stages.root, bf16)
 
     # 1. model and data: the fit pairs, and calibration pairs held out from every fit step
     check_model(args.model)
     data_file = resolve_split(args.data, "train")
-    split = split_training_pairs(
-        data_file, max_pairs=args.max_pairs, calib_pairs=args.calib_pairs, held_out=args.held_out, seed=args.seed
-    )  # malformed data fails here, before the model loads
+    config = RunConfig.from_args(args, data_file, bf16)
+    load_pairs(data_file)  # malformed data fails here, before the model loads
+    from .pipeline import split_training_pairs
+
+    split_training_pairs(  # and too few prompts to hold some out
+        data_file, max_pairs=config.max_pairs, calib_pairs=config.calib_pairs, held_out=config.held_out,
+        seed=config.seed,
+    )
     loaded = load_model(args.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    _check_layers(args.layers, model)
+    _check_layers(args.layers, loaded.model)
+    run = Run(config, loaded, stages, command=_command_line())
     log.info(
-        "%d training pairs and %d held-out calibration pairs from %s (%d / %d prompts' pairs)",
-        len(split.pairs), len(split.calib), data_file, split.pool, split.held,
+        "%d training pairs and %d held-out calibration pairs from %s (%d / %d pairs in the two parts)",
+        len(run.split.pairs), len(run.split.calib), data_file, run.split.pool, run.split.held,
     )
 
-    # 2. step 1: instruct, and step 2: collect patterns, each resumed from its stage folder; skipped when
-    # no requested fit uses patterns ('pref' needs only the pairs)
-    config = InstructConfig(
-        epochs=args.epochs, batch_pairs=args.batch_pairs, lr=args.lr, bf16=bf16, seed=args.seed, budget=budget
-    )
-    instruct_record: dict[str, Any] = {}
-    records: list[Any] = []
-    needs_records = any(fit in RECORD_FITS for fit in args.fit)
+    # 2. steps 1-3 for each fit (steps 1 and 2 only when a fit uses patterns; 'pref' needs only the pairs)
     base_means = any(fit in ("caa", "pca") for fit in args.fit)
-    if not needs_records:
-        log.info("fits %s need no activity patterns: skipping steps 1 and 2", ",".join(args.fit))
-    else:
-        instruct_dir = instruct_folder(stages, split, args.method, config, loaded.fingerprint)
-        patterns_dir = patterns_folder(stages, instruct_dir, args.layers, base_means)
-        if not (patterns_dir / "patterns.pt").is_file() or not (instruct_dir / "instruct.json").is_file():
-            model, instruct_record = instruct_stage(
-                model, tokenizer, split, args.method, config, instruct_dir,
-                gap_pairs=split.calib[: args.gap_pairs],
-            )
-        records, patterns_record = patterns_stage(
-            model, tokenizer, split.pairs, args.layers, args.method, budget,
-            folder=patterns_dir, base_means=base_means, bf16=bf16,
-        )
-        if hasattr(model, "unload"):
-            model = model.unload()  # the base model again, LoRA layers removed
-        instruct_record = instruct_record or json.loads((instruct_dir / "instruct.json").read_text())
-        timings["instruct_s"] = instruct_record.get("seconds", float("nan"))
-        timings["collect_s"] = patterns_record.get("seconds", float("nan"))
-    instruct_losses = instruct_record.get("losses", [])
-
-    # 3. step 3: offsets (and low-rank terms) by each fit method
+    timings: dict[str, float] = {}
+    results = {}
     t0 = time.perf_counter()
-    provenance: dict[str, Any] = {
-        "data": str(data_file),
-        "pairs": len(split.pairs),
-        "held_out": args.held_out,
-        "seed": args.seed,
-        "instruct": args.method,
-        "layers": args.layers,
-        "alpha": args.alpha,
-        "budget": {"prompt": budget.prompt, "response": budget.response},
-        "model": loaded.name,
-        "command": _command_line(),
-        "bf16_autocast": bf16,
-        "instruct_epochs": args.epochs,
-        "instruct_loss_first_last": [instruct_losses[0], instruct_losses[-1]] if instruct_losses else None,
-        "instruct_gap": {k: instruct_record.get(k) for k in ("gap_before", "gap_after")},
-        "stages": {"instruct": instruct_dir.name, "patterns": patterns_dir.name} if needs_records else {},
-    }
-    fitted: dict[str, dict[int, torch.Tensor]] = {}
-    low_rank: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # fit -> its low-rank terms, if any
-    extras: dict[str, dict[str, Any]] = {}
     for fit in args.fit:
-        if fit == "rahf":
-            fit_config = FitConfig(
-                alpha=args.alpha, steps=args.fit_steps, batch_size=args.fit_batch, lr=args.fit_lr, rank=args.rank,
-                kl=args.kl, l2=args.l2, bf16=bf16, seed=args.seed,
-            )
-            folder = stages.folder("fit-rahf", {"patterns": patterns_dir.name, **dataclasses.asdict(fit_config)})
-            fitted[fit], low_rank[fit], losses, record = fit_stage(
-                folder, lambda ckpt, c=fit_config: fit_offsets(model, tokenizer, records, args.layers, c, ckpt)
-            )
-            timings["fit_rahf_s"] = record["seconds"]
-            settings = {k: getattr(fit_config, k) for k in ("steps", "batch_size", "lr", "rank", "kl", "l2")}
-            extras[fit] = {"fit_loss_first_last": record["loss_first_last"], "rahf": settings}
-        elif fit == "pref":
-            pref_config = PrefConfig(
-                beta=args.pref_beta, l2=args.pref_l2, kl=args.pref_kl, steps=args.pref_steps,
-                batch_pairs=args.pref_batch, lr=args.pref_lr, rank=args.pref_rank, position_mode=args.position_mode,
-                budget=budget, bf16=bf16, seed=args.seed,
-            )
-            folder = stages.folder(
-                "fit-pref",
-                {**split.settings(), "layers": args.layers, "model": loaded.fingerprint.digest,
-                 **{k: v for k, v in dataclasses.asdict(pref_config).items() if k != "budget"},
-                 "budget": [budget.prompt, budget.response]},
-            )
-            fitted[fit], low_rank[fit], losses, record = fit_stage(
-                folder,
-                lambda ckpt, c=pref_config: fit_preference_offsets(model, tokenizer, split.pairs, args.layers, c, ckpt),
-            )
-            timings["fit_pref_s"] = record["seconds"]
-            settings = {k: getattr(pref_config, k) for k in ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")}
-            # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
-            extras[fit] = {
-                "instruct": "none", "alpha": None, "instruct_loss_first_last": None, "instruct_gap": None,
-                "instruct_epochs": None, "stages": {}, "pref": settings,
-                "fit_loss_first_last": record["loss_first_last"],
-            }
-        elif fit == "mean":
-            fitted[fit] = mean_pattern_offsets(records, args.layers, args.alpha)
-        elif fit == "caa":
-            fitted[fit] = caa_offsets(records, args.layers)
-        else:
-            fitted[fit] = pca_offsets(records, args.layers)
-    timings["fit_s"] = time.perf_counter() - t0
+        results[fit] = run.fit(fit, base_means=base_means)
+        for key, value in results[fit].seconds.items():
+            timings[key if key != "fit_s" else f"fit_{fit}_s"] = value
+    timings["fit_total_s"] = time.perf_counter() - t0
 
-    # 4. default strengths, tuned on held-out training pairs within the fluency cap; then the files
+    # 3. default strengths, tuned on held-out training pairs within the fluency cap; then the files
     t0 = time.perf_counter()
     text = neutral_text()
-    base_ppl = perplexity(model, tokenizer, text, bf16=bf16)
+    base_ppl = perplexity(loaded.model, loaded.tokenizer, text, bf16=bf16)
     written = []
-    for fit, offsets in fitted.items():
-        name = args.name if fit == args.fit[0] else f"{args.name}-{fit}"
-        profile = make_profile(
-            name,
-            offsets,
-            fit=fit,
-            fingerprint=loaded.fingerprint,
-            provenance={**provenance, **extras.get(fit, {})},
-            description=(
-                f"preference-loss offsets from {Path(args.data).name} (pref fit, not RAHF)"
-                if fit == "pref"
-                else f"RAHF-{args.method} profile from {Path(args.data).name} ({fit} fit)"
-            ),
-            position_mode=args.position_mode,
-            low_rank=low_rank.get(fit),
-        )
-        strength, rows = calibrate_strength(
-            model, tokenizer, split.calib, profile, args.strengths, base_ppl=base_ppl, text=text,
-            budget=eval_budget, bf16=bf16,
-        )
-        profile.default_strength = strength
-        profile.provenance["calibration"] = {
-            "pairs": len(split.calib), "held_out": True, "response_tokens": eval_budget.response,
-            "rows": rows, "strength": strength,
-        }
-        target = (
-            args.out / f"{name}.safetensors"
-            if fit == args.fit[0]
-            else args.out / "baselines" / f"{name}.safetensors"
-        )
+    for fit, result in results.items():
+        headline = fit == args.fit[0]
+        profile = run.profile(fit, args.name if headline else f"{args.name}-{fit}", result)
+        run.calibrate(profile, args.strengths, base_ppl, text)
+        target = (args.out if headline else args.out / "baselines") / f"{profile.name}.safetensors"
         profile.save(target)
-        written.append(target)
-        log.info("wrote %s (default strength %g)", target, strength)
+        written.append((target, profile))
+        log.info("wrote %s (default strength %g)", target, profile.default_strength)
     timings["calibrate_s"] = time.perf_counter() - t0
     timings["train_total_s"] = time.perf_counter() - started
+    gaps = [p.provenance.get("instruct_gap") for _, p in written if p.provenance.get("instruct_gap")]
     summary: dict[str, Any] = {
-        "profiles": [str(p) for p in written],
+        "profiles": [str(path) for path, _ in written],
         "timings": timings,
-        "instruct_gap": provenance["instruct_gap"] if needs_records else None,
+        "instruct_gap": gaps[0] if gaps else None,
     }
 
-    # 5. optional evaluation on the dev split
+    # 4. optional evaluation on the dev split
     if args.eval:
         from .evaluate import evaluate_profiles
         from .profile import Profile
 
         t0 = time.perf_counter()
         dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=args.seed)
-        profiles = [Profile.load(p) for p in written]
-        results = evaluate_profiles(
-            model, tokenizer, dev, profiles, args.strengths, budget=eval_budget, bf16=bf16,
+        profiles = [Profile.load(path) for path, _ in written]
+        results_eval = evaluate_profiles(
+            loaded.model, loaded.tokenizer, dev, profiles, args.strengths, budget=config.eval_budget, bf16=bf16,
             prompts=GENERATION_PROMPTS[: args.gen_prompts],
         )
         timings["eval_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
-        results["timings"] = timings
-        results["command"] = _command_line()
+        results_eval["timings"] = timings
+        results_eval["command"] = _command_line()
         report = write_report(
-            results,
+            results_eval,
             args.out / f"{args.name}-report",
             f"Profile '{args.name}' on {Path(args.data).name} (dev)",
             command=_command_line(),
