@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engine.continuous import ContinuousEngine  # noqa: E402
-from server.engine.packed import pack_model  # noqa: E402
+from server.backends.transformers.engine import ContinuousEngine  # noqa: E402
+from server.backends.transformers.packed import pack_model  # noqa: E402
 from steering_vectors.hooks import SteeringPlan, build_plan  # noqa: E402
 from steering_vectors.models import load_model  # noqa: E402
 

@@ -40,11 +40,13 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients use; default: the model's name")
     profile_dir: Path | None = Field(None, description="profile store; None = in-memory only")
     check_digest: bool = Field(True, description="refuse profiles made for other weights or tokenizers")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 elsewhere"
+    )
     device: str = "cpu"
-    engine: Literal["simple", "continuous"] = "continuous"
+    backend: str = Field("transformers", description="the backend package in server/backends/ that runs the model")
     quantize: Literal["auto", "none", "int4", "int8"] = Field(
-        "auto", description="weight-only packed linears for CPU decoding (auto: int4 when lossless)"
+        "auto", description="weight-only packed linears for CPU decoding (auto: int4 when lossless; off elsewhere)"
     )
     packed_max_rows: int = Field(
         16, ge=0, description="calls with more rows than this (prefill, big batches) use the float weights"
@@ -84,6 +86,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from .backends import available  # lists the folders; imports no backend
+
+        if value not in available():
+            raise ValueError(f"unknown backend {value!r}; available: {', '.join(available())}")
+        return value
 
     @field_validator("root_path")
     @classmethod

@@ -29,7 +29,7 @@ from steering_vectors.errors import (
     SteeringError,
 )
 
-from .engine.base import EngineError, EngineOverloadedError, EngineShutdownError
+from .backends.base import EngineError, EngineOverloadedError, EngineShutdownError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .engine.base import SamplingParams
+from .backends.base import SamplingParams
 
 PositionMode = Literal["all", "generated"]
 

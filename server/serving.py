@@ -18,11 +18,12 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from steering_vectors.hooks import combine_low_rank, combine_offsets
-from steering_vectors.profile import Profile
+from steering_vectors.errors import PlanError
+from steering_vectors.hooks import RowSteering
+from steering_vectors.profile import ModelFingerprint, Profile
 
+from .backends.base import Engine, GenerationRequest, TokenLogprob
 from .config import Settings
-from .engine.base import Engine, GenerationRequest, RowSteering, TokenLogprob
 from .errors import bad_request, not_found
 from .protocol import ChatCompletionRequest, CompletionRequest, SteeringEntry, steering_entries
 from .registry import ProfileRegistry
@@ -86,8 +87,10 @@ def resolve_steering(
     base: str,
     profiles: Mapping[str, Profile],
     strength_bounds: tuple[float, float],
+    fingerprint: ModelFingerprint,
 ) -> RowSteering | None:
-    """Resolve the model alias and the `steering` field against one profile snapshot."""
+    """Resolve the model alias and the `steering` field against one profile snapshot into a row's
+    steering, validated once against the loaded model's `fingerprint` (the engine takes it as it is)."""
     wanted: list[_Wanted] = []
     alias = parse_model_alias(model, base)
     if alias is not None:
@@ -127,12 +130,10 @@ def resolve_steering(
                 "steering",
             )
         position = modes.pop()
-    return RowSteering(
-        offsets=combine_offsets(chosen),
-        low_rank=combine_low_rank(chosen),
-        position_mode=position,
-        applied=tuple((profile.name, strength) for profile, strength in chosen),
-    )
+    try:
+        return RowSteering.from_profiles(chosen, model=fingerprint, position_mode=position)
+    except PlanError as exc:  # profiles are validated against the model when loaded: not expected
+        raise bad_request(str(exc), "steering", code="invalid_steering") from None
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ class Serving:
             base=self.model_name,
             profiles=self.registry.snapshot(),
             strength_bounds=(self.settings.strength_min, self.settings.strength_max),
+            fingerprint=self.registry.fingerprint,
         )
         if self.metrics is not None:
             for name, _ in steering.applied if steering else ():

@@ -10,6 +10,12 @@ reads the *steering plan* of the calling thread: for each steered layer a ``(bat
 `low_rank_delta`; each row's profiles' ranks concatenated, strengths folded into ``up``, unused ranks
 zero), and an optional ``(batch, seq, 1)`` position mask. With no plan the hooks return at once. Rows
 whose offset and low-rank factors are zero get ``h + 0.0``, which is bit-identical to ``h``.
+
+Steering has one home here: `RowSteering` is one row's combination, validated once against the model
+(layer count, hidden size, ranks: `profile.check_terms`); `build_plan` / `plan_for_rows` stack rows into
+a plan; `apply_plan` adds a plan to one layer's output, and is what the hooks and any hand-written
+forward (the server's lean decode step) call. A plan may live on any device: `apply_plan` moves it to
+the hidden states' device (once per plan and device).
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import PlanError, ProfileError
 from .layers import find_decoder_layers, hidden_size_of
-from .profile import POSITION_MODES, Profile
+from .profile import POSITION_MODES, Profile, check_terms
 
 _STEERER_ATTR = "_rahf_steerer"
 
@@ -37,10 +43,50 @@ class SteeringPlan:
     offsets: dict[int, torch.Tensor]
     mask: torch.Tensor | None = None  # 1.0 where steering applies, 0.0 elsewhere; None = everywhere
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layers in offsets
+    _moved: dict[torch.device, SteeringPlan] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
         return next(iter(self.offsets.values())).shape[0] if self.offsets else 0
+
+    @property
+    def device(self) -> torch.device | None:
+        return next(iter(self.offsets.values())).device if self.offsets else None
+
+    def to(self, device: torch.device | str) -> SteeringPlan:
+        """This plan with every tensor on `device`: itself when it is there already, else a copy made once
+        and kept (a plan is reused for many forward passes). Differentiable, so offsets that require
+        grad keep their gradient."""
+        device = torch.device(device)
+        if self.device is None or self.device == device:
+            return self
+        moved = self._moved.get(device)
+        if moved is None:
+            moved = SteeringPlan(
+                offsets={layer: t.to(device) for layer, t in self.offsets.items()},
+                mask=self.mask.to(device) if self.mask is not None else None,
+                low_rank={layer: (d.to(device), u.to(device)) for layer, (d, u) in self.low_rank.items()},
+            )
+            self._moved[device] = moved
+        return moved
+
+
+def apply_plan(hidden: torch.Tensor, plan: SteeringPlan | None, layer: int) -> torch.Tensor:
+    """The output of decoder layer `layer` with the plan's steering added: hidden (B, T, H) ->
+    ``h + offset`` (``h + offset * mask`` with a mask; the offset including the low-rank term where the
+    plan has one), in hidden's dtype and on its device. Returns `hidden` itself when the plan does not
+    steer that layer. Unsteered rows (zero offset and factors) come back bit-identical."""
+    if plan is None or layer not in plan.offsets:
+        return hidden
+    plan = plan.to(hidden.device)
+    offset = plan.offsets[layer]
+    if offset.shape[0] != hidden.shape[0]:
+        raise PlanError(f"plan has {offset.shape[0]} rows, layer {layer} output has {hidden.shape[0]}")
+    factors = plan.low_rank.get(layer)
+    if factors is not None:
+        offset = offset + low_rank_delta(hidden, *factors).to(offset.dtype)  # (B, T, H)
+    delta = offset if plan.mask is None else offset * plan.mask  # (B, 1, H) or (B, T, H)
+    return hidden + delta.to(hidden.dtype)
 
 
 class Steerer:
@@ -96,19 +142,9 @@ class Steerer:
 
         def hook(module: nn.Module, args: object, output: Any) -> Any:
             plan = getattr(local, "plan", None)
-            if plan is None:
+            if plan is None or index not in plan.offsets:
                 return None
-            offset = plan.offsets.get(index)
-            if offset is None:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            if offset.shape[0] != hidden.shape[0]:
-                raise PlanError(f"plan has {offset.shape[0]} rows, layer {index} output has {hidden.shape[0]}")
-            factors = plan.low_rank.get(index)
-            if factors is not None:
-                offset = offset + low_rank_delta(hidden, *factors).to(offset.dtype)  # (B, T, H)
-            delta = offset if plan.mask is None else offset * plan.mask  # (B, 1, H) or (B, T, H)
-            hidden = hidden + delta.to(hidden.dtype)
+            hidden = apply_plan(output[0] if isinstance(output, tuple) else output, plan, index)
             if isinstance(output, tuple):
                 return (hidden, *output[1:])
             return hidden
@@ -152,6 +188,95 @@ def combine_low_rank(entries: Sequence[tuple[Profile, float]]) -> dict[int, tupl
             downs.setdefault(layer, []).append(down)
             ups.setdefault(layer, []).append(up * float(strength))
     return {layer: (torch.cat(downs[layer], dim=0), torch.cat(ups[layer], dim=1)) for layer in downs}
+
+
+class RowSteering:
+    """One row's steering, validated once against the model it will steer.
+
+    offsets: layer -> (H,) (see `combine_offsets`); low_rank: layer -> (down (R, H), up (H, R)) (see
+    `combine_low_rank`), only at layers with an offset; position_mode: "all" or "generated";
+    applied: (profile name, strength) pairs, for reporting. `model` is anything with `num_layers` and
+    `hidden_size` (a `ModelFingerprint`, a `Steerer`). Tensors are kept as float32 on the CPU; plans
+    move them where the model is. Raises `PlanError` when the steering does not fit the model.
+    """
+
+    __slots__ = ("offsets", "low_rank", "position_mode", "applied", "num_layers", "hidden_size")
+
+    def __init__(
+        self,
+        offsets: Mapping[int, torch.Tensor],
+        *,
+        model: Any,
+        low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        position_mode: str = "all",
+        applied: Sequence[tuple[str, float]] = (),
+    ) -> None:
+        if position_mode not in POSITION_MODES:
+            raise PlanError(f"position mode {position_mode!r} is not one of {POSITION_MODES}")
+        self.num_layers, self.hidden_size = int(model.num_layers), int(model.hidden_size)
+        self.offsets = {int(layer): t.detach().to("cpu", torch.float32) for layer, t in offsets.items()}
+        self.low_rank = {
+            int(layer): (down.detach().to("cpu", torch.float32), up.detach().to("cpu", torch.float32))
+            for layer, (down, up) in (low_rank or {}).items()
+        }
+        if not self.offsets:
+            raise PlanError("steering without offsets; use no steering instead")
+        try:
+            check_terms(
+                self.offsets, self.low_rank, hidden_size=self.hidden_size, num_layers=self.num_layers, who="steering"
+            )
+        except ProfileError as exc:
+            raise PlanError(str(exc)) from None
+        self.position_mode = position_mode
+        self.applied = tuple((str(name), float(strength)) for name, strength in applied)
+
+    @classmethod
+    def from_profiles(
+        cls, entries: Sequence[tuple[Profile, float]], *, model: Any, position_mode: str | None = None
+    ) -> RowSteering:
+        """The weighted sum of `entries` (profile, strength); the position mode is `position_mode`, else
+        the profiles' common one (PlanError when they differ)."""
+        if position_mode is None:
+            modes = {profile.position_mode for profile, _ in entries}
+            if len(modes) != 1:
+                raise PlanError("the profiles use different token-position modes; choose one")
+            position_mode = modes.pop()
+        return cls(
+            combine_offsets(entries),
+            model=model,
+            low_rank=combine_low_rank(entries),
+            position_mode=position_mode,
+            applied=[(profile.name, strength) for profile, strength in entries],
+        )
+
+    def fits(self, model: Any) -> bool:
+        """Whether this steering was validated for a model of `model`'s shape."""
+        return (self.num_layers, self.hidden_size) == (int(model.num_layers), int(model.hidden_size))
+
+    def __repr__(self) -> str:
+        return f"RowSteering(layers={sorted(self.offsets)}, mode={self.position_mode!r}, applied={self.applied})"
+
+
+def plan_for_rows(
+    rows: Sequence[RowSteering | None],
+    *,
+    positions: torch.Tensor | None = None,
+    prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+    decode: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> SteeringPlan | None:
+    """`build_plan` over validated rows (None: unsteered). `decode`: the input is one new token per row,
+    past every prompt, so "generated" rows are steered like "all" rows and no mask is needed."""
+    return build_plan(
+        [row.offsets if row is not None else None for row in rows],
+        row_low_rank=[row.low_rank if row is not None else None for row in rows],
+        modes=None if decode else [row.position_mode if row is not None else "all" for row in rows],
+        positions=positions,
+        prompt_lengths=prompt_lengths,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

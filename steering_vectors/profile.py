@@ -93,6 +93,46 @@ def low_rank_term_rank(down: torch.Tensor, up: torch.Tensor, hidden: int) -> int
     return rank if rank >= 1 and tuple(down.shape) == (rank, hidden) and tuple(up.shape) == (hidden, rank) else 0
 
 
+def check_terms(
+    offsets: Mapping[int, torch.Tensor],
+    low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    hidden_size: int,
+    num_layers: int | None = None,
+    who: str,
+    hint: str = "",
+) -> None:
+    """The rules steering terms must follow to steer a model of `hidden_size` and `num_layers` decoder
+    layers (None: any count): offsets of shape (hidden_size,) at layers 0..num_layers-1, low-rank terms
+    ``(down (R, hidden), up (hidden, R))`` only where there is an offset. Profiles (their own offsets,
+    and against a model's fingerprint) and `hooks.RowSteering` (a request's combination, against the
+    loaded model) are checked here and nowhere else. Raises `ProfileShapeError` (size),
+    `ProfileLayerError` (layer index) or `ProfileFormatError` (low-rank term); `hint` ends the first two."""
+    sizes = sorted({tuple(t.shape) for t in offsets.values()})
+    if sizes != [(hidden_size,)]:
+        found = ", ".join("x".join(map(str, size)) or "scalar" for size in sizes)
+        raise ProfileShapeError(
+            f"{who} has offsets of size {found}, but the loaded model's hidden size is {hidden_size}{hint}"
+        )
+    if num_layers is not None:
+        bad = [layer for layer in offsets if not 0 <= layer < num_layers]
+        if bad:
+            raise ProfileLayerError(
+                f"{who} steers layers {bad}, but the loaded model has layers 0..{num_layers - 1}{hint}"
+            )
+    for layer, (down, up) in low_rank.items():
+        if layer not in offsets:
+            raise ProfileFormatError(
+                f"{who}: layer {layer!r} has a low-rank term but no offset (use a zero offset for a low-rank "
+                "term alone)"
+            )
+        if not low_rank_term_rank(down, up, hidden_size):
+            raise ProfileFormatError(
+                f"{who}: the low-rank term of layer {layer} has down {tuple(down.shape)} and up "
+                f"{tuple(up.shape)}; expected (rank, {hidden_size}) and ({hidden_size}, rank) with rank >= 1"
+            )
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -134,7 +174,6 @@ class Profile:
         if not self.offsets:
             raise ProfileFormatError(f"profile {self.name!r} has no offsets")
         clean: dict[int, torch.Tensor] = {}
-        sizes = set()
         for layer, offset in self.offsets.items():
             if not isinstance(layer, int) or layer < 0:
                 raise ProfileLayerError(f"profile {self.name!r}: layer index {layer!r} is not a non-negative int")
@@ -144,37 +183,29 @@ class Profile:
                     f"profile {self.name!r}: the offset of layer {layer} contains NaN or Inf; "
                     "refit or re-export the profile"
                 )
-            sizes.add(tensor.numel())
             clean[layer] = tensor
+        sizes = sorted({t.numel() for t in clean.values()})
         if len(sizes) != 1:
-            raise ProfileShapeError(f"profile {self.name!r}: offsets have different sizes {sorted(sizes)}")
+            raise ProfileShapeError(f"profile {self.name!r}: offsets have different sizes {sizes}")
         self.offsets = dict(sorted(clean.items()))
-        self.low_rank = self._clean_low_rank(self.hidden_size)
+        self.low_rank = self._clean_low_rank()
         if self.low_rank:
             self.format_version = max(self.format_version, 2)
 
-    def _clean_low_rank(self, hidden: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _clean_low_rank(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, pair in self.low_rank.items():
-            if layer not in self.offsets:
-                raise ProfileFormatError(
-                    f"profile {self.name!r}: layer {layer!r} has a low-rank term but no offset "
-                    "(use a zero offset for a low-rank term alone)"
-                )
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ProfileFormatError(f"profile {self.name!r}: the low-rank term of layer {layer} is not (down, up)")
             down, up = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in pair)
-            if not low_rank_term_rank(down, up, hidden):
-                raise ProfileFormatError(
-                    f"profile {self.name!r}: the low-rank term of layer {layer} has down {tuple(down.shape)} and "
-                    f"up {tuple(up.shape)}; expected (rank, {hidden}) and ({hidden}, rank) with rank >= 1"
-                )
+            clean[layer] = (down, up)
+        check_terms(self.offsets, clean, hidden_size=self.hidden_size, who=f"profile {self.name!r}")
+        for layer, (down, up) in clean.items():
             if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
                 raise ProfileValueError(
                     f"profile {self.name!r}: the low-rank term of layer {layer} contains NaN or Inf; "
                     "refit the profile"
                 )
-            clean[layer] = (down, up)
         return dict(sorted(clean.items()))
 
     @property
@@ -232,17 +263,14 @@ class Profile:
 
     def validate_for(self, model: ModelFingerprint, *, check_digest: bool = True) -> Profile:
         """Check that this profile can steer `model`; return self or raise a typed error."""
-        if self.hidden_size != model.hidden_size:
-            raise ProfileShapeError(
-                f"profile {self.name!r} has offsets of size {self.hidden_size}, but the loaded model's "
-                f"hidden size is {model.hidden_size}: it was made for another model; retrain it for this one"
-            )
-        bad = [layer for layer in self.layers if layer >= model.num_layers]
-        if bad:
-            raise ProfileLayerError(
-                f"profile {self.name!r} steers layers {bad}, but the loaded model has layers "
-                f"0..{model.num_layers - 1}: it was made for another model or has a wrong layer index"
-            )
+        check_terms(
+            self.offsets,
+            self.low_rank,
+            hidden_size=model.hidden_size,
+            num_layers=model.num_layers,
+            who=f"profile {self.name!r}",
+            hint=": it was made for another model or has a wrong layer index; retrain it for this one",
+        )
         fp = self.fingerprint
         if fp is None:
             return self

@@ -1,16 +1,34 @@
-"""The engine interface: requests in, token events out.
+"""The seam between the HTTP side and the backends: the engine interface (requests in, token events
+out) and what a backend's factory returns.
 
-Knows token ids, sampling parameters and per-row steering; knows nothing about HTTP, JSON, text or
-tokenisers (the serving layer detokenises, matches stop strings and closes the stream to cancel).
+Knows token ids, sampling parameters and per-row steering (`steering_vectors.hooks.RowSteering`, validated
+against the model before it reaches an engine); knows nothing about HTTP, JSON, text or tokenisers (the
+serving layer detokenises, matches stop strings and closes the stream to cancel), nor about any model
+runtime: a backend (`server/backends/<name>/`) owns its model and its engine.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+from steering_vectors.hooks import RowSteering
+from steering_vectors.profile import ModelFingerprint
+
+__all__ = [
+    "Backend",
+    "Engine",
+    "EngineError",
+    "EngineEvent",
+    "EngineOverloadedError",
+    "EngineShutdownError",
+    "GenerationRequest",
+    "RowSteering",
+    "SamplingParams",
+    "TokenLogprob",
+]
 
 
 class EngineError(Exception):
@@ -43,21 +61,6 @@ class SamplingParams:
     logprobs: bool = False  # return the chosen token's logprob
     top_logprobs: int = 0  # and this many alternatives
     prompt_logprobs: bool = False  # score the prompt tokens too (echo / max_tokens 0 scoring)
-
-
-@dataclass(frozen=True)
-class RowSteering:
-    """Steering of one sequence: combined offsets (layer -> (H,) float32), the combined low-rank terms
-    (layer -> (down (R, H), up (H, R)), see `steering_vectors.hooks.combine_low_rank`) and the position mode.
-
-    `applied` lists (profile name, strength) for the response; the offsets are computed once per
-    request from the profile objects it started with, so a profile replaced later does not change it.
-    """
-
-    offsets: Mapping[int, torch.Tensor]
-    position_mode: str = "all"
-    applied: tuple[tuple[str, float], ...] = ()
-    low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,3 +113,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """At least {"running": n, "waiting": n} for metrics and readiness."""
+
+
+@dataclass
+class Backend:
+    """What a backend's factory (`create(settings, model=None)` in `server/backends/<name>/`) returns:
+    a started-ready engine over the model it loaded, and what the serving layer needs beside it."""
+
+    name: str  # the backend's name, as settings.backend names it
+    engine: Engine
+    tokenizer: Any  # a transformers tokenizer: chat template, encode, decode, len
+    fingerprint: ModelFingerprint  # profiles are validated against it
+    model_name: str  # what clients call the model unless settings.served_model_name says otherwise
+    stop_token_ids: frozenset[int] = frozenset()
+    info: dict[str, Any] = field(default_factory=dict)  # reported by /readyz (device, dtype, quantize, ...)

@@ -2,7 +2,9 @@
 
 Knows logits and sampling parameters; knows nothing about batching or steering. Works on a batch of
 rows, each with its own parameters and its own random generator, so a row's choice never depends on
-which other rows share its batch.
+which other rows share its batch. Everything runs on the logits' device: a row's generator must be
+on that device too (`make_generator(seed, logits.device)`; torch refuses to draw for CUDA logits from
+a CPU generator), and `select_token` says so clearly when it is not.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from .base import SamplingParams, TokenLogprob
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` (where the logits it samples from live), seeded, or randomly when None."""
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
@@ -23,11 +26,24 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` and `cuda:0` are the same device."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def check_generator(generator: torch.Generator, logits: torch.Tensor) -> None:
+    if not same_device(generator.device, logits.device):
+        raise ValueError(
+            f"the sampling generator is on {generator.device} but the logits are on {logits.device}; "
+            "make it with make_generator(seed, logits.device)"
+        )
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int]) -> torch.Tensor:
     """OpenAI-style presence and frequency penalties over the tokens generated so far. logits: (V,)"""
     if not output_ids or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
         return logits
-    ids, counts = torch.tensor(list(output_ids), dtype=torch.long).unique(return_counts=True)
+    ids, counts = torch.tensor(list(output_ids), dtype=torch.long, device=logits.device).unique(return_counts=True)
     penalty = params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
     logits = logits.clone()
     logits[ids] -= penalty
@@ -40,7 +56,7 @@ def select_token(
     generator: torch.Generator,
     output_ids: Sequence[int] = (),
 ) -> tuple[int, TokenLogprob | None]:
-    """Pick the next token for one row from its float logits (V,)."""
+    """Pick the next token for one row from its float logits (V,), with `generator` on their device."""
     logits = apply_penalties(logits.float(), params, output_ids)
     if params.temperature <= 0.0:
         token = int(torch.argmax(logits))
@@ -54,6 +70,7 @@ def select_token(
             filtered = torch.zeros_like(probs)
             filtered[order[keep]] = sorted_probs[keep]
             probs = filtered
+        check_generator(generator, probs)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if not params.logprobs and params.top_logprobs == 0:
         return token, None

@@ -32,8 +32,8 @@ async def readyz(request: Request) -> Response:
             "profiles": serving.registry.names(),
             "skipped_profiles": [s.path for s in serving.registry.skipped],
             "engine": serving.engine.stats(),
-            "quantize": getattr(state.packing, "mode", None),
-            "fast_decode": getattr(serving.engine, "fast_decode", None) is not None,
+            "backend": getattr(state.backend, "name", None),
+            **(getattr(state.backend, "info", None) or {}),
         }
     )
 

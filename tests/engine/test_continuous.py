@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from server.engine.base import (
+from server.backends.base import (
     EngineEvent,
     EngineOverloadedError,
     EngineShutdownError,
@@ -18,9 +18,12 @@ from server.engine.base import (
     RowSteering,
     SamplingParams,
 )
-from server.engine.continuous import ContinuousEngine
-from server.engine.sampling import prompt_logprobs
-from tests.conftest import TINY_HIDDEN
+from server.backends.sampling import prompt_logprobs
+from server.backends.transformers.engine import ContinuousEngine
+from steering_vectors.profile import ModelFingerprint
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS
+
+SHAPE = ModelFingerprint("llama", TINY_HIDDEN, TINY_LAYERS)  # what steering is validated against
 
 PROMPTS = [
     [1, 17, 99, 23, 250, 7],
@@ -37,7 +40,7 @@ def greedy(max_new_tokens: int = 16, **kwargs: object) -> SamplingParams:
 def steering(seed: int, mode: str = "all", scale: float = 4.0) -> RowSteering:
     generator = torch.Generator().manual_seed(seed)
     offsets = {layer: torch.randn(TINY_HIDDEN, generator=generator) * scale for layer in (1, 2)}
-    return RowSteering(offsets=offsets, position_mode=mode)
+    return RowSteering(offsets, model=SHAPE, position_mode=mode)
 
 
 @pytest.fixture
@@ -288,7 +291,7 @@ def low_rank_steering(seed: int, rank: int, scale: float = 2.0) -> RowSteering:
     for layer in (1, 2):
         down = torch.randn(rank, TINY_HIDDEN, generator=generator)
         low_rank[layer] = (down, scale * torch.randn(TINY_HIDDEN, rank, generator=generator))
-    return RowSteering(offsets=offsets, low_rank=low_rank)
+    return RowSteering(offsets, model=SHAPE, low_rank=low_rank)
 
 
 def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_engine):
@@ -302,7 +305,7 @@ def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, ma
         expected = reference(tiny_model, PROMPTS[2], 12)
     alone = run_alone(engine, PROMPTS[2], greedy(12), steer)
     assert alone == expected
-    offsets_only = run_alone(engine, PROMPTS[2], greedy(12), RowSteering(offsets=steer.offsets))
+    offsets_only = run_alone(engine, PROMPTS[2], greedy(12), RowSteering(steer.offsets, model=SHAPE))
     assert alone != offsets_only  # the low-rank term takes part
 
     cases = [
@@ -321,18 +324,27 @@ def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, ma
     assert asyncio.run(together()) == single
 
 
-def test_malformed_low_rank_steering_is_refused_at_submission(make_engine):
+def test_steering_is_validated_once_and_the_engine_refuses_steering_for_another_model(make_engine):
     from steering_vectors.errors import PlanError
 
-    engine = make_engine(max_batch_size=2)
     good = low_rank_steering(5, rank=2)
     down, up = good.low_rank[1]
     cases = {
-        "expected": RowSteering(offsets=good.offsets, low_rank={1: (down, up[:, :1])}),  # ranks differ
-        "no offset": RowSteering(offsets={2: good.offsets[2]}, low_rank={1: (down, up)}),
+        "expected": dict(offsets=good.offsets, low_rank={1: (down, up[:, :1])}),  # ranks differ
+        "no offset": dict(offsets={2: good.offsets[2]}, low_rank={1: (down, up)}),
+        r"layers \[4\], but the loaded model has layers 0..3": dict(offsets={4: good.offsets[1]}),
+        "hidden size is 64": dict(offsets={1: torch.zeros(TINY_HIDDEN + 1)}),
     }
-    for message, steer in cases.items():
+    for message, terms in cases.items():
         with pytest.raises(PlanError, match=message):
-            run_alone(engine, PROMPTS[1], greedy(2), steer)
+            RowSteering(terms["offsets"], model=SHAPE, low_rank=terms.get("low_rank"))
+    with pytest.raises(PlanError, match="position mode"):
+        RowSteering(good.offsets, model=SHAPE, position_mode="sometimes")
+
+    engine = make_engine(max_batch_size=2)
+    bigger = ModelFingerprint("llama", TINY_HIDDEN, TINY_LAYERS + 2)
+    other_model = RowSteering(good.offsets, model=bigger)  # fits that model's shape, not this engine's
+    with pytest.raises(PlanError, match="made for a model with 6 layers"):
+        run_alone(engine, PROMPTS[1], greedy(2), other_model)
     assert engine.stats()["running"] == 0
     assert len(run_alone(engine, PROMPTS[1], greedy(2), good)) == 2  # the engine still serves

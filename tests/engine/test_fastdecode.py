@@ -9,11 +9,11 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.base import GenerationRequest, RowSteering, SamplingParams
-from server.engine.continuous import ContinuousEngine
-from server.engine.fastdecode import LlamaDecodeStep
-from server.engine.packed import pack_model
-from steering_vectors.hooks import build_plan
+from server.backends.base import GenerationRequest, RowSteering, SamplingParams
+from server.backends.transformers.engine import ContinuousEngine
+from server.backends.transformers.fastdecode import LlamaDecodeStep
+from server.backends.transformers.packed import pack_model
+from steering_vectors.hooks import Steerer, build_plan
 from tests.conftest import TINY_HIDDEN, make_tiny_llama
 from tests.engine.test_packed import snap_to_four_bits
 
@@ -167,7 +167,7 @@ def test_engine_tokens_are_the_same_with_and_without_the_lean_step(tiny_model):
 
         async def one(i: int) -> list[int]:
             await asyncio.sleep(0.01 * i)
-            steer = RowSteering(offsets=offsets[i % 2]) if i < 3 else None
+            steer = RowSteering(offsets[i % 2], model=Steerer.attach(tiny_model)) if i < 3 else None
             params = SamplingParams(12 + 3 * i, temperature=0.0)
             request = GenerationRequest(f"r{i}", [1, 10 + i, 20 * i + 3, 7], params, steer)
             return [t for event in [e async for e in engine.generate(request)] for t in event.token_ids]

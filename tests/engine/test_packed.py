@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.base import GenerationRequest, SamplingParams
-from server.engine.continuous import ContinuousEngine
-from server.engine.packed import GROUP, PackedLinear, int4_error, pack_model
+from server.backends.base import GenerationRequest, SamplingParams
+from server.backends.transformers.engine import ContinuousEngine
+from server.backends.transformers.packed import GROUP, PackedLinear, int4_error, pack_model
 from steering_vectors.hooks import Steerer, build_plan
 from steering_vectors.layers import find_decoder_layers
 from tests.conftest import TINY_HIDDEN, make_tiny_llama
@@ -96,13 +96,16 @@ def test_auto_packs_four_bit_models_int4_with_an_int8_head():
     assert again.reason == "already packed" and again.packed == report.packed
 
 
-def test_explicit_modes_and_devices():
+def test_explicit_modes_and_devices(caplog):
     model = make_tiny_llama()
     assert pack_model(model, "int8", max_rows=2).packed == {8: 7 * 4 + 1}
-    meta = make_tiny_llama().to("meta")
+    meta = make_tiny_llama().to("meta")  # a model off the CPU: the packed kernels are CPU-only
     assert pack_model(meta, "auto").mode == "none"
-    with pytest.raises(ValueError, match="needs the model on the CPU"):
-        pack_model(meta, "int4")
+    with caplog.at_level("WARNING", logger="server.backends.transformers.packed"):
+        report = pack_model(meta, "int4")  # asked for explicitly: switched off, and said so
+    assert (report.mode, report.packed, report.reason) == ("none", {}, "packed kernels are CPU-only (model on meta)")
+    assert "weights not packed: packed kernels are CPU-only (model on meta)" in caplog.text
+    assert not any(isinstance(m, PackedLinear) for m in meta.modules())
 
 
 def test_steering_offsets_are_exact_on_a_packed_model():

@@ -52,10 +52,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def live_server(loaded: LoadedModel, settings: Settings, *, engine_factory=None) -> Iterator[Live]:
+def live_server(loaded: LoadedModel, settings: Settings, *, backend_factory=None) -> Iterator[Live]:
     """Run the app under uvicorn in a thread on a free loopback port until the block ends."""
     port = _free_port()
-    app = create_app(settings, model=loaded, engine_factory=engine_factory)
+    app = create_app(settings, model=loaded, backend_factory=backend_factory)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

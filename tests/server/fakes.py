@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from server.engine.base import Engine, EngineEvent, GenerationRequest
+from server.backends.base import Engine, EngineEvent, GenerationRequest
 
 
 class ScriptedEngine(Engine):

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from server.app import create_app
+from server.backends.base import Backend, EngineOverloadedError, EngineShutdownError
 from server.config import Settings
-from server.engine.base import EngineOverloadedError, EngineShutdownError
 
 from .conftest import live_server
 from .fakes import ScriptedEngine
@@ -292,7 +292,10 @@ def test_over_capacity_is_429_and_disconnect_frees_the_slot(tiny_loaded) -> None
 
 
 def _fake_server(tiny_loaded, engine: ScriptedEngine):
-    return live_server(tiny_loaded, Settings(), engine_factory=lambda loaded, settings: engine)
+    def backend(settings: Settings) -> Backend:
+        return Backend("scripted", engine, tiny_loaded.tokenizer, tiny_loaded.fingerprint, tiny_loaded.name)
+
+    return live_server(tiny_loaded, Settings(), backend_factory=backend)
 
 
 def test_engine_errors_map_to_statuses(tiny_loaded) -> None:

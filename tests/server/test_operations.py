@@ -80,6 +80,7 @@ def test_readyz_reports_model_profiles_and_engine(server) -> None:
     assert (body["engine"]["running"], body["engine"]["waiting"]) == (0, 0)
     assert body["quantize"] == "none"  # random float weights: `auto` packs nothing
     assert body["fast_decode"] is True  # a Llama: the lean decode step passed its start-up check
+    assert (body["backend"], body["device"], body["dtype"]) == ("transformers", "cpu", "float32")
     assert [Path(p).name for p in body["skipped_profiles"]] == ["broken.safetensors"]
 
 
@@ -111,10 +112,11 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("RAHF_API_KEYS", "a, b")
     monkeypatch.setenv("RAHF_CORS_ORIGINS", '["https://x.example"]')
     monkeypatch.setenv("RAHF_MAX_BATCH_SIZE", "3")
-    monkeypatch.setenv("RAHF_ENGINE", "continuous")
+    monkeypatch.setenv("RAHF_BACKEND", "transformers")
     settings = Settings()
-    assert (settings.port, settings.profile_dir, settings.max_batch_size, settings.engine) == (
-        9123, tmp_path, 3, "continuous")
+    assert (settings.port, settings.profile_dir, settings.max_batch_size, settings.backend) == (
+        9123, tmp_path, 3, "transformers")
+    assert settings.dtype == "auto"  # bfloat16 on CUDA, float32 elsewhere (the backend decides)
     assert settings.keys() == (["a", "b"], [])
     assert settings.cors_origins == ["https://x.example"]
     args = build_parser().parse_args(["serve", "--port", "9000", "--max-queue", "5", "--dtype", "bfloat16",
@@ -126,8 +128,8 @@ def test_settings_from_environment_and_flags(monkeypatch, tmp_path) -> None:
     assert from_flags.fast_decode is False and settings.fast_decode is True
     with pytest.raises(ValidationError):
         Settings(strength_min=2, strength_max=1)
-    monkeypatch.setenv("RAHF_ENGINE", "turbo")
-    with pytest.raises(ValidationError):
+    monkeypatch.setenv("RAHF_BACKEND", "turbo")
+    with pytest.raises(ValidationError, match="unknown backend 'turbo'; available: transformers"):
         Settings()
 
 

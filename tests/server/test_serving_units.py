@@ -8,7 +8,7 @@ import torch
 from server.errors import APIError
 from server.protocol import SteeringEntry
 from server.serving import TextStream, parse_model_alias, resolve_steering
-from steering_vectors.profile import Profile
+from steering_vectors.profile import ModelFingerprint, Profile
 
 # a byte-level "tokenizer": token id = one byte
 TEXT = "naïve café → 你好!"
@@ -57,8 +57,11 @@ def _profile(name: str, value: float, mode: str = "all", strength: float = 1.0) 
 PROFILES = {"a": _profile("a", 1.0), "b": _profile("b", 10.0, strength=0.5), "g": _profile("g", 2.0, "generated")}
 
 
-def _resolve(model: str = "base", spec=None, bounds=(-5.0, 5.0)):
-    return resolve_steering(model, spec, base="base", profiles=PROFILES, strength_bounds=bounds)
+SHAPE = ModelFingerprint("llama", hidden_size=4, num_layers=2)
+
+
+def _resolve(model: str = "base", spec=None, bounds=(-5.0, 5.0), shape=SHAPE):
+    return resolve_steering(model, spec, base="base", profiles=PROFILES, strength_bounds=bounds, fingerprint=shape)
 
 
 def test_resolve_combines_entries_and_alias() -> None:
@@ -87,6 +90,17 @@ def test_resolve_errors_name_the_parameter(model, spec, status, param) -> None:
     with pytest.raises(APIError) as caught:
         _resolve(model, spec)
     assert (caught.value.status, caught.value.param) == (status, param)
+
+
+def test_resolved_steering_is_validated_against_the_model() -> None:
+    steering = _resolve("base:a@2")
+    assert steering.fits(SHAPE) and (steering.num_layers, steering.hidden_size) == (2, 4)
+    assert not steering.fits(ModelFingerprint("llama", hidden_size=4, num_layers=3))
+    # a profile that does not fit the model (never loaded by the registry, but reaching here) is a 400
+    with pytest.raises(APIError) as caught:
+        _resolve("base:a", shape=ModelFingerprint("llama", hidden_size=8, num_layers=2))
+    assert (caught.value.status, caught.value.code) == (400, "invalid_steering")
+    assert "hidden size is 8" in str(caught.value)
 
 
 def test_alias_parsing() -> None:

@@ -19,6 +19,12 @@ How a step works (gpt-fast style: the hot path is `_decode_step`, one forward fo
    the row's mode).
 5. Requests join, finish, or are cancelled only between steps; the asyncio side talks to the thread
    through a lock-protected inbox and `call_soon_threadsafe`.
+6. A failure that belongs to one request (its prefill, its sampling) fails that request only; a failed
+   batched decode forward fails the rows in it.
+
+Device-agnostic: tensors are made on the model's device, plans are built there, each row's generator
+lives on its logits' device, and the transformers version's cache argument and mask format come from
+`compat`.
 """
 
 from __future__ import annotations
@@ -28,17 +34,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from steering_vectors.errors import PlanError
-from steering_vectors.hooks import Steerer, SteeringPlan, build_plan
-from steering_vectors.profile import POSITION_MODES, low_rank_term_rank
+from steering_vectors.hooks import RowSteering, Steerer, SteeringPlan, build_plan, plan_for_rows
 
-from .base import (
+from ..base import (
     Engine,
     EngineError,
     EngineEvent,
@@ -47,102 +52,14 @@ from .base import (
     GenerationRequest,
     TokenLogprob,
 )
+from ..sampling import make_generator, select_tokens, token_logprob
+from . import compat
+from .cache import SlotCache
 from .fastdecode import LlamaDecodeStep
-from .sampling import make_generator, select_tokens, token_logprob
 
 log = logging.getLogger(__name__)
 
-_FAST_DECODE_TOLERANCE = 1e-3  # relative, lean decode step vs transformers forward at start-up
-_LAZY_BYTES = 64 * 1024 * 1024  # above this, glibc maps fresh zero pages: allocate without touching them
-
-
-class SlotCache:
-    """K/V of `slots` sequences, preallocated: per layer (S + 1, Hkv, L, D); row S is scratch.
-
-    Duck-types the part of a transformers `Cache` that attention layers call (`update`). Before each
-    forward the engine says which rows and positions the forward covers (`for_decode`/`for_prefill`).
-    Pages of the big zero tensors are touched only when written, so memory grows with use.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        slots: int,
-        kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (2, num_layers, slots + 1, kv_heads, max_len, head_dim)
-        numel = 1
-        for size in shape:
-            numel *= size
-        if device.type == "cpu" and numel * dtype.itemsize >= _LAZY_BYTES:
-            # Fresh anonymous memory from the OS is zero and costs nothing until touched.
-            buffer = torch.empty(shape, dtype=dtype, device=device)
-        else:
-            buffer = torch.zeros(shape, dtype=dtype, device=device)
-        self.keys = list(buffer[0].unbind(0))  # per layer (S + 1, Hkv, L, D)
-        self.values = list(buffer[1].unbind(0))
-        self.max_len = max_len
-        self._rows = slice(0, 0)
-        self._write: tuple[torch.Tensor | int, slice, torch.Tensor | slice] = (0, slice(None), slice(0, 0))
-        self._kv_len = 0
-        self._decode: bool | None = False  # None: batched prefill
-
-    def for_decode(self, n: int, positions: torch.Tensor, kv_len: int) -> None:
-        """Next forward: rows 0..n-1, one token each, at `positions` (n,)."""
-        self._rows = slice(0, n)
-        self._write = (torch.arange(n, device=positions.device), slice(None), positions)
-        self._kv_len = kv_len
-        self._decode = True
-
-    def for_prefill(self, row: int, start: int, length: int) -> None:
-        """Next forward: one row, `length` tokens from position `start`."""
-        self._rows = slice(row, row + 1)
-        self._write = (row, slice(None), slice(start, start + length))
-        self._kv_len = start + length
-        self._decode = False
-
-    def for_prefill_batch(self, first_row: int, lengths: torch.Tensor, length: int) -> None:
-        """Next forward: rows first_row.., whole prompts of `lengths` (k,) right-padded to `length`;
-        padding K/V goes to the scratch row."""
-        k = lengths.shape[0]
-        steps = torch.arange(length, device=lengths.device).unsqueeze(0)  # (1, T)
-        rows = torch.arange(first_row, first_row + k, device=lengths.device).unsqueeze(1)  # (k, 1)
-        scratch = len(self.keys[0]) - 1
-        self._rows = slice(first_row, first_row + k)
-        self._write = (torch.where(steps < lengths.unsqueeze(1), rows, scratch), slice(None), steps.expand(k, -1))
-        self._kv_len = length
-        self._decode = None
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new K/V (B, Hkv, T, D) and return the rows' K/V up to the longest (B, Hkv, kv, D)."""
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self._decode:
-            keys[self._write] = key_states[:, :, 0]  # (n, Hkv, D)
-            values[self._write] = value_states[:, :, 0]
-        elif self._decode is None:
-            keys[self._write] = key_states.transpose(1, 2)  # (k, T, Hkv, D)
-            values[self._write] = value_states.transpose(1, 2)
-        else:
-            keys[self._write] = key_states[0]  # (Hkv, T, D)
-            values[self._write] = value_states[0]
-        return keys[self._rows, :, : self._kv_len], values[self._rows, :, : self._kv_len]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row `src` into row `dst`."""
-        if src == dst or length <= 0:
-            return
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[dst, :, :length] = keys[src, :, :length]
-            values[dst, :, :length] = values[src, :, :length]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+_FAST_DECODE_TOLERANCE = 1e-3  # relative, lean decode step vs transformers forward at start-up (fp32)
 
 
 @dataclass(eq=False)
@@ -152,11 +69,9 @@ class _Sequence:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    generator: torch.Generator
-    offsets: Mapping[int, torch.Tensor] | None
-    low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None
-    mode: str
+    steering: RowSteering | None
     max_new_tokens: int
+    generator: torch.Generator | None = None  # made on the logits' device at the first sampled token
     filled: int = 0  # positions whose K/V are in the cache
     row: int = -1
     next_token: int = -1  # sampled, not yet fed to the model
@@ -198,7 +113,9 @@ class ContinuousEngine(Engine):
         self.prefill_chunk = prefill_chunk
         self.retry_after = retry_after
         self.num_threads = num_threads
-        self._bool_mask = getattr(self.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
+        self._cache_keyword = compat.cache_keyword(self.decoder)
+        self._bool_mask = compat.uses_bool_mask(self.config)
+        self._prefill_alone = False  # after a failed batched prefill: the next prefills go one by one
         self.cache = SlotCache(
             num_layers=self.config.num_hidden_layers,
             slots=max_batch_size,
@@ -317,7 +234,9 @@ class ContinuousEngine(Engine):
                 return
         error = float((got - reference).abs().max()) / (float(reference.abs().max()) or 1.0)
         self.fast_decode_error = error
-        if error <= _FAST_DECODE_TOLERANCE:
+        # fp32: the same kernels give 0.0; half precision rounds differently in different kernels
+        tolerance = max(_FAST_DECODE_TOLERANCE, 4 * torch.finfo(self.dtype).eps)
+        if error <= tolerance:
             self.fast_decode = step
             log.info("lean decode step in use (%d fused projections, error %.2g)", step.fused, error)
         else:
@@ -339,19 +258,17 @@ class ContinuousEngine(Engine):
         if prompt_len >= self._max_context:
             raise ValueError(f"the prompt has {prompt_len} tokens; this engine holds {self._max_context}")
         steering = request.steering
-        offsets = self._checked_offsets(steering.offsets) if steering is not None else None
-        low_rank = self._checked_low_rank(steering.low_rank, offsets or {}) if steering is not None else None
-        mode = steering.position_mode if steering is not None else "all"
-        if mode not in POSITION_MODES:
-            raise PlanError(f"position mode {mode!r} is not one of {POSITION_MODES}")
+        if steering is not None and not steering.fits(self.steerer):
+            raise PlanError(
+                f"the steering was made for a model with {steering.num_layers} layers of size "
+                f"{steering.hidden_size}; this engine's model has {self.steerer.num_layers} of size "
+                f"{self.steerer.hidden_size}"
+            )
         seq = _Sequence(
             request=request,
             loop=loop,
             events=asyncio.Queue(),
-            generator=make_generator(params.seed if params.temperature > 0 else 0),
-            offsets=offsets or None,
-            low_rank=low_rank or None,
-            mode=mode,
+            steering=steering,
             max_new_tokens=max(0, min(params.max_new_tokens, self._max_context - prompt_len)),
         )
         with self._lock:
@@ -366,33 +283,6 @@ class ContinuousEngine(Engine):
             self._inbox.append(seq)
             self._wake.notify_all()
         return seq
-
-    def _checked_offsets(self, offsets: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        hidden = self.steerer.hidden_size
-        checked: dict[int, torch.Tensor] = {}
-        for layer, vector in offsets.items():
-            if not 0 <= int(layer) < self.steerer.num_layers:
-                raise PlanError(f"steering names layer {layer}; the model has 0..{self.steerer.num_layers - 1}")
-            if vector.numel() != hidden:
-                raise PlanError(f"offset of layer {layer} has {vector.numel()} values; hidden size is {hidden}")
-            checked[int(layer)] = vector.reshape(hidden).float()
-        return checked
-
-    def _checked_low_rank(
-        self, low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]], offsets: Mapping[int, torch.Tensor]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        hidden = self.steerer.hidden_size
-        checked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer, (down, up) in low_rank.items():
-            if int(layer) not in offsets:
-                raise PlanError(f"steering has a low-rank term at layer {layer} but no offset there")
-            if not low_rank_term_rank(down, up, hidden):
-                raise PlanError(
-                    f"low-rank term of layer {layer} has shapes {tuple(down.shape)} and {tuple(up.shape)}; "
-                    f"expected (rank, {hidden}) and ({hidden}, rank)"
-                )
-            checked[int(layer)] = (down.float(), up.float())
-        return checked
 
     # -- scheduler thread --------------------------------------------------------------------------
 
@@ -426,17 +316,34 @@ class ContinuousEngine(Engine):
         # 1. drop cancelled sequences, 2. prefill within the chunk budget, 3. decode every running row
         self._drop_cancelled()
         budget = self.prefill_chunk
-        if self._prefilling is None:
+        if self._prefilling is None and not self._prefill_alone:
             budget -= self._prefill_together(budget)
+        self._prefill_alone = False
         while budget > 0 and len(self._running) < self.max_batch_size:
             if self._prefilling is None:
                 if not self._waiting:
                     break
                 self._prefilling = self._waiting.popleft()
                 self._prefilling.row = len(self._running)
-            budget -= self._prefill_chunk(self._prefilling, budget)
+            seq = self._prefilling
+            try:
+                budget -= self._prefill_chunk(seq, budget)
+            except Exception as error:  # this request's prompt or steering: fail it alone
+                log.exception("prefill of request %s failed", seq.request.request_id)
+                if self._prefilling is seq:
+                    self._prefilling = None
+                self._fail(seq, error)
         if self._running:
             self._decode_step()
+
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
+        """End one request with an error; the others go on."""
+        if seq in self._running:
+            self._leave(seq)
+        elif not seq.finished:
+            self._retire(seq)
+        self._emit(seq, EngineError(f"request failed: {error}"))
+        self._flush()
 
     def _drop_cancelled(self) -> None:
         if any(seq.cancelled for seq in self._waiting):
@@ -493,9 +400,9 @@ class ContinuousEngine(Engine):
         lengths_list = [len(seq.request.prompt_ids) for seq in group]
         length = max(lengths_list)
         lengths = torch.tensor(lengths_list, device=self.device)  # (k,)
-        input_ids = torch.zeros(k, length, dtype=torch.long, device=self.device)  # (k, T)
+        padded = [seq.request.prompt_ids + [0] * (length - len(seq.request.prompt_ids)) for seq in group]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=self.device)  # (k, T)
         for i, seq in enumerate(group):
-            input_ids[i, : lengths_list[i]] = torch.tensor(seq.request.prompt_ids)
             seq.row = first + i
         steps = torch.arange(length, device=self.device).unsqueeze(0)  # (1, T)
         real = steps < lengths.unsqueeze(1)  # (k, T)
@@ -503,20 +410,24 @@ class ContinuousEngine(Engine):
         queries, keys = steps.view(1, length, 1), steps.view(1, 1, length)
         allowed = (keys <= queries) & ((keys < lengths.view(k, 1, 1)) | ~real.unsqueeze(2))  # (k, T, T)
         plan = None
-        if any(seq.offsets is not None and seq.mode == "all" for seq in group):
-            plan = build_plan(
-                [seq.offsets for seq in group],
-                row_low_rank=[seq.low_rank for seq in group],
-                modes=[seq.mode for seq in group],
+        if any(seq.steering is not None and seq.steering.position_mode == "all" for seq in group):
+            plan = plan_for_rows(
+                [seq.steering for seq in group],
                 positions=torch.where(real, steps, -1),
                 prompt_lengths=lengths_list,
                 dtype=self.dtype,
                 device=self.device,
             )
-        with self.steerer.steering(plan):
-            hidden = self._forward(input_ids, steps.expand(k, -1), self._mask(allowed).view(k, 1, length, length))
-        last = hidden[torch.arange(k), lengths - 1]  # (k, H)
-        logits = self.lm_head(last)  # (k, V)
+        try:
+            with self.steerer.steering(plan):
+                hidden = self._forward(input_ids, steps.expand(k, -1), self._mask(allowed).view(k, 1, length, length))
+            last = hidden[torch.arange(k, device=self.device), lengths - 1]  # (k, H)
+            logits = self.lm_head(last)  # (k, V)
+        except Exception:  # one of the prompts: prefill them one by one so that only its request fails
+            log.warning("batched prefill of %d prompts failed; prefilling them one at a time", k, exc_info=True)
+            self._waiting.extendleft(reversed(group))
+            self._prefill_alone = True
+            return 0
         for i, seq in enumerate(group):
             seq.filled = lengths_list[i]
             target = len(self._running)
@@ -527,14 +438,13 @@ class ContinuousEngine(Engine):
         return int(lengths.sum())
 
     def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
-        if seq.offsets is None:
+        steering = seq.steering
+        if steering is None:
             return None
-        if seq.mode == "generated" and int(positions[0, -1]) < len(seq.request.prompt_ids):
+        if steering.position_mode == "generated" and int(positions[0, -1]) < len(seq.request.prompt_ids):
             return None  # no prompt position is steered in this mode
-        return build_plan(
-            [seq.offsets],
-            row_low_rank=[seq.low_rank],
-            modes=[seq.mode],
+        return plan_for_rows(
+            [steering],
             positions=positions,
             prompt_lengths=[len(seq.request.prompt_ids)],
             dtype=self.dtype,
@@ -564,7 +474,7 @@ class ContinuousEngine(Engine):
             self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
             self._flush()
             return
-        ((token, logprob),) = select_tokens(logits, [seq.request.sampling], [seq.generator], [seq.output_ids])
+        ((token, logprob),) = self._select([seq], logits)
         event = self._advance(seq, token, logprob)
         event.prompt_logprobs = seq.prompt_logprobs
         seq.last_prompt_logits = None
@@ -595,18 +505,42 @@ class ContinuousEngine(Engine):
         else:
             hidden = self._transformers_decode(input_ids, positions, mask, plan)
         logits = self.lm_head(hidden)  # (n, V)
-        choices = select_tokens(
-            logits,
-            [seq.request.sampling for seq in rows],
-            [seq.generator for seq in rows],
-            [seq.output_ids for seq in rows],
-        )
-        for seq, (token, logprob) in zip(rows, choices, strict=True):
+        try:
+            choices: list = self._select(rows, logits)
+        except Exception:  # some row's sampling: find it by sampling the rows one by one
+            choices = []
+            for i, seq in enumerate(rows):
+                try:
+                    choices.extend(self._select([seq], logits[i : i + 1]))
+                except Exception as error:
+                    log.exception("sampling for request %s failed", seq.request.request_id)
+                    choices.append(error)
+        failed = []
+        for seq, choice in zip(list(rows), choices, strict=True):
             seq.filled += 1
-            self._emit(seq, self._advance(seq, token, logprob))
+            if isinstance(choice, BaseException):
+                failed.append((seq, choice))
+            else:
+                self._emit(seq, self._advance(seq, *choice))
         for seq in [s for s in rows if s.finished]:
             self._leave(seq)
+        for seq, error in failed:
+            self._fail(seq, error)
         self._flush()
+
+    def _select(self, rows: list[_Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
+        """Next tokens of `rows` from their logits (n, V). A sampled row's generator is made on the
+        logits' device the first time it samples (seeded with the request's seed, if any)."""
+        for seq in rows:
+            params = seq.request.sampling
+            if seq.generator is None and params.temperature > 0:
+                seq.generator = make_generator(params.seed, logits.device)
+        return select_tokens(
+            logits,
+            [seq.request.sampling for seq in rows],
+            [seq.generator for seq in rows],  # type: ignore[misc]  # None only for greedy rows
+            [seq.output_ids for seq in rows],
+        )
 
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache | None = None
@@ -616,8 +550,8 @@ class ContinuousEngine(Engine):
             input_ids=input_ids,
             position_ids=positions,
             attention_mask=mask,
-            cache=cache if cache is not None else self.cache,
             use_cache=True,
+            **{self._cache_keyword: cache if cache is not None else self.cache},
         )
         return out.last_hidden_state
 
@@ -641,10 +575,7 @@ class ContinuousEngine(Engine):
         return self._mask(allowed).view(positions.shape[0], 1, 1, kv_len)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        if self._bool_mask:
-            return allowed
-        blocked = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return blocked.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        return compat.attention_mask(allowed, bool_mask=self._bool_mask, dtype=self.dtype)
 
     def _decode_plan(self) -> SteeringPlan | None:
         """Stacked offsets of the running rows; rebuilt only when the batch composition changed.
@@ -652,18 +583,15 @@ class ContinuousEngine(Engine):
         In decode every position is past the prompt, so "generated" rows are steered like "all" rows.
         """
         if self._plan_stale:
-            self._plan = build_plan(
-                [seq.offsets for seq in self._running],
-                row_low_rank=[seq.low_rank for seq in self._running],
-                dtype=self.dtype,
-                device=self.device,
+            self._plan = plan_for_rows(
+                [seq.steering for seq in self._running], decode=True, dtype=self.dtype, device=self.device
             )
             self._plan_stale = False
         return self._plan
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> EngineEvent:
         """Record a sampled token; a stop token ends the sequence and is returned like any other (the
-        serving layer hides it), as the simple engine does."""
+        serving layer hides it)."""
         seq.output_ids.append(token)
         seq.next_token = token
         finish = None

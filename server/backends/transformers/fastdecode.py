@@ -11,10 +11,11 @@ attention interface lookup). This module runs one token per row through the deco
 - one fused `rms_norm` per norm;
 - cos/sin for the step's positions computed once (by the model's own rotary module, so every rope
   variant and its attention scaling is honoured), not once per layer;
-- grouped-query attention as one `scaled_dot_product_attention` over the slot cache, with the query
-  heads of a group laid out as a sequence (the same trick transformers uses for one-token queries);
-- steering added straight from the step's `SteeringPlan` after each steered layer, exactly like the
-  hook does (``h + offset``, plus the low-rank term where the plan has one), so the hooks are not involved.
+- grouped-query attention as one `scaled_dot_product_attention` over the slot cache, laid out as the
+  installed transformers does it for one-token queries (the query heads of a group as a sequence, or
+  the kv heads repeated in older versions: `compat.packs_gqa_for_one_token`);
+- steering added from the step's `SteeringPlan` after each steered layer by the library's `apply_plan`,
+  the same function the hooks call, so the hooks are not involved and the arithmetic is theirs.
 
 Only models whose modules have the Llama structure are taken (`LlamaDecodeStep.build` returns None
 otherwise), and the engine checks the step against the transformers forward once at start-up; the
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steering_vectors.hooks import SteeringPlan, low_rank_delta
+from steering_vectors.hooks import SteeringPlan, apply_plan
 
+from . import compat
 from .packed import GROUP, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class LlamaDecodeStep:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.groups = self.heads // self.kv_heads
         self.scaling = float(decoder.layers[0].self_attn.scaling)
+        self.pack_gqa = compat.packs_gqa_for_one_token()
         self.layers: list[_Layer] = []
         fused = 0
         rows: list[int] = []
@@ -165,8 +168,7 @@ class LlamaDecodeStep:
         q_shape = (n, self.heads, self.head_dim)
         kv_shape = (n, self.kv_heads, self.head_dim)
         half = self.head_dim // 2
-        offsets = plan.offsets if plan is not None else {}
-        low_rank = plan.low_rank if plan is not None else {}
+        steered = plan.to(hidden.device).offsets if plan is not None else {}
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, shape, layer.in_norm, self.eps)
             q, k, v = layer.qkv(x)
@@ -174,21 +176,22 @@ class LlamaDecodeStep:
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
             keys, values = cache.update(k.unsqueeze(2), v.view(kv_shape).unsqueeze(2), index)  # (n, Hkv, kv, D)
-            # the g query heads of a kv head as a length-g query sequence against that head's keys
-            attn = F.scaled_dot_product_attention(
-                q.view(n, self.kv_heads, self.groups, self.head_dim), keys, values, attn_mask=mask, scale=self.scaling
-            )  # (n, Hkv, g, D)
+            if self.pack_gqa:  # the g query heads of a kv head as a length-g query sequence against its keys
+                query = q.view(n, self.kv_heads, self.groups, self.head_dim)
+            else:  # every kv head repeated g times, one query position per head
+                query = q.view(n, self.heads, 1, self.head_dim)
+                if self.groups > 1:
+                    kv = keys.shape[2]
+                    expanded = (n, self.kv_heads, self.groups, kv, self.head_dim)
+                    keys = keys[:, :, None].expand(expanded).reshape(n, self.heads, kv, self.head_dim)
+                    values = values[:, :, None].expand(expanded).reshape(n, self.heads, kv, self.head_dim)
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling)
             hidden = hidden + layer.o_proj(attn.reshape(n, self.heads * self.head_dim))
             x = F.rms_norm(hidden, shape, layer.post_norm, self.eps)
             gate, up = layer.gate_up(x)
             hidden = hidden + layer.down_proj(F.silu(gate) * up)
-            offset = offsets.get(index)
-            if offset is not None:
-                delta = offset[:, 0]
-                factors = low_rank.get(index)
-                if factors is not None:  # as the hook: offset + the term, in the offset's dtype
-                    delta = delta + low_rank_delta(hidden.unsqueeze(1), *factors)[:, 0].to(delta.dtype)
-                hidden = hidden + delta.to(hidden.dtype)
+            if index in steered:
+                hidden = apply_plan(hidden.unsqueeze(1), plan, index)[:, 0]  # as the hook: (n, 1, H)
         return F.rms_norm(hidden, shape, self.norm, self.eps)
 
 

@@ -233,11 +233,10 @@ def pack_model(model: nn.Module, mode: QuantizeMode = "auto", max_rows: int = 16
     device = next(model.parameters()).device
     if mode == "none":
         return report
-    if device.type != "cpu":
-        if mode == "auto":
-            report.mode, report.reason = "none", f"packed kernels are CPU-only (model on {device.type})"
-            return report
-        raise ValueError(f"quantize={mode} needs the model on the CPU, not {device.type}")
+    if device.type != "cpu":  # the kernels are CPU-only: switched off, and said so
+        report.mode, report.reason = "none", f"packed kernels are CPU-only (model on {device.type})"
+        (log.info if mode == "auto" else log.warning)("weights not packed: %s", report.reason)
+        return report
     already = Counter(m.bits for m in model.modules() if isinstance(m, PackedLinear))
     if already:  # packed before (the same model served twice): leave it as it is
         report.mode, report.packed, report.reason = f"int{min(already)}", dict(already), "already packed"
