@@ -348,3 +348,99 @@ def test_steering_is_validated_once_and_the_engine_refuses_steering_for_another_
         run_alone(engine, PROMPTS[1], greedy(2), other_model)
     assert engine.stats()["running"] == 0
     assert len(run_alone(engine, PROMPTS[1], greedy(2), good)) == 2  # the engine still serves
+
+
+def test_sampling_generators_follow_the_logits_device(monkeypatch, make_engine):
+    """Each sampled row's generator is made on the device of the logits it samples from, and a
+    generator on another device is refused with a clear message (torch's own error on CUDA logits with
+    a CPU generator came from deep inside multinomial, and failed every running request)."""
+    from server.backends import sampling
+    from server.backends.transformers import engine as engine_module
+
+    assert sampling.make_generator(7, "cpu").device == torch.device("cpu")
+    seeded = SamplingParams(max_new_tokens=1, temperature=1.0, seed=7)
+    on_meta = torch.zeros(16, device="meta")  # logits on a device other than the generator's
+    with pytest.raises(ValueError, match="generator is on cpu but the logits are on meta"):
+        sampling.select_token(on_meta, seeded, sampling.make_generator(7, "cpu"))
+
+    made: list[tuple[int | None, torch.device]] = []
+
+    def recording(seed, device="cpu"):
+        made.append((seed, torch.device(device)))
+        return sampling.make_generator(seed, device)
+
+    monkeypatch.setattr(engine_module, "make_generator", recording)
+    engine = make_engine(max_batch_size=2)
+    params = SamplingParams(max_new_tokens=5, temperature=0.8, seed=11)
+    assert len(run_alone(engine, PROMPTS[0], params)) == 5
+    assert made == [(11, engine.lm_head.weight.device)]  # once per request, where the logits are
+    run_alone(engine, PROMPTS[0], greedy(3))
+    assert len(made) == 1  # greedy rows draw nothing and get no generator
+
+
+def test_one_failing_request_fails_alone(monkeypatch, tiny_model, make_engine):
+    """A request whose prefill fails (token ids outside the vocabulary) or whose sampling fails gets
+    an error; the requests running beside it finish with the tokens they get alone."""
+    from server.backends.base import EngineError
+    from server.backends.transformers import engine as engine_module
+
+    original = engine_module.select_tokens
+
+    def failing_for_seed_13(logits, params, generators, output_ids):
+        if any(p.seed == 13 for p in params):
+            raise RuntimeError("probability tensor contains nan")
+        return original(logits, params, generators, output_ids)
+
+    monkeypatch.setattr(engine_module, "select_tokens", failing_for_seed_13)
+    reference_engine = make_engine(max_batch_size=4)
+    cases = [(PROMPTS[0], greedy(9)), (PROMPTS[2], greedy(7)), (PROMPTS[3], greedy(8))]
+    alone = [run_alone(reference_engine, p, params) for p, params in cases]
+    bad_prompt = [1, 5, 100_000, 7]  # the tiny model's vocabulary has 512 tokens
+    bad_sampling = SamplingParams(max_new_tokens=6, temperature=0.7, seed=13)
+
+    async def everyone(engine, with_bad_prompt: bool = True) -> list:
+        requests = [GenerationRequest(f"r{i}", p, params) for i, (p, params) in enumerate(cases)]
+        if with_bad_prompt:
+            requests.insert(1, GenerationRequest("bad-prompt", bad_prompt, greedy(5)))
+        requests.insert(3 if with_bad_prompt else 1, GenerationRequest("bad-sampling", PROMPTS[1], bad_sampling))
+        return await asyncio.gather(*(collect(engine, r) for r in requests), return_exceptions=True)
+
+    # concurrent arrivals (prefilled one by one or together, as they come) ...
+    engine = make_engine(max_batch_size=8)
+    results = asyncio.run(everyone(engine))
+    # ... and all queued before the thread starts: one batched prefill that fails, then one by one
+    queued = ContinuousEngine(tiny_model, max_batch_size=8)
+    queued._accepting = True
+
+    async def queued_first() -> list:
+        task = asyncio.create_task(everyone(queued))
+        await asyncio.sleep(0.05)
+        queued.start()
+        return await task
+
+    try:
+        results_queued = asyncio.run(queued_first())
+    finally:
+        queued.shutdown(timeout=5)
+    # ... and a batched prefill that succeeds, with one row whose first token cannot be sampled
+    together = ContinuousEngine(tiny_model, max_batch_size=8)
+    together._accepting = True
+
+    async def together_first() -> list:
+        task = asyncio.create_task(everyone(together, with_bad_prompt=False))
+        await asyncio.sleep(0.05)
+        together.start()
+        return await task
+
+    try:
+        results_together = asyncio.run(together_first())
+    finally:
+        together.shutdown(timeout=5)
+    assert isinstance(results_together[1], EngineError) and "nan" in str(results_together[1])
+    assert [tokens(results_together[i]) for i in (0, 2, 3)] == alone
+    for got in (results, results_queued):
+        assert isinstance(got[1], EngineError) and "request failed" in str(got[1])
+        assert isinstance(got[3], EngineError) and "nan" in str(got[3])
+        assert [tokens(got[i]) for i in (0, 2, 4)] == alone
+    assert engine.stats() == {"running": 0, "waiting": 0, "slots": 8}
+    assert len(run_alone(engine, PROMPTS[1], greedy(4))) == 4  # and the engine goes on serving

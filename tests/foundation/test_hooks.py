@@ -10,7 +10,7 @@ import torch
 
 from steering_vectors import PlanError, Profile, Steerer, build_plan, combine_offsets, positions_from_attention_mask
 from steering_vectors.hooks import SteeringPlan
-from tests.conftest import TINY_HIDDEN, TINY_LAYERS
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS, make_tiny_llama
 
 
 def _profile(name: str, layers: list[int], seed: int) -> Profile:
@@ -266,3 +266,79 @@ def test_low_rank_plans_refuse_a_term_without_an_offset():
         build_plan([{2: torch.zeros(TINY_HIDDEN)}], row_low_rank=[dict(lr.low_rank)])
     with pytest.raises(PlanError, match="2 low-rank entries for 1 rows"):
         build_plan([dict(lr.offsets)], row_low_rank=[dict(lr.low_rank), None])
+
+
+# -- devices, the one apply function, validated rows ------------------------------------------------
+
+
+def test_plans_follow_the_hidden_states_device():
+    """A plan built on the CPU steers a model on another device (here 'meta', which needs no
+    accelerator): the hook moves the plan to the hidden states' device once and keeps the copy."""
+    model = make_tiny_llama().to("meta")
+    steerer = Steerer.attach(model)
+    lr = _low_rank_profile("lr", [1, 2], rank=2, seed=3)
+    plan = build_plan([dict(lr.offsets), None], row_low_rank=[dict(lr.low_rank), None],
+                      modes=["all", "all"], positions=torch.tensor([[0, 1, 2], [-1, 0, 1]]))
+    assert plan.device == torch.device("cpu") and plan.mask is not None
+    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    with steerer.steering(plan):
+        hidden = model.model(input_ids=ids).last_hidden_state  # raised "not on the expected device" before
+    assert hidden.device.type == "meta"
+    moved = plan.to("meta")
+    assert moved is plan.to(torch.device("meta"))  # made once per device, reused by every layer and step
+    assert {t.device.type for t in moved.offsets.values()} == {"meta"}
+    assert moved.mask.device.type == "meta"
+    assert {t.device.type for pair in moved.low_rank.values() for t in pair} == {"meta"}
+    assert plan.to("cpu") is plan
+
+
+def test_apply_plan_is_exactly_what_the_hook_adds(tiny_model, steerer):
+    from steering_vectors.hooks import apply_plan
+
+    ids, mask = _left_padded_batch()
+    lr = _low_rank_profile("lr", [2], rank=3, seed=9)
+    rows = ids.shape[0]
+    plan = build_plan([dict(lr.offsets)] * rows, row_low_rank=[dict(lr.low_rank)] * rows, modes=["all"] * rows,
+                      positions=positions_from_attention_mask(mask))
+    recorder = _Recorder(steerer)
+    try:
+        with steerer.steering(plan):
+            _forward(tiny_model, ids, mask)
+    finally:
+        recorder.remove()
+    assert torch.equal(recorder.after[2], apply_plan(recorder.before[2], plan, 2))
+    assert apply_plan(recorder.before[1], plan, 1) is recorder.before[1]  # layer not steered: untouched
+    assert apply_plan(recorder.before[1], None, 1) is recorder.before[1]
+
+
+def test_row_steering_is_validated_once_against_the_model(tiny_model):
+    from steering_vectors import ProfileLayerError, ProfileShapeError
+    from steering_vectors.hooks import RowSteering, plan_for_rows
+    from steering_vectors.models import model_fingerprint
+
+    shape = model_fingerprint(tiny_model)
+    a, late = _profile("a", [0, 2], seed=1), _profile("late", [1], seed=2)
+    late.position_mode = "generated"
+    row = RowSteering.from_profiles([(a, 2.0)], model=shape)
+    assert (row.position_mode, row.applied, row.fits(shape)) == ("all", (("a", 2.0),), True)
+    assert torch.equal(row.offsets[2], a.offsets[2] * 2.0)
+    with pytest.raises(PlanError, match="different token-position modes"):
+        RowSteering.from_profiles([(a, 1.0), (late, 1.0)], model=shape)
+    assert RowSteering.from_profiles([(a, 1.0), (late, 1.0)], model=shape, position_mode="all").position_mode == "all"
+    with pytest.raises(PlanError, match=f"layers \\[{TINY_LAYERS}\\]"):
+        RowSteering({TINY_LAYERS: torch.zeros(TINY_HIDDEN)}, model=shape)
+    with pytest.raises(PlanError, match=f"hidden size is {TINY_HIDDEN}"):
+        RowSteering({0: torch.zeros(TINY_HIDDEN, 2)}, model=shape)
+    with pytest.raises(PlanError, match="without offsets"):
+        RowSteering({}, model=shape)
+    # the same rules as a profile against a fingerprint (profile.check_terms), with the profile's errors
+    too_deep = Profile(name="deep", offsets={TINY_LAYERS: torch.zeros(TINY_HIDDEN)})
+    with pytest.raises(ProfileLayerError, match=f"layers \\[{TINY_LAYERS}\\]"):
+        too_deep.validate_for(shape)
+    with pytest.raises(ProfileShapeError, match=f"hidden size is {TINY_HIDDEN}"):
+        Profile(name="wide", offsets={0: torch.zeros(TINY_HIDDEN + 1)}).validate_for(shape)
+    # a decode plan steers "generated" rows everywhere; a prefill plan masks their prompt
+    generated = RowSteering(dict(late.offsets), model=shape, position_mode="generated")
+    assert plan_for_rows([generated, None], decode=True).mask is None
+    prefill = plan_for_rows([generated], positions=torch.tensor([[0, 1, 2, 3]]), prompt_lengths=[3])
+    assert prefill.mask[0, :, 0].tolist() == [0.0, 0.0, 0.0, 1.0]

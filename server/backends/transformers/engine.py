@@ -474,7 +474,12 @@ class ContinuousEngine(Engine):
             self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
             self._flush()
             return
-        ((token, logprob),) = self._select([seq], logits)
+        try:
+            ((token, logprob),) = self._select([seq], logits)
+        except Exception as error:  # this request's sampling: it fails alone
+            log.exception("sampling for request %s failed", seq.request.request_id)
+            self._fail(seq, error)
+            return
         event = self._advance(seq, token, logprob)
         event.prompt_logprobs = seq.prompt_logprobs
         seq.last_prompt_logits = None
