@@ -240,7 +240,9 @@ class Server:
                 if response.status_code == 200:
                     body = response.json()
                     if isinstance(body, dict) and "quantize" in body:  # this server: say how it decodes
-                        print(f"{self.name}: quantize={body['quantize']} fast_decode={body.get('fast_decode')}")
+                        print(f"{self.name}: backend={body.get('backend')} device={body.get('device')} "
+                              f"dtype={body.get('dtype')} quantize={body['quantize']} "
+                              f"fast_decode={body.get('fast_decode')}")
                     return
             except httpx.HTTPError:
                 pass
@@ -295,7 +297,7 @@ def start_this(
     port = free_port()
     rahf = shutil.which("rahf") or str(Path(sys.executable).with_name("rahf"))
     command = [
-        rahf, "serve", "--engine", args.engine, "--dtype", args.dtype, "--port", str(port),
+        rahf, "serve", "--backend", args.backend, "--dtype", args.dtype, "--port", str(port),
         "--profile-dir", str(profiles), "--max-batch-size", str(max(args.concurrency)),
         "--max-queue", "256", "--max-tokens-limit", str(max(args.max_tokens, 256)), "--log-level", "warning",
         "--quantize", quantize, "--packed-max-rows", str(args.packed_max_rows), *extra,
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "--waves", type=int, default=2, help="requests per level = concurrency x waves (steadier when replies differ)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--engine", default="continuous", choices=["continuous", "simple"])
+    parser.add_argument("--backend", default="transformers", help="this server's backend (server/backends/)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
     parser.add_argument(
         "--steered-concurrency", type=int, nargs="+", help="levels for the steered runs (default: --concurrency)"

@@ -116,13 +116,26 @@ def test_steering_offsets_are_exact_on_a_packed_model():
     offsets = {1: torch.randn(TINY_HIDDEN), 2: torch.randn(TINY_HIDDEN)}
     ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
     plan = build_plan([offsets, None], dtype=torch.float32, device=torch.device("cpu"))
-    with torch.no_grad():
-        plain = model(ids, output_hidden_states=True).hidden_states
-        with steerer.steering(plan):
-            steered = model(ids, output_hidden_states=True).hidden_states
-    assert torch.equal(steered[2][0], plain[2][0] + offsets[1])  # output of layer 1, row 0 steered
-    assert not torch.equal(steered[-1][0], plain[-1][0])
-    assert all(torch.equal(s[1], p[1]) for s, p in zip(steered, plain, strict=True))  # row 1 untouched
+    # layer 1's output before and after the steering hook (hooks of our own around it: how transformers
+    # records output_hidden_states relative to forward hooks differs between its versions)
+    seen: dict[str, torch.Tensor] = {}
+    layer = steerer.layers[1]
+    handles = [
+        layer.register_forward_hook(lambda m, a, out: seen.__setitem__("before", out.clone()), prepend=True),
+        layer.register_forward_hook(lambda m, a, out: seen.__setitem__("after", out.clone())),
+    ]
+    try:
+        with torch.no_grad():
+            plain = model(ids).logits
+            with steerer.steering(plan):
+                steered = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(seen["after"][0], seen["before"][0] + offsets[1])  # output of layer 1, row 0 steered
+    assert torch.equal(seen["after"][1], seen["before"][1])  # row 1 untouched
+    assert not torch.equal(steered[0], plain[0])
+    assert torch.equal(steered[1], plain[1])
 
 
 def test_engine_on_a_packed_model_matches_generate_on_it():

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The server on a GPU host without network: greedy, seeded-sampled, steered and heterogeneous streams at
+# concurrency 1/8/32/64 against plain `generate` at batch 1/8/32 on the same model (bench/gpu_check.py).
+#
+#   bash bench/gpu_check.sh prepare     # here, with a package registry: wheels + model config into .gpu/
+#   bash bench/gpu_check.sh run [gpu_check.py flags]   # on the GPU host (default --device cuda)
+#
+# `prepare` puts into .gpu/ (ignored by git through .git/info/exclude, about 10 MB): Python 3.12 wheels of
+# what the GPU hosts lack (fastapi, starlette, pydantic and pydantic-core, pydantic-settings,
+# python-dotenv, typing-inspection, annotated-types, uvicorn, sse-starlette, gguf, python-multipart,
+# opentelemetry-api, which fastapi needs) and
+# the embedded model's config and tokenizer (the weights stay here: the model is built there from the
+# config with random weights). Then run it there in one call of the device tool, carrying .gpu:
+#   command: bash bench/gpu_check.sh run --out $OUT      carry: [".gpu"]      timeout_s: 540
+# `run` installs the wheels into /tmp/site when the server's packages are missing, and needs torch and transformers
+# already installed. A dry run on the CPU:
+#   bash bench/gpu_check.sh run --device cpu --shape tiny --concurrency 1 8 --batches 1 8 --max-tokens 16
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEELS=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
+        annotated-types uvicorn sse-starlette gguf python-multipart opentelemetry-api)
+
+prepare() {
+  local py=${PYTHON}
+  [ -x .venv/bin/python ] && py=.venv/bin/python
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  rm -rf .gpu/wheels && mkdir -p .gpu/wheels .gpu/model
+  local specs=()
+  for name in "${WHEELS[@]}"; do  # the versions this project's environment uses
+    specs+=("$name==$("$py" -c "import importlib.metadata as m; print(m.version('$name'))")")
+  done
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .gpu/wheels "${specs[@]}"
+  "$py" - <<'PY'
+import shutil
+from pathlib import Path
+
+from steering_vectors.models import ensure_embedded_cache
+
+source = ensure_embedded_cache()[0]
+for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja"):
+    if (source / name).is_file():
+        shutil.copy(source / name, Path(".gpu/model") / name)
+PY
+  du -sh .gpu; ls .gpu/wheels .gpu/model
+}
+
+run() {
+  if ! "$PYTHON" -c "import fastapi, pydantic_settings, uvicorn, sse_starlette, multipart" 2> /dev/null \
+      && compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpu/wheels/*.whl
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONUNBUFFERED=1
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
+  "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'transformers', transformers.__version__)"
+  "$PYTHON" bench/gpu_check.py "$@"
+}
+
+case "${1:-}" in
+  prepare) shift; prepare "$@" ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: bash bench/gpu_check.sh prepare | run [gpu_check.py flags]" >&2; exit 2 ;;
+esac
