@@ -192,10 +192,9 @@ def instruct_stage(
 # -- step 2 -------------------------------------------------------------------------------------------
 
 
-def patterns_folder(stages: Stages, instruct: Path, layers: Sequence[int], base_means: bool) -> Path:
-    return stages.folder(
-        "patterns", {"instruct": instruct.name, "layers": list(layers), "base_means": base_means, "replies": "both"}
-    )
+def patterns_folder(stages: Stages, instruct: Path, layers: Sequence[int]) -> Path:
+    """Patterns of both replies of every pair, with the base model's means (so CAA and PCA can use them)."""
+    return stages.folder("patterns", {"instruct": instruct.name, "layers": list(layers), "replies": "both"})
 
 
 def patterns_stage(
@@ -207,7 +206,6 @@ def patterns_stage(
     budget: TokenBudget,
     *,
     folder: Path,
-    base_means: bool,
     bf16: bool,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Step 2 into `folder` (or loaded from it): the pattern records and the stage's record."""
@@ -229,7 +227,7 @@ def patterns_stage(
         budget=budget,
         bf16=bf16,
         spill_dir=folder / "spill",
-        base_means=base_means,
+        base_means=True,
         dtype=torch.float16,
     )
     store.save(patterns_file)
@@ -332,7 +330,7 @@ class Run:
             held_out=config.held_out,
             seed=config.seed,
         )
-        self._records: dict[bool, tuple[list[Any], dict[str, Any], dict[str, Any]]] = {}
+        self._records: tuple[list[Any], dict[str, Any], dict[str, Any]] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -367,13 +365,11 @@ class Run:
         if hasattr(model, "unload"):
             model.unload()  # the base model again (in place), LoRA layers removed
 
-    def records(self, base_means: bool) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-        """Step 2's records (and steps 1's and 2's records), from the stage folders or computed."""
-        if base_means not in self._records and True in self._records:
-            return self._records[True]  # records with base means serve a request without them too
-        if base_means not in self._records:
+    def records(self) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+        """Step 2's records with the records of steps 1 and 2, from the stage folders or computed."""
+        if self._records is None:
             instruct_dir = self.instruct_dir()
-            folder = patterns_folder(self.stages, instruct_dir, self.config.layers, base_means)
+            folder = patterns_folder(self.stages, instruct_dir, self.config.layers)
             model, instruct_record = self.model, read_json(instruct_dir / "instruct.json")
             needs_step1 = not (folder / "patterns.pt").is_file() or "gap_after" not in instruct_record
             if needs_step1:
@@ -381,14 +377,14 @@ class Run:
             try:
                 records, patterns_record = patterns_stage(
                     model, self.loaded.tokenizer, self.split.pairs, self.config.layers, self.config.method,
-                    self.config.budget, folder=folder, base_means=base_means, bf16=self.config.bf16,
+                    self.config.budget, folder=folder, bf16=self.config.bf16,
                 )
             finally:
                 if needs_step1:
                     self.release(model)
             patterns_record = {**patterns_record, "folder": folder.name, "instruct_folder": instruct_dir.name}
-            self._records[base_means] = (records, instruct_record, patterns_record)
-        return self._records[base_means]
+            self._records = (records, instruct_record, patterns_record)
+        return self._records
 
     def base_provenance(self) -> dict[str, Any]:
         c = self.config
@@ -406,7 +402,7 @@ class Run:
             "bf16_autocast": c.bf16,
         }
 
-    def fit(self, fit: str, *, base_means: bool = False) -> FitResult:
+    def fit(self, fit: str) -> FitResult:
         """Step 3 by `fit` (rahf, mean, caa, pca or pref), with the stages it needs."""
         from .rahf import (
             FitConfig,
@@ -442,7 +438,7 @@ class Run:
                 "fit_loss_first_last": record["loss_first_last"],
             }
             return FitResult(offsets, low_rank, provenance, {"fit_s": record["seconds"]})
-        records, instruct_record, patterns_record = self.records(base_means or fit in ("caa", "pca"))
+        records, instruct_record, patterns_record = self.records()
         losses = instruct_record.get("losses", [])
         provenance = {
             "instruct_epochs": c.epochs,

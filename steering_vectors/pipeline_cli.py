@@ -120,6 +120,73 @@ every file records its method and settings (rahf profiles show FILE).
 """
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one training run (`pipeline.RunConfig`), shared by `train` and `compare`."""
+    parser.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
+    parser.add_argument("--method", choices=("scit", "dual"), default="dual", help="step 1 variant")
+    parser.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
+    parser.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
+    parser.add_argument("--max-pairs", type=_count, default=1024, help="training pairs (seeded sample)")
+    parser.add_argument(
+        "--held-out",
+        type=_fraction,
+        default=0.1,
+        help="share of the training file's prompts held out from every fit step (calibration, step-1 gap)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-tokens", type=_count, default=96, help="prompt token budget")
+    parser.add_argument("--response-tokens", type=_count, default=64, help="reply token budget of steps 1-3")
+    parser.add_argument(
+        "--eval-response-tokens", type=_count, default=256, help="reply token budget of calibration and --eval"
+    )
+    parser.add_argument("--epochs", type=_count, default=1, help="epochs of the LoRA step")
+    parser.add_argument("--batch-pairs", type=_count, default=2, help="pairs per LoRA step")
+    parser.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
+    parser.add_argument("--fit-steps", type=_count, default=128, help="Adam steps of the 'rahf' fit")
+    parser.add_argument("--fit-batch", type=_count, default=8, help="replies per step of the 'rahf' fit")
+    parser.add_argument("--fit-lr", type=float, default=None, help="'rahf' fit learning rate (default: scaled)")
+    parser.add_argument(
+        "--rank", type=_count0, default=8, help="rank of the input-dependent low-rank term per layer in the 'rahf' fit"
+    )
+    parser.add_argument("--kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'rahf' fit")
+    parser.add_argument(
+        "--l2", type=float, default=1e-3, help="weight of the low-rank factors' squared norms in the 'rahf' fit"
+    )
+    parser.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
+    parser.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
+    parser.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
+    parser.add_argument(
+        "--pref-rank",
+        type=_count0,
+        default=0,
+        help="rank of an input-dependent low-rank term per layer in the 'pref' fit (0: constant offsets only)",
+    )
+    parser.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
+    parser.add_argument(
+        "--pref-l2", type=float, default=0.01, help="weight of the squared norms of offsets and factors in 'pref'"
+    )
+    parser.add_argument(
+        "--pref-kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'pref' loss"
+    )
+    parser.add_argument("--position-mode", choices=("all", "generated"), default="all")
+    parser.add_argument(
+        "--calib-pairs", type=_count, default=64, help="held-out training pairs to tune the default strength"
+    )
+    parser.add_argument(
+        "--gap-pairs", type=_count0, default=64, help="held-out pairs for step 1's likelihood gap (0: skip)"
+    )
+    parser.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast; auto: on where the CPU has bf16 units (AVX-512 BF16, AMX), off elsewhere",
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="stage folders and checkpoints (default: <cache>/runs)"
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
@@ -130,77 +197,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--data", required=True, help="folder with train.jsonl/dev.jsonl, or one JSONL file")
     train.add_argument("--name", required=True, type=_name, help="profile name (file <out>/<name>.safetensors)")
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
-    train.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
-    train.add_argument("--method", choices=("scit", "dual"), default="dual", help="step 1 variant")
+    _add_run_options(train)
     train.add_argument(
         "--fit", type=_fits, default=_fits("all"), help="any of rahf,mean,caa,pca,pref; 'all' = rahf,mean,caa,pca"
-    )
-    train.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
-    train.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
-    train.add_argument("--max-pairs", type=_count, default=1024, help="training pairs (seeded sample)")
-    train.add_argument(
-        "--held-out",
-        type=_fraction,
-        default=0.1,
-        help="share of the training file's prompts held out from every fit step (calibration, step-1 gap)",
-    )
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--prompt-tokens", type=_count, default=96, help="prompt token budget")
-    train.add_argument("--response-tokens", type=_count, default=64, help="reply token budget of steps 1-3")
-    train.add_argument(
-        "--eval-response-tokens", type=_count, default=256, help="reply token budget of calibration and --eval"
-    )
-    train.add_argument("--epochs", type=_count, default=1, help="epochs of the LoRA step")
-    train.add_argument("--batch-pairs", type=_count, default=2, help="pairs per LoRA step")
-    train.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
-    train.add_argument("--fit-steps", type=_count, default=128, help="Adam steps of the 'rahf' fit")
-    train.add_argument("--fit-batch", type=_count, default=8, help="replies per step of the 'rahf' fit")
-    train.add_argument("--fit-lr", type=float, default=None, help="'rahf' fit learning rate (default: scaled)")
-    train.add_argument(
-        "--rank", type=_count0, default=8, help="rank of the input-dependent low-rank term per layer in the 'rahf' fit"
-    )
-    train.add_argument("--kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'rahf' fit")
-    train.add_argument(
-        "--l2", type=float, default=1e-3, help="weight of the low-rank factors' squared norms in the 'rahf' fit"
-    )
-    train.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
-    train.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
-    train.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")
-    train.add_argument(
-        "--pref-rank",
-        type=_count0,
-        default=0,
-        help="rank of an input-dependent low-rank term per layer in the 'pref' fit (0: constant offsets only)",
-    )
-    train.add_argument("--pref-beta", type=float, default=10.0, help="beta of the 'pref' preference loss")
-    train.add_argument(
-        "--pref-l2", type=float, default=0.01, help="weight of the squared norms of offsets and factors in 'pref'"
-    )
-    train.add_argument(
-        "--pref-kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'pref' loss"
-    )
-    train.add_argument("--position-mode", choices=("all", "generated"), default="all")
-    train.add_argument(
-        "--calib-pairs", type=_count, default=64, help="held-out training pairs to tune the default strength"
-    )
-    train.add_argument(
-        "--gap-pairs", type=_count0, default=64, help="held-out pairs for step 1's likelihood gap (0: skip)"
-    )
-    train.add_argument("--strengths", type=_floats, default=_floats(DEFAULT_STRENGTHS), help="strength grid")
-    train.add_argument(
-        "--bf16",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="bf16 autocast; auto: on where the CPU has bf16 units (AVX-512 BF16, AMX), off elsewhere",
-    )
-    train.add_argument(
-        "--work-dir", type=Path, default=None, help="stage folders and checkpoints (default: <cache>/runs)"
     )
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
     train.add_argument("--eval-pairs", type=_count, default=1000, help="dev pairs (seeded sample) for --eval")
     train.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
     train.add_argument("--threads", type=_count, default=None)
     train.set_defaults(handler=run_train)
+
+    from . import compare
+
+    compare.register(sub, _add_run_options, _floats, _count)
 
     ev = sub.add_parser("eval", help="evaluate profiles on held-out preference pairs")
     ev.add_argument("profiles", nargs="+", type=Path, help="profile files")
@@ -260,12 +269,11 @@ def run_train(args: argparse.Namespace) -> int:
     )
 
     # 2. steps 1-3 for each fit (steps 1 and 2 only when a fit uses patterns; 'pref' needs only the pairs)
-    base_means = any(fit in ("caa", "pca") for fit in args.fit)
     timings: dict[str, float] = {}
     results = {}
     t0 = time.perf_counter()
     for fit in args.fit:
-        results[fit] = run.fit(fit, base_means=base_means)
+        results[fit] = run.fit(fit)
         for key, value in results[fit].seconds.items():
             timings[key if key != "fit_s" else f"fit_{fit}_s"] = value
     timings["fit_total_s"] = time.perf_counter() - t0

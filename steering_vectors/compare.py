@@ -1,0 +1,394 @@
+"""`rahf compare`: one fair comparison of every method on one preference set.
+
+The same training pairs, seed(s), layers, token budgets and strength grid for every row; every steered
+row's default strength is calibrated on the same held-out training pairs; every row is scored on the
+same dev pairs over the same reply budget. Rows:
+
+- unsteered; good-instruction prompting (the step-1 "good" instruction as system message);
+- closed-form fits from the Dual run's records: mean-pattern, CAA, PCA;
+- RAHF-SCIT and RAHF-Dual (step 3 as in the paper, `fit rahf`), each with constant offsets only and with
+  low-rank terms;
+- `pref` (our own preference-loss fit, not RAHF), constant and with low-rank terms;
+- the Dual step-1 good adapter alone (SFT on the chosen replies): a ceiling that cannot be switched per
+  request.
+
+Columns: accuracy and Δ accuracy at the default strength with a paired bootstrap 95 % interval, margin,
+Δ perplexity, accuracy at a matched +5 % perplexity, trainable parameters, pairs and wall time. Each row's
+result is kept in the work folder, so an interrupted comparison resumes row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pipeline import FitResult, Run, RunConfig, Stages, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    kind: str  # none | prompt | profile | adapter
+    fit: str = ""
+    method: str = "dual"
+    rank: int | None = None  # for rahf (rank) and pref (pref_rank) rows: 0 = constant offsets only
+    switchable: bool = True
+
+
+def rows_for(rank: int) -> list[Row]:
+    return [
+        Row("unsteered", "unsteered", "none"),
+        Row("prompt-good", "good-instruction prompting", "prompt"),
+        Row("mean", "mean-pattern (Dual records)", "profile", "mean"),
+        Row("caa", "CAA", "profile", "caa"),
+        Row("pca", "PCA (RepE)", "profile", "pca"),
+        Row("rahf-scit", "RAHF-SCIT, offsets", "profile", "rahf", "scit", 0),
+        Row("rahf-scit-rank", f"RAHF-SCIT, offsets + rank {rank}", "profile", "rahf", "scit", rank),
+        Row("rahf-dual", "RAHF-Dual, offsets", "profile", "rahf", "dual", 0),
+        Row("rahf-dual-rank", f"RAHF-Dual, offsets + rank {rank}", "profile", "rahf", "dual", rank),
+        Row("pref", "pref (not RAHF), offsets", "profile", "pref", "dual", 0),
+        Row("pref-rank", f"pref (not RAHF), offsets + rank {rank}", "profile", "pref", "dual", rank),
+        Row("dual-sft", "Dual good adapter alone (SFT on chosen; not switchable)", "adapter", switchable=False),
+    ]
+
+
+def row_config(base: RunConfig, row: Row, seed: int) -> RunConfig:
+    changes: dict[str, Any] = {"seed": seed, "method": row.method}
+    if row.fit == "rahf":
+        changes["rank"] = row.rank
+    if row.fit == "pref":
+        changes["pref_rank"] = row.rank
+    return dataclasses.replace(base, **changes)
+
+
+def profile_parameters(profile: Any) -> int:
+    return sum(o.numel() for o in profile.offsets.values()) + sum(
+        d.numel() + u.numel() for d, u in profile.low_rank.values()
+    )
+
+
+def lora_parameters(model: torch.nn.Module, adapter: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n)
+
+
+class Comparison:
+    """The rows of one comparison, computed (or read back) one at a time."""
+
+    def __init__(self, base: RunConfig, loaded: Any, stages: Stages, dev: list[Any], strengths: list[float],
+                 out: Path, command: str) -> None:  # fmt: skip
+        from .evaluate import neutral_text, perplexity
+
+        self.base, self.loaded, self.stages, self.dev = base, loaded, stages, dev
+        self.strengths, self.out, self.command = strengths, out, command
+        self.text = neutral_text()
+        self.folder = stages.folder(
+            "compare", {"run": dataclasses.asdict(base), "dev": [p.id for p in dev], "strengths": strengths}
+        )
+        self.base_ppl = perplexity(loaded.model, loaded.tokenizer, self.text, bf16=base.bf16)
+        self._unsteered: Any = None
+
+    def score(self, profile: Any = None, strength: float = 1.0, *, system: str | None = None, desc: str = "") -> Any:
+        from .evaluate import score_pairs
+
+        return score_pairs(
+            self.loaded.model, self.loaded.tokenizer, self.dev, profile, strength, budget=self.base.eval_budget,
+            bf16=self.base.bf16, system=system, desc=desc or "dev",
+        )
+
+    def unsteered(self) -> Any:
+        if self._unsteered is None:
+            cached = read_json(self.folder / "unsteered-scores.json")
+            if cached:
+                from .evaluate import PreferenceScore
+
+                self._unsteered = PreferenceScore(**cached)
+            else:
+                self._unsteered = self.score(desc="unsteered")
+                write_json(self.folder / "unsteered-scores.json", dataclasses.asdict(self._unsteered))
+        return self._unsteered
+
+    def _entry(self, score: Any, ppl: float | None) -> dict[str, Any]:
+        from .evaluate import paired_bootstrap
+
+        base = self.unsteered()
+        low, high = paired_bootstrap(base, score)
+        return {
+            "accuracy": score.accuracy,
+            "accuracy_gain": score.accuracy - base.accuracy,
+            "gain_ci95": [low, high],
+            "margin": score.margin,
+            "perplexity": ppl,
+            "perplexity_rise": None if ppl is None else ppl / self.base_ppl - 1.0,
+        }
+
+    def result(self, row: Row, seed: int) -> dict[str, Any]:
+        path = self.folder / f"{row.key}-seed{seed}.json"
+        cached = read_json(path)
+        if cached:
+            return cached
+        started = time.perf_counter()
+        log.info("comparison row %s (seed %d)", row.key, seed)
+        result = {"row": row.key, "label": row.label, "seed": seed, "switchable": row.switchable}
+        if row.kind == "none":
+            result.update(self._entry(self.unsteered(), self.base_ppl), parameters=0, pairs=0, train_s=0.0)
+        elif row.kind == "prompt":
+            from .rahf import GOOD_INSTRUCTION
+
+            score = self.score(system=GOOD_INSTRUCTION, desc="good instruction")
+            result.update(self._entry(score, None), parameters=0, pairs=0, train_s=0.0)
+        elif row.kind == "adapter":
+            result.update(self._adapter_row(seed))
+        else:
+            result.update(self._profile_row(row, seed))
+        result["row_s"] = time.perf_counter() - started
+        write_json(path, result)
+        return result
+
+    def _adapter_row(self, seed: int) -> dict[str, Any]:
+        from .evaluate import perplexity
+
+        run = Run(row_config(self.base, Row("dual-sft", "", "adapter"), seed), self.loaded, self.stages, self.command)
+        model, record = run.instructed()
+        try:
+            model.set_adapter("good")
+            params = lora_parameters(model, "good")
+            score = self.score(desc="Dual good adapter")
+            ppl = perplexity(model, self.loaded.tokenizer, self.text, bf16=self.base.bf16)
+        finally:
+            run.release(model)
+        entry = self._entry(score, ppl)
+        return {**entry, "parameters": params, "pairs": len(run.split.pairs), "train_s": record.get("seconds")}
+
+    def _profile_row(self, row: Row, seed: int) -> dict[str, Any]:
+        from .evaluate import matched_strength, perplexity
+
+        run = Run(row_config(self.base, row, seed), self.loaded, self.stages, self.command)
+        fitted: FitResult = run.fit(row.fit)
+        profile = run.profile(row.fit, f"{self.out.name}-{row.key}", fitted)
+        started = time.perf_counter()
+        run.calibrate(profile, self.strengths, self.base_ppl, self.text)
+        calibrate_s = time.perf_counter() - started
+        profile.provenance["comparison_row"] = row.key
+        profile.save(self.out / "profiles" / f"{profile.name}-seed{seed}.safetensors")
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        strength = profile.default_strength
+        ppl = perplexity(model, tokenizer, self.text, profile, strength, bf16=self.base.bf16)
+        entry = self._entry(self.score(profile, strength, desc=f"{row.key} x{strength:g}"), ppl)
+        matched, matched_ppl = matched_strength(
+            model, tokenizer, self.text, profile, self.base_ppl, bf16=self.base.bf16
+        )
+        at_matched = self.score(profile, matched, desc=f"{row.key} x{matched:.3g}")
+        train_s = sum(v for v in fitted.seconds.values() if v is not None and math.isfinite(v)) + calibrate_s
+        return {
+            **entry,
+            "default_strength": strength,
+            "matched": {"strength": matched, "perplexity": matched_ppl, "accuracy": at_matched.accuracy,
+                        "accuracy_gain": at_matched.accuracy - self.unsteered().accuracy},
+            "parameters": profile_parameters(profile),
+            "pairs": len(run.split.pairs),
+            "train_s": train_s,
+            "stage_seconds": {**fitted.seconds, "calibrate_s": calibrate_s},
+            "calibration": profile.provenance["calibration"],
+            "instruct_gap": profile.provenance.get("instruct_gap"),
+            "method": profile.method,
+        }  # fmt: skip
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of one row's numbers."""
+    first = dict(results[0])
+    if len(results) > 1:
+        for key in ("accuracy", "accuracy_gain", "margin", "perplexity_rise"):
+            values = [r[key] for r in results if r.get(key) is not None]
+            if values:
+                mean = sum(values) / len(values)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+                first[f"{key}_seeds"] = {"mean": mean, "sd": sd, "values": values}
+    first["seeds"] = [r["seed"] for r in results]
+    return first
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f} %"
+
+
+def write_comparison(report: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    rows = report["rows"]
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r.get("perplexity_rise") is None:
+            axis.axhline(100 * r["accuracy"], linestyle=":", color="grey", linewidth=1)
+            axis.annotate(r["row"], (0.0, 100 * r["accuracy"]), fontsize=7, color="grey")
+            continue
+        xs, ys = [100 * r["perplexity_rise"]], [100 * r["accuracy"]]
+        if r.get("matched"):
+            xs.append(100 * (r["matched"]["perplexity"] / report["base_perplexity"] - 1))
+            ys.append(100 * r["matched"]["accuracy"])
+        axis.plot(xs, ys, marker="o", label=r["row"])
+    axis.axvline(10, color="red", linestyle=":", label="+10 % perplexity")
+    axis.set(xlabel="perplexity rise on neutral text (%)", ylabel="dev preference accuracy (%)",
+             title=f"{report['title']}: default strength (first point) and matched +5 % perplexity")  # fmt: skip
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "comparison.png", dpi=110)
+    plt.close(figure)
+
+    lines = [f"# {report['title']}", "", "Reproduce with:", "", "```", report["command"], "```", ""]
+    lines += [
+        f"Dev pairs: {report['dev_pairs']} (whole split); reply budget {report['eval_response_tokens']} tokens "
+        f"(prompt {report['prompt_tokens']}); training pairs {report['train_pairs']} (budgets "
+        f"{report['prompt_tokens']}/{report['response_tokens']}), calibration on {report['calib_pairs']} held-out "
+        f"training pairs over strengths {report['strengths']}; layers {report['layers']}; α {report['alpha']}; "
+        f"seeds {report['seeds']}; CPU: {report['cpu']}; bf16 autocast {report['bf16']}. Unsteered perplexity "
+        f"{report['base_perplexity']:.2f}.",
+        "",
+        "| method | switchable | default strength | accuracy | Δ acc (pts) [95 % CI] | margin | Δ ppl | "
+        "acc. at +5 % ppl (strength) | trainable params | pairs | wall time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        low, high = r["gain_ci95"]
+        gain = f"{_pct(r['accuracy_gain'], True)} [{_pct(low, True)}, {_pct(high, True)}]"
+        gain = "–" if r["row"] == "unsteered" else gain
+        seeds = r.get("accuracy_gain_seeds")
+        if seeds:
+            gain += f"; {len(seeds['values'])} seeds: {_pct(seeds['mean'], True)} ± {100 * seeds['sd']:.1f}"
+        matched = r.get("matched")
+        at_matched = f"{_pct(matched['accuracy'])} ({matched['strength']:.3g})" if matched else "–"
+        wall = r.get("train_s")
+        lines.append(
+            f"| {r['label']} | {'yes' if r['switchable'] else 'no'} | {r.get('default_strength', '–')} | "
+            f"{_pct(r['accuracy'])} | {gain} | {r['margin']:.4f} | {_pct(r['perplexity_rise'], True)}"
+            f"{'' if r['perplexity_rise'] is None else ' %'} | {at_matched} | {r['parameters']:,} | {r['pairs']} | "
+            f"{'–' if not wall else f'{wall / 60:.1f} min'} |"
+        )
+    gaps = [(r["label"], r["instruct_gap"]) for r in rows if r.get("instruct_gap")]
+    if gaps:
+        lines += [
+            "",
+            "Step 1's likelihood gap on held-out training pairs (mean gap; share of pairs with a positive gap):",
+            "",
+        ]
+        seen = set()
+        for label, gap in gaps:
+            method = label.split(",")[0]
+            if method in seen:
+                continue
+            seen.add(method)
+            before, after = gap.get("gap_before") or {}, gap.get("gap_after") or {}
+            lines.append(
+                f"- {method}: before {before.get('mean_gap', float('nan')):+.4f} ({_pct(before.get('accuracy'))}), "
+                f"after {after.get('mean_gap', float('nan')):+.4f} ({_pct(after.get('accuracy'))}), "
+                f"n = {after.get('n')}"
+            )
+    lines += ["", "![accuracy against perplexity](comparison.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def register(sub: argparse._SubParsersAction, add_run_options: Any, parse_floats: Any, parse_count: Any) -> None:
+    compare = sub.add_parser("compare", help="compare every steering method on one preference set, fairly")
+    compare.add_argument("--data", required=True, help="folder with train.jsonl and dev.jsonl")
+    compare.add_argument("--out", type=Path, required=True, help="report folder (profiles go to <out>/profiles)")
+    compare.add_argument("--title", default=None)
+    add_run_options(compare)
+    compare.add_argument("--rows", default="all", help="comma-separated row keys, or 'all'")
+    compare.add_argument("--seeds", default="0", help="seeds of the rows named by --seed-rows (first = all rows)")
+    compare.add_argument("--seed-rows", default="rahf-dual-rank,pref-rank", help="rows run with every seed")
+    compare.add_argument("--eval-pairs", type=parse_count, default=1000, help="dev pairs (seeded sample)")
+    compare.add_argument("--threads", type=parse_count, default=None)
+    compare.set_defaults(handler=run_compare)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        else:
+            name = "unknown CPU"
+    except OSError:
+        name = "unknown CPU"
+    from .pipeline import cpu_has_bf16_units
+
+    return f"{name}, {torch.get_num_threads()} threads, {'with' if cpu_has_bf16_units() else 'no'} bf16 units"
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .data import load_pairs, resolve_split, sample_pairs
+    from .models import check_model, default_cache_dir, load_model
+    from .pipeline import resolve_bf16
+    from .pipeline_cli import _check_layers, _command_line, _setup
+
+    _setup(args)
+    bf16 = resolve_bf16(args.bf16)
+    check_model(args.model)
+    data_file = resolve_split(args.data, "train")
+    base = RunConfig.from_args(args, data_file, bf16)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seed_rows = {s.strip() for s in args.seed_rows.split(",") if s.strip()}
+    rows = rows_for(args.rank)
+    if args.rows != "all":
+        wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
+        unknown = sorted(set(wanted) - {r.key for r in rows})
+        if unknown:
+            raise SystemExit(f"rahf compare: error: unknown rows {unknown}; choose from {[r.key for r in rows]}")
+        rows = [r for r in rows if r.key in wanted]
+    dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=0)
+    loaded = load_model(args.model)
+    _check_layers(list(base.layers), loaded.model)
+    stages = Stages(args.work_dir or default_cache_dir() / "runs")
+    comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, _command_line())
+    started = time.perf_counter()
+    summaries = []
+    for row in rows:
+        results = [comparison.result(row, seed) for seed in (seeds if row.key in seed_rows else seeds[:1])]
+        summaries.append(summarise(results))
+        report = {
+            "title": args.title or f"Steering methods on {Path(args.data).name}",
+            "command": _command_line(),
+            "rows": summaries,
+            "dev_pairs": len(dev),
+            "train_pairs": base.max_pairs,
+            "calib_pairs": base.calib_pairs,
+            "prompt_tokens": base.prompt_tokens,
+            "response_tokens": base.response_tokens,
+            "eval_response_tokens": base.eval_response_tokens,
+            "strengths": list(args.strengths),
+            "layers": list(base.layers),
+            "alpha": base.alpha,
+            "seeds": seeds,
+            "cpu": cpu_name(),
+            "bf16": bf16,
+            "base_perplexity": comparison.base_ppl,
+            "settings": dataclasses.asdict(base),
+            "seconds_this_run": time.perf_counter() - started,
+            "stage_folder": comparison.folder.name,
+        }
+        path = write_comparison(report, args.out)  # after every row, so a partial comparison is readable
+    print(json.dumps({"report": str(path), "rows": [r["row"] for r in summaries]}, indent=2))
+    return 0
+

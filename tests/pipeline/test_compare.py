@@ -1,0 +1,114 @@
+"""The fair comparison (`rahf compare`) and its statistics on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering_vectors.evaluate import (
+    PreferenceScore,
+    matched_strength,
+    paired_bootstrap,
+    score_pairs,
+)
+from steering_vectors.models import load_model
+from steering_vectors.profile import Profile
+
+
+def _score(wins: list[bool]) -> PreferenceScore:
+    chosen = [1.0 if w else 0.0 for w in wins]
+    rejected = [0.5] * len(wins)
+    return PreferenceScore(sum(wins) / len(wins), 0.0, len(wins), chosen, rejected)
+
+
+def test_paired_bootstrap_interval() -> None:
+    same = _score([True, False, True, False])
+    assert paired_bootstrap(same, same) == (0.0, 0.0)  # the same pairs won: no difference in any resample
+    base = _score([False] * 10)
+    better = _score([True] * 3 + [False] * 7)
+    low, high = paired_bootstrap(base, better)
+    assert 0.0 <= low < 0.3 < high <= 1.0  # all differences are >= 0, and the point estimate lies inside
+    with pytest.raises(ValueError, match="same pairs"):
+        paired_bootstrap(base, same)
+
+
+def test_matched_strength_finds_the_perplexity_target(monkeypatch) -> None:
+    import steering_vectors.evaluate as evaluate
+
+    calls = []
+
+    def fake_perplexity(model, tokenizer, text, profile=None, strength=1.0, **kwargs):  # ppl = 20 (1 + s^2 / 10)
+        calls.append(strength)
+        return 20.0 * (1.0 + strength**2 / 10.0)
+
+    monkeypatch.setattr(evaluate, "perplexity", fake_perplexity)
+    profile = Profile("push", {1: torch.ones(4)})
+    strength, ppl = matched_strength(None, None, "text", profile, 20.0, rise=0.05, steps=12)
+    assert len(calls) == 13  # the top of the range, then one bisection step each
+    assert strength == pytest.approx(0.5**0.5, abs=8.0 / 2**12) and ppl == 20.0 * (1.0 + strength**2 / 10.0)
+    # a profile that cannot reach the target within the range reports the top of the range
+    strength, ppl = matched_strength(None, None, "text", profile, 20.0, rise=0.5, high=2.0)
+    assert (strength, ppl) == (2.0, 28.0)
+
+
+def _write_split(folder: Path, name: str, n_prompts: int) -> None:
+    rows = [
+        {"prompt": f"{name} question {i}", "chosen": f"kind answer {i}", "rejected": f"rude {i}!"}
+        for i in range(n_prompts)
+    ]
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_model_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:  # fmt: skip
+    from steering_vectors.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_split(data, "train", 16)
+    _write_split(data, "dev", 5)
+    out, work = tmp_path / "comparison", tmp_path / "work"
+    rows = "unsteered,prompt-good,caa,rahf-dual-rank,pref,dual-sft"
+    argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--rows", rows,
+            "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3", "--calib-pairs", "2", "--gap-pairs", "2",
+            "--fit-steps", "2", "--fit-batch", "4", "--pref-steps", "2", "--pref-batch", "2", "--rank", "2",
+            "--prompt-tokens", "24", "--response-tokens", "8", "--eval-response-tokens", "10",
+            "--strengths", "0.5,1", "--work-dir", str(work), "--bf16", "off", "--seed-rows", "pref",
+            "--seeds", "0,1"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    by_row = {r["row"]: r for r in report["rows"]}
+    assert list(by_row) == rows.split(",") and report["dev_pairs"] == 5
+
+    tiny = load_model(tiny_model_dir)
+    from steering_vectors.data import TokenBudget, load_pairs
+
+    dev = load_pairs(data / "dev.jsonl")
+    budget = TokenBudget(24, 10)
+    direct = score_pairs(tiny.model, tiny.tokenizer, sorted(dev, key=lambda p: p.id), budget=budget)
+    assert by_row["unsteered"]["accuracy"] == pytest.approx(direct.accuracy)
+    caa = Profile.load(out / "profiles" / "comparison-caa-seed0.safetensors")
+    assert caa.method == "rahf-dual/caa" and caa.provenance["calibration"]["held_out"]
+    rahf = Profile.load(out / "profiles" / "comparison-rahf-dual-rank-seed0.safetensors")
+    assert rahf.ranks() == {1: 2, 2: 2} and by_row["rahf-dual-rank"]["parameters"] == 2 * (64 + 2 * 2 * 64)
+    for key in ("caa", "rahf-dual-rank", "pref"):
+        row = by_row[key]
+        low, high = row["gain_ci95"]
+        assert low <= row["accuracy_gain"] <= high and row["matched"]["strength"] > 0
+        assert row["default_strength"] in (0.5, 1.0)
+    assert by_row["pref"]["seeds"] == [0, 1] and "accuracy_gain_seeds" in by_row["pref"]
+    assert by_row["dual-sft"]["switchable"] is False and by_row["dual-sft"]["parameters"] > 0
+    assert by_row["prompt-good"]["perplexity"] is None
+    text = (out / "report.md").read_text()
+    assert "RAHF-Dual, offsets + rank 2" in text and "pref (not RAHF), offsets" in text
+    assert (out / "comparison.png").stat().st_size > 0
+
+    # a rerun reads every row back from the work folder: the rows' files are not written again
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")}
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")} == stamps
