@@ -279,6 +279,7 @@ class RunConfig:
     rank: int = 8
     kl: float = 0.0
     l2: float = 1e-3
+    fit_init: str = "zeros"
     pref_steps: int = 32
     pref_batch: int = 8
     pref_lr: float = 0.01
@@ -454,7 +455,7 @@ class Run:
         if fit == "rahf":
             config = FitConfig(
                 alpha=c.alpha, steps=c.fit_steps, batch_size=c.fit_batch, lr=c.fit_lr, rank=c.rank, kl=c.kl,
-                l2=c.l2, bf16=c.bf16, seed=c.seed,
+                l2=c.l2, init=c.fit_init, bf16=c.bf16, seed=c.seed,
             )
             settings = {"patterns": patterns_record["folder"], **dataclasses.asdict(config)}
             folder = self.stages.folder("fit-rahf", settings)
@@ -463,7 +464,8 @@ class Run:
             )
             seconds["fit_s"] = record["seconds"]
             provenance["fit_loss_first_last"] = record["loss_first_last"]
-            provenance["rahf"] = {k: getattr(config, k) for k in ("steps", "batch_size", "lr", "rank", "kl", "l2")}
+            kept = ("steps", "batch_size", "lr", "rank", "kl", "l2", "init")
+            provenance["rahf"] = {k: getattr(config, k) for k in kept}
         elif fit == "mean":
             offsets = mean_pattern_offsets(records, layers, c.alpha)
         elif fit == "caa":

@@ -152,6 +152,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--l2", type=float, default=1e-3, help="weight of the low-rank factors' squared norms in the 'rahf' fit"
     )
+    parser.add_argument(
+        "--fit-init",
+        choices=("zeros", "shift"),
+        default="zeros",
+        help="start of the 'rahf' offsets: zeros, or the closed-form mean shift from base states to the target",
+    )
     parser.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
     parser.add_argument("--pref-batch", type=_count, default=8, help="pairs per step of the 'pref' fit")
     parser.add_argument("--pref-lr", type=float, default=0.01, help="learning rate of the 'pref' fit")

@@ -667,9 +667,29 @@ class FitConfig:
     rank: int = 0
     kl: float = 0.0
     l2: float = 0.0
+    init: str = "zeros"  # or "shift": offsets start at `shift_offsets` (needs the records' base means)
     bf16: bool = False
     checkpoint_every: int = 20
     seed: int = 0
+
+
+def shift_offsets(records: Sequence[PatternRecord], layers: Sequence[int], alpha: float) -> dict[int, torch.Tensor]:
+    """A closed-form start for the RAHF fit: the mean shift from the base model's states to the target,
+    ``s_l = mean(target_l) - mean(base_l)`` (per record, over reply tokens), taken layer by layer as the part
+    the earlier target layers have not added yet (the residual stream carries an offset forward):
+    ``delta_l = s_l - s_prev``."""
+    sums = torch.zeros(len(layers), records[0].pattern.shape[-1], dtype=torch.float64)
+    for record in records:
+        if record.base_mean is None:
+            raise ValueError("the 'shift' start needs the base model's states: collect with base_means=True")
+        sums += record.target(alpha).double().mean(dim=1) - record.base_mean.double()
+    shift = sums / len(records)
+    previous = torch.zeros_like(shift[0])
+    out = {}
+    for i, layer in enumerate(layers):
+        out[layer] = (shift[i] - previous).float()
+        previous = shift[i]
+    return out
 
 
 def _batch_plan(
@@ -775,10 +795,11 @@ def fit_offsets(
             postfix["kl"] = f"{float(kl.detach()):.4f}"
         return total, postfix
 
-    identity = {"alpha": config.alpha, "kl": config.kl, "l2": config.l2, "records": len(records)}
+    identity = {"alpha": config.alpha, "kl": config.kl, "l2": config.l2, "records": len(records), "init": config.init}
+    initial = shift_offsets(records, layers, config.alpha) if config.init == "shift" else None
     return adam_on_offsets(
         layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit RAHF terms",
-        identity=identity, rank=config.rank, seed=config.seed,
+        identity=identity, rank=config.rank, seed=config.seed, initial=initial,
     )
 
 
@@ -801,8 +822,9 @@ def adam_on_offsets(
     identity: dict[str, Any] | None = None,
     rank: int = 0,
     seed: int = 0,
+    initial: dict[int, torch.Tensor] | None = None,
 ) -> tuple[dict[int, torch.Tensor], LowRank, list[float]]:
-    """Adam on one offset per layer (zeros at first), one step per entry of `draws`.
+    """Adam on one offset per layer (zeros at first, or `initial`), one step per entry of `draws`.
 
     With `rank` > 0 each layer also learns a low-rank term (down: seeded random orthonormal rows, up:
     zeros at first); with 0 the low-rank terms stay empty. `batch_loss(offsets, draw, low_rank)` returns
@@ -811,7 +833,10 @@ def adam_on_offsets(
     resumed. Returns the offsets, the low-rank terms and every loss.
     """
     steps = len(draws)
-    delta = torch.zeros(len(layers), hidden, requires_grad=True)
+    delta = torch.zeros(len(layers), hidden)
+    if initial is not None:
+        delta = torch.stack([initial[layer].float() for layer in layers])
+    delta.requires_grad_(True)
     params = {"delta": delta}
     if rank:
         generator = torch.Generator().manual_seed(seed)

@@ -154,6 +154,34 @@ def test_rahf_fit_with_low_rank_terms_lowers_its_loss_on_a_fixed_batch(tiny, tmp
     assert losses_again == losses and torch.equal(again_low_rank[1][1], low_rank[1][1])
 
 
+def test_shift_start_is_the_mean_shift_to_the_target_layer_by_layer(tiny) -> None:
+    from steering_vectors.rahf import PatternRecord, shift_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    records = [
+        PatternRecord((0,) * 4, 1, i % 2, i // 2, torch.randn(2, 3, 5, generator=gen),
+                      torch.randn(2, 3, 5, generator=gen), torch.randn(2, 5, generator=gen))
+        for i in range(4)
+    ]  # fmt: skip
+    shift = torch.stack([r.target(1.5).double().mean(dim=1) - r.base_mean.double() for r in records]).mean(dim=0)
+    got = shift_offsets(records, [3, 7], alpha=1.5)
+    assert torch.allclose(got[3].double(), shift[0], atol=1e-6)
+    assert torch.allclose(got[7].double(), shift[1] - shift[0], atol=1e-6)
+    assert torch.allclose(got[3] + got[7], shift[1].float(), atol=1e-6)  # what reaches the last target layer
+
+    model = _perturbed(tiny.model, ("good", "bad"))
+    real = collect_patterns(model, tiny.tokenizer, PAIRS, LAYERS, method="dual", budget=BUDGET).all()
+    base = model.unload()
+    config = FitConfig(alpha=2.0, steps=1, batch_size=len(real), lr=0.01, init="shift")
+    start = shift_offsets(real, LAYERS, 2.0)
+    _, _, losses = fit_offsets(base, tiny.tokenizer, real, LAYERS, config)
+    pad = tiny.tokenizer.pad_token_id
+    with torch.no_grad():
+        expected = alignment_loss(base, real, LAYERS, start, 2.0, pad)
+        zero = alignment_loss(base, real, LAYERS, {k: torch.zeros(64) for k in LAYERS}, 2.0, pad)
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5) and losses[0] < float(zero)
+
+
 def test_factor_penalty_covers_both_factors_in_rahf_and_pref(tiny) -> None:
     down, up = torch.full((2, 64), 0.5), torch.full((64, 2), -0.25)
     assert float(factor_penalty({1: (down, up)})) == pytest.approx(2 * 64 * 0.25 + 64 * 2 * 0.0625)
