@@ -345,9 +345,12 @@ def _stack_low_rank(
         raise PlanError(f"{len(row_low_rank)} low-rank entries for {batch} rows")
     ranks: dict[int, int] = {}
     for i, terms in enumerate(row_low_rank):
+        if terms:
+            try:  # the rules RowSteering and profiles follow (shapes, an offset at every term's layer)
+                check_terms(row_offsets[i] or {}, terms, hidden_size=hidden, who=f"row {i}")
+            except ProfileError as exc:
+                raise PlanError(str(exc)) from None
         for layer, (down, _) in (terms or {}).items():
-            if layer not in (row_offsets[i] or {}):
-                raise PlanError(f"row {i} has a low-rank term at layer {layer} but no offset there")
             ranks[layer] = max(ranks.get(layer, 0), down.shape[0])
     stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer, rank in sorted(ranks.items()):

@@ -105,11 +105,12 @@ def check_terms(
     """The rules steering terms must follow to steer a model of `hidden_size` and `num_layers` decoder
     layers (None: any count): offsets of shape (hidden_size,) at layers 0..num_layers-1, low-rank terms
     ``(down (R, hidden), up (hidden, R))`` only where there is an offset. Profiles (their own offsets,
-    and against a model's fingerprint) and `hooks.RowSteering` (a request's combination, against the
-    loaded model) are checked here and nowhere else. Raises `ProfileShapeError` (size),
-    `ProfileLayerError` (layer index) or `ProfileFormatError` (low-rank term); `hint` ends the first two."""
+    and against a model's fingerprint), `hooks.RowSteering` (a request's combination, against the
+    loaded model) and the low-rank rows of `hooks.build_plan` are checked here and nowhere else.
+    Raises `ProfileShapeError` (size), `ProfileLayerError` (layer index) or `ProfileFormatError`
+    (low-rank term); `hint` ends the first two."""
     sizes = sorted({tuple(t.shape) for t in offsets.values()})
-    if sizes != [(hidden_size,)]:
+    if offsets and sizes != [(hidden_size,)]:
         found = ", ".join("x".join(map(str, size)) or "scalar" for size in sizes)
         raise ProfileShapeError(
             f"{who} has offsets of size {found}, but the loaded model's hidden size is {hidden_size}{hint}"

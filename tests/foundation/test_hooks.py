@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from steering_vectors import PlanError, Profile, Steerer, build_plan, combine_offsets, positions_from_attention_mask
 from steering_vectors.hooks import SteeringPlan
-from tests.conftest import TINY_HIDDEN, TINY_LAYERS, make_tiny_llama
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS
 
 
 def _profile(name: str, layers: list[int], seed: int) -> Profile:
@@ -271,25 +273,53 @@ def test_low_rank_plans_refuse_a_term_without_an_offset():
 # -- devices, the one apply function, validated rows ------------------------------------------------
 
 
+class _Stack(nn.Module):
+    """The smallest model the steerer takes: `model.layers` of linears and a config with hidden_size (no
+    transformers code, so it runs on any device, 'meta' included)."""
+
+    def __init__(self, layers: int = TINY_LAYERS, hidden: int = TINY_HIDDEN) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        self.config = SimpleNamespace(hidden_size=hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.model.layers:
+            x = layer(x)
+        return x
+
+
 def test_plans_follow_the_hidden_states_device():
     """A plan built on the CPU steers a model on another device (here 'meta', which needs no
     accelerator): the hook moves the plan to the hidden states' device once and keeps the copy."""
-    model = make_tiny_llama().to("meta")
+    model = _Stack().to("meta")
     steerer = Steerer.attach(model)
     lr = _low_rank_profile("lr", [1, 2], rank=2, seed=3)
     plan = build_plan([dict(lr.offsets), None], row_low_rank=[dict(lr.low_rank), None],
                       modes=["all", "all"], positions=torch.tensor([[0, 1, 2], [-1, 0, 1]]))
     assert plan.device == torch.device("cpu") and plan.mask is not None
-    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
-    with steerer.steering(plan):
-        hidden = model.model(input_ids=ids).last_hidden_state  # raised "not on the expected device" before
-    assert hidden.device.type == "meta"
+    with steerer.steering(plan):  # raised "Tensor on device cpu is not on the expected device meta" before
+        hidden = model(torch.zeros(2, 3, TINY_HIDDEN, device="meta"))
+    assert hidden.device.type == "meta" and hidden.shape == (2, 3, TINY_HIDDEN)
     moved = plan.to("meta")
     assert moved is plan.to(torch.device("meta"))  # made once per device, reused by every layer and step
     assert {t.device.type for t in moved.offsets.values()} == {"meta"}
     assert moved.mask.device.type == "meta"
     assert {t.device.type for pair in moved.low_rank.values() for t in pair} == {"meta"}
     assert plan.to("cpu") is plan
+
+    # on the CPU the same stand-in model gets exactly h + offset at the steered layers
+    cpu = _Stack()
+    x = torch.randn(2, 3, TINY_HIDDEN, generator=torch.Generator().manual_seed(0))
+    only_offsets = build_plan([dict(lr.offsets), None])
+    with Steerer.attach(cpu).steering(only_offsets):
+        steered = cpu(x)
+    h = cpu.model.layers[0](x)
+    h = cpu.model.layers[1](h)
+    h = h + torch.stack([lr.offsets[1], torch.zeros(TINY_HIDDEN)]).unsqueeze(1)
+    h = cpu.model.layers[2](h)
+    h = h + torch.stack([lr.offsets[2], torch.zeros(TINY_HIDDEN)]).unsqueeze(1)
+    assert torch.equal(steered, cpu.model.layers[3](h))
 
 
 def test_apply_plan_is_exactly_what_the_hook_adds(tiny_model, steerer):

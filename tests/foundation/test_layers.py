@@ -18,7 +18,8 @@ ARCHITECTURES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8)),
-    "phi": ("PhiConfig", "PhiForCausalLM", dict(COMMON, intermediate_size=64)),
+    # pad_token_id given: transformers 5.0.0's PhiConfig has no default for it, and PhiModel reads it
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(COMMON, intermediate_size=64, pad_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64)),
 }
 
