@@ -344,7 +344,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from .pipeline_cli import _check_layers, _command_line, _setup
 
     _setup(args)
-    bf16 = resolve_bf16(args.bf16)
+    bf16 = resolve_bf16(args.bf16, args.device)
     check_model(args.model)
     data_file = resolve_split(args.data, "train")
     base = RunConfig.from_args(args, data_file, bf16)
@@ -358,7 +358,7 @@ def run_compare(args: argparse.Namespace) -> int:
             raise SystemExit(f"rahf compare: error: unknown rows {unknown}; choose from {[r.key for r in rows]}")
         rows = [r for r in rows if r.key in wanted]
     dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=0)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     _check_layers(list(base.layers), loaded.model)
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
     comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, _command_line())

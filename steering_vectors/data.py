@@ -296,6 +296,12 @@ class Batch:
     def prompt_lengths(self) -> list[int]:
         return [int(i) for i in self.response_mask.float().argmax(dim=1)]
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on `device` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
 
 def pad_id(tokenizer: Any) -> int:
     """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token."""

@@ -46,11 +46,16 @@ def cpu_has_bf16_units() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_bf16(mode: str) -> bool:
-    """'on', 'off' or 'auto' (bf16 autocast where the CPU has bf16 units) -> whether to use it."""
+def resolve_bf16(mode: str, device: str = "cpu") -> bool:
+    """'on', 'off' or 'auto' -> whether to use bf16 autocast. auto: where the CPU has bf16 units, or on a
+    CUDA device that supports bf16."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"bf16 mode {mode!r} is not auto, on or off")
-    return cpu_has_bf16_units() if mode == "auto" else mode == "on"
+    if mode != "auto":
+        return mode == "on"
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return cpu_has_bf16_units()
 
 
 def digest(value: Any) -> str:

@@ -191,6 +191,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="stage folders and checkpoints (default: <cache>/runs)"
     )
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -231,6 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--response-tokens", type=_count, default=256, help="reply tokens scored per reply")
     ev.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast")
     ev.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
+    ev.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     ev.add_argument("--threads", type=_count, default=None)
     ev.set_defaults(handler=run_eval)
 
@@ -251,7 +253,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     _setup(args)
     started = time.perf_counter()
-    bf16 = resolve_bf16(args.bf16)
+    bf16 = resolve_bf16(args.bf16, args.device)
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
     log.info("stage folders under %s (a rerun resumes from them); bf16 autocast %s", stages.root, bf16)
 
@@ -266,7 +268,7 @@ def run_train(args: argparse.Namespace) -> int:
         data_file, max_pairs=config.max_pairs, calib_pairs=config.calib_pairs, held_out=config.held_out,
         seed=config.seed,
     )
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     _check_layers(args.layers, loaded.model)
     run = Run(config, loaded, stages, command=_command_line())
     log.info(
@@ -342,12 +344,13 @@ def run_eval(args: argparse.Namespace) -> int:
     check_model(args.model)
     unchecked = [Profile.load(p) for p in args.profiles]  # unreadable files and bad data fail before the model loads
     all_pairs = load_pairs(resolve_split(args.data, args.split))
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     profiles = [profile.validate_for(loaded.fingerprint) for profile in unchecked]
     pairs = sample_pairs(all_pairs, args.max_pairs, seed=args.seed)
     budget = TokenBudget(args.prompt_tokens, args.response_tokens)
+    bf16 = resolve_bf16(args.bf16, args.device)
     results = evaluate_profiles(
-        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=resolve_bf16(args.bf16),
+        loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=bf16,
         prompts=GENERATION_PROMPTS[: args.gen_prompts],
     )
     results["command"] = _command_line()

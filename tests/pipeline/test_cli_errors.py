@@ -77,6 +77,27 @@ def test_layers_beyond_the_model_are_refused_before_training(good_data, tiny_mod
     assert not list(work.glob("*/fit.ckpt")) and not (tmp_path / "out").exists()
 
 
+def test_train_on_a_device_this_torch_lacks_is_one_line(good_data, tiny_model_dir, tmp_path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be shown here")
+    code, last = run(train(good_data, tmp_path / "out", "--device", "cuda", model=tiny_model_dir), capsys)
+    assert code == 2 and last.startswith("rahf train: error: ") and "cuda" in last.lower()
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_auto_follows_the_hardware(monkeypatch) -> None:
+    import steering_vectors.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_has_bf16_units", lambda: True)
+    assert pipeline.resolve_bf16("auto") and not pipeline.resolve_bf16("off")
+    monkeypatch.setattr(pipeline, "cpu_has_bf16_units", lambda: False)
+    assert not pipeline.resolve_bf16("auto") and pipeline.resolve_bf16("on")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        pipeline.resolve_bf16("maybe")
+
+
 def test_too_few_prompts_to_hold_out_calibration_pairs_is_one_line(tmp_path, capsys) -> None:
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
