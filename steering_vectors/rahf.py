@@ -597,7 +597,7 @@ def likelihood_gap(
             for pair in pairs
             for reply in (pair.chosen, pair.rejected)
         ]
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), desc=f"step-1 gap ({side})", leave=False):
             batch = collate(examples[start : start + batch_size], pad)
             with torch.no_grad(), autocast(bf16, model), _adapter(model, adapter):
                 scores[side] += [float(x) for x in sequence_logprobs(model, batch)]
