@@ -26,8 +26,9 @@ from .backends.base import Backend
 from .config import Settings
 from .metrics import Metrics
 from .middleware import RequestMiddleware
+from .openapi import build_openapi
 from .registry import ProfileRegistry
-from .routes import chat, completions, health, models, profiles
+from .routes import chat, completions, docs, health, models, profiles
 from .serving import Serving
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,25 @@ def create_app(
     app = FastAPI(
         title="RAHF steering server",
         version="0.1.0",
+        description="OpenAI-compatible chat and completions with per-request steering profiles.",
         lifespan=lifespan,
+        # served by routes/docs.py behind the API key, from build_openapi
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        serving = app.state.serving
+        vocab = len(serving.tokenizer) if serving is not None else None
+        schema = build_openapi(app, settings, vocab=vocab)
+        if serving is not None:  # complete once the model is loaded: keep it
+            app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.keys = KeyRing.from_lists(api_keys, admin_keys)
@@ -113,7 +131,7 @@ def create_app(
     app.state.backend = None
     app.state.draining = False
     errors.install(app)
-    for module in (chat, completions, models, profiles, health):
+    for module in (chat, completions, models, profiles, health, docs):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes,

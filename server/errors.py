@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from steering_vectors.errors import (
     ModelNotFoundError,
@@ -92,7 +93,8 @@ def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(exc, ProfileError):
         return APIError(400, str(exc), param=param, code="invalid_profile")
     if isinstance(exc, ModelNotFoundError):
-        return APIError(503, str(exc), type="service_unavailable", code="model_not_loaded")
+        return APIError(503, str(exc), type="service_unavailable", code="model_not_loaded",
+                        headers={"Retry-After": "5"})
     if isinstance(exc, PlanError):
         return APIError(400, str(exc), param=param or "steering", code="invalid_steering")
     if isinstance(exc, SteeringError):
@@ -150,6 +152,20 @@ _STATUS_TYPES = {
 }
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers at this request's path (every route, not only the first that matched
+    the path, which is all Starlette's own 405 names), plus OPTIONS."""
+    methods: set[str] = set()
+    from .routes import served_routes
+
+    for route in served_routes(request.app):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m)) + ["OPTIONS"]
+
+
 def install(app: FastAPI) -> None:
     """Register handlers so every error leaves the app as an envelope."""
 
@@ -163,13 +179,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            allow = ", ".join(allowed_methods(request))
+            if request.method == "OPTIONS":  # what this resource supports, not an error
+                return Response(status_code=204, headers={"Allow": allow})
+            headers["Allow"] = allow
         kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
         message = str(exc.detail) if exc.detail else "error"
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return JSONResponse(
-            envelope(message, kind, None, None), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return JSONResponse(envelope(message, kind, None, None), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(SteeringError)
     async def _library(request: Request, exc: SteeringError) -> JSONResponse:

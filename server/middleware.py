@@ -24,6 +24,9 @@ from .metrics import Metrics
 log = logging.getLogger("server.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# metric labels take the methods HTTP defines; anything else a client sends counts as "other", so
+# that made-up methods cannot grow the metrics without bound
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class RequestMiddleware:
@@ -85,7 +88,8 @@ class RequestMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(route=label, method=method, status=str(state["status"])).inc()
+            method_label = method if method in _METHODS else "other"
+            self.metrics.requests.labels(route=label, method=method_label, status=str(state["status"])).inc()
             self.metrics.latency.labels(route=label).observe(elapsed)
             log.info("%s %s %s %.3fs", method, path, state["status"], elapsed,
                      extra={"method": method, "path": path, "status": state["status"],

@@ -14,9 +14,9 @@ JSON) is refused before it reaches the tokeniser.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .backends.base import SamplingParams
 
@@ -38,6 +38,17 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "store": (None, False),
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: `2.0` is the integer 2 (as JSON Schema's `integer` says); `2.5` stays a
+    float and is refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
@@ -119,9 +130,9 @@ class _GenerationRequest(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Stop = None
-    n: int = Field(1, ge=1)
+    n: Int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -192,10 +203,10 @@ class _GenerationRequest(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -214,15 +225,15 @@ class ChatCompletionRequest(_GenerationRequest):
         )
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = str | list[str] | list[Int] | list[list[Int]]
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: Int | None = Field(16, ge=0)
+    logprobs: Int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: Int | None = Field(None, ge=1, le=1)
     suffix: None = None
 
     @field_validator("prompt")

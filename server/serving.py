@@ -305,7 +305,11 @@ class Serving:
                 self.metrics.profile_requests.labels(profile=name).inc()
         return steering
 
-    def _max_new_tokens(self, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+    def _max_new_tokens(
+        self, prompt_len: int, requested: int | None, param: str, prompt_param: str, default: int | None = None
+    ) -> int:
+        """`requested`, checked against the limit and the context window; None: `default` (the server's
+        default_max_tokens when None), cut to the limit and to what the context window leaves."""
         context = self.engine.max_context
         if prompt_len >= context:
             raise bad_request(
@@ -314,7 +318,8 @@ class Serving:
                 code="context_length_exceeded",
             )
         if requested is None:
-            return min(self.settings.default_max_tokens, self.settings.max_tokens_limit, context - prompt_len)
+            wanted = self.settings.default_max_tokens if default is None else default
+            return min(wanted, self.settings.max_tokens_limit, context - prompt_len)
         if requested > self.settings.max_tokens_limit:
             limit = self.settings.max_tokens_limit
             raise bad_request(f"{param} {requested} exceeds this server's limit of {limit}", param)
@@ -391,7 +396,10 @@ class Serving:
                 ids, text = list(prompt), self.tokenizer.decode(prompt)
             if not ids:
                 raise bad_request("the prompt is empty after tokenisation", "prompt")
-            max_new = self._max_new_tokens(len(ids), request.max_tokens, "max_tokens", "prompt")
+            # an absent max_tokens is the OpenAI default of 16, within this server's limit and the context
+            requested = request.max_tokens if "max_tokens" in request.model_fields_set else None
+            max_new = self._max_new_tokens(len(ids), requested, "max_tokens", "prompt",
+                                           default=CompletionRequest.model_fields["max_tokens"].default)
             prompt_tokens += len(ids)
             for i in range(request.n):
                 requests.append(

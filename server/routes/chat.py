@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from ..auth import require_api_key
+from ..openapi import CHAT_CHUNK, CHAT_COMPLETION, generation_ok, responses
 from ..protocol import ChatCompletionRequest
 from .deps import ServingDep
 from .sse import event_stream
@@ -13,7 +14,10 @@ from .sse import event_stream
 router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses=responses(400, 401, 404, 413, 429, 503, ok={200: generation_ok(CHAT_COMPLETION, CHAT_CHUNK)}),
+)
 async def chat_completions(body: ChatCompletionRequest, serving: ServingDep) -> Response:
     prepared = serving.prepare_chat(body)
     headers = {"X-Steering": prepared.steering_header}

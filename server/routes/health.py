@@ -5,20 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..errors import envelope
 from ..metrics import CONTENT_TYPE
+from ..openapi import HEALTHY, METRICS_OK, READY, json_ok, responses
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={200: json_ok(HEALTHY)})
 async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=responses(503, ok={200: json_ok(READY)}))
 async def readyz(request: Request) -> Response:
     state = request.app.state
     serving = getattr(state, "serving", None)
@@ -38,6 +39,6 @@ async def readyz(request: Request) -> Response:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: METRICS_OK})
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 
 from ..auth import require_api_key
 from ..errors import not_found
+from ..openapi import MODEL, MODEL_LIST, json_ok, responses
 from .deps import ServingDep
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -24,12 +25,12 @@ def _entries(serving: ServingDep) -> list[dict[str, Any]]:
     return entries
 
 
-@router.get("/models")
+@router.get("/models", responses=responses(401, 503, ok={200: json_ok(MODEL_LIST)}))
 async def list_models(serving: ServingDep) -> dict[str, Any]:
     return {"object": "list", "data": _entries(serving)}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=responses(401, 404, 503, ok={200: json_ok(MODEL)}))
 async def get_model(model_id: str, serving: ServingDep) -> dict[str, Any]:
     for entry in _entries(serving):
         if entry["id"] == model_id:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,14 +15,30 @@ from steering_vectors.profile import Profile, validate_name
 
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, not_found, to_api_error
+from ..openapi import PROFILE, PROFILE_DELETED, PROFILE_LIST, RELOADED, UPLOAD_BODY, json_ok, responses
 from ..registry import ProfileNotFoundError
 from .deps import RegistryDep
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"], dependencies=[Depends(require_api_key)])
 
 
 def describe(profile: Profile) -> dict[str, Any]:
     return {"id": profile.name, "object": "profile", **profile.summary()}
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def store_error(exc: OSError, doing: str) -> APIError:
+    """An I/O failure of the profile store as an error that names no path (the log has the details)."""
+    log.error("profile store: cannot %s: %s", doing, exc)
+    if exc.errno in _NO_SPACE:
+        return APIError(507, f"the profile store is out of space: cannot {doing}; the stored profiles are unchanged",
+                        type="server_error", code="insufficient_storage")
+    return APIError(500, f"the profile store failed: cannot {doing} (see the server log)", type="server_error",
+                    code="profile_store_error")
 
 
 def _name(name: str) -> str:
@@ -30,7 +48,7 @@ def _name(name: str) -> str:
         raise bad_request(str(exc), "name", code="invalid_profile_name") from None
 
 
-@router.get("")
+@router.get("", responses=responses(401, 503, ok={200: json_ok(PROFILE_LIST)}))
 async def list_profiles(registry: RegistryDep) -> dict[str, Any]:
     profiles = registry.snapshot()
     return {
@@ -40,7 +58,7 @@ async def list_profiles(registry: RegistryDep) -> dict[str, Any]:
     }
 
 
-@router.get("/{name}")
+@router.get("/{name}", responses=responses(400, 401, 404, 503, ok={200: json_ok(PROFILE)}))
 async def get_profile(name: str, registry: RegistryDep) -> dict[str, Any]:
     try:
         return describe(registry.get(_name(name)))
@@ -51,15 +69,23 @@ async def get_profile(name: str, registry: RegistryDep) -> dict[str, Any]:
 async def _upload_bytes(request: Request) -> bytes:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        for value in form.values():
-            if hasattr(value, "read"):
-                return await value.read()
+        try:
+            async with request.form(max_files=1, max_fields=16) as form:
+                for value in form.values():
+                    if hasattr(value, "read"):
+                        return await value.read()
+        except OSError as exc:  # the form's file part is spooled to a temporary file beyond 1 MiB
+            raise store_error(exc, "receive the upload") from None
         raise bad_request("the form has no file part", "file", code="missing_required_parameter")
     return await request.body()
 
 
-@router.put("/{name}")
+@router.put(
+    "/{name}",
+    responses=responses(400, 401, 403, 413, 422, 500, 503, 507, ok={
+        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}),
+    openapi_extra={"requestBody": UPLOAD_BODY},
+)
 async def put_profile(name: str, request: Request, registry: RegistryDep, _: AdminKey) -> JSONResponse:
     name = _name(name)
     data = await _upload_bytes(request)
@@ -70,23 +96,27 @@ async def put_profile(name: str, request: Request, registry: RegistryDep, _: Adm
         profile, created = await run_in_threadpool(registry.put, name, data)
     except ProfileError as exc:
         raise to_api_error(exc, param="body") from None
+    except OSError as exc:
+        raise store_error(exc, f"store profile {name!r}") from None
     return JSONResponse(describe(profile), status_code=201 if created else 200)
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", responses=responses(400, 401, 403, 404, 500, 503, ok={200: json_ok(PROFILE_DELETED)}))
 async def delete_profile(name: str, registry: RegistryDep, _: AdminKey) -> dict[str, Any]:
     try:
         await run_in_threadpool(registry.delete, _name(name))
     except ProfileNotFoundError as exc:
         raise not_found(str(exc), "name", code="profile_not_found") from None
+    except OSError as exc:
+        raise store_error(exc, f"delete profile {name!r}") from None
     return {"id": name, "object": "profile", "deleted": True}
 
 
-@router.post("/-/reload", include_in_schema=True)
+@router.post("/-/reload", responses=responses(401, 403, 500, 503, ok={200: json_ok(RELOADED)}))
 async def reload_profiles(registry: RegistryDep, _: AdminKey) -> dict[str, Any]:
     """Re-read the profile directory (files changed by hand or by another process)."""
     try:
         skipped = await run_in_threadpool(registry.load_directory)
     except OSError as exc:
-        raise APIError(500, f"cannot read the profile directory: {exc}", type="server_error") from None
+        raise store_error(exc, "read the profile directory") from None
     return {"object": "list", "data": registry.names(), "skipped": [s.path for s in skipped]}

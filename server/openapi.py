@@ -1,0 +1,516 @@
+"""The API description served at `/openapi.json`: what the server really answers and really accepts.
+
+FastAPI generates the skeleton from the routes and the request models; this module makes it true:
+
+- every operation lists the statuses it answers (the routes declare them with `responses(...)`), each
+  error with the OpenAI envelope's schema, and never FastAPI's default 422 validation error (request
+  validation errors are 400s here);
+- request schemas carry what the server checks beyond the models' types: the settings' bounds (`n`,
+  `max_tokens`, strengths, token ids, prompts per request), profile-name patterns, messages that need
+  `content`, and the OpenAI parameters accepted only at their "nothing" value;
+- the profile upload body (raw bytes or a multipart file part), server-sent-event streams and the
+  Prometheus text of `/metrics` have their media types;
+- `security` is declared on exactly the operations that need a key under the running settings.
+
+Built per app from its settings (and, once the model is loaded, its vocabulary size); cached once the
+server is ready. Knows nothing about how requests are served.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from fastapi.openapi.utils import get_openapi
+
+from .auth import require_admin_key, require_api_key
+from .protocol import SEED_RANGE
+from .routes import served_routes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
+
+    from .config import Settings
+
+# profile names: 1-64 letters, digits, `_ . -`, starting with a letter or digit, no `..` (written without
+# look-ahead so that every regex engine, and schema-driven generators, read it the same way)
+PROFILE_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_\-]|\.[A-Za-z0-9_\-])*\.?$"
+PROFILE_NAME_MAX = 64
+
+ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "description": "The OpenAI error envelope.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"], "description": "the request field the error is about"},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_HEADER_STRING = {"schema": {"type": "string"}}
+_ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
+    400: ("Invalid request: a parameter (named in `param`) is invalid or unsupported, the body is empty or not "
+          "JSON, the prompt does not fit the context window (`code: context_length_exceeded`), or the upload "
+          "is not a profile file", {}),
+    401: ("Missing or invalid API key", {"WWW-Authenticate": {**_HEADER_STRING, "required": True}}),
+    403: ("The key is valid but the operation needs an admin key", {}),
+    404: ("Unknown model, profile or resource", {}),
+    413: ("The request body is larger than this server accepts", {}),
+    422: ("The uploaded profile was made for another model (hidden size, layers or weights)", {}),
+    429: ("The engine's queue is full; retry after `Retry-After` seconds",
+          {"Retry-After": {**_HEADER_STRING, "required": True}}),
+    500: ("The profile store could not be read or written (details in the server log)", {}),
+    503: ("The server is starting or shutting down; retry after `Retry-After` seconds",
+          {"Retry-After": {**_HEADER_STRING, "required": True}}),
+    507: ("The profile store is out of space; the stored profile is unchanged", {}),
+}
+
+
+def responses(*statuses: int, ok: dict[int | str, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: its success responses (`ok`) and the error statuses it answers."""
+    documented: dict[int | str, dict[str, Any]] = dict(ok or {})
+    for status in statuses:
+        description, headers = _ERRORS[status]
+        entry: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR}}}
+        if headers:
+            entry["headers"] = copy.deepcopy(headers)
+        documented[status] = entry
+    return documented
+
+
+def json_ok(schema: dict[str, Any], description: str = "OK", **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
+
+
+# -- response bodies ---------------------------------------------------------------------------------
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+_STEERING_APPLIED = {
+    "type": ["object", "null"],
+    "description": "the steering applied (null: none)",
+    "required": ["profiles", "position"],
+    "properties": {
+        "profiles": {
+            "type": "array",
+            "items": {"type": "object", "required": ["profile", "strength"],
+                      "properties": {"profile": {"type": "string"}, "strength": {"type": "number"}}},
+        },
+        "position": {"type": "string", "enum": ["all", "generated"]},
+    },
+}
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {k: {"type": "integer", "minimum": 0}
+                   for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+_FINISH = {"type": "string", "enum": ["stop", "length"]}
+_TOP_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"],
+                "properties": {"token": {"type": "string"}, "logprob": {"type": "number"},
+                               "bytes": {"type": "array", "items": {"type": "integer"}}}}
+_CHAT_LOGPROBS = {
+    "type": ["object", "null"],
+    "required": ["content"],
+    "properties": {"content": {"type": "array", "items": {
+        **_TOP_LOGPROB, "required": ["token", "logprob", "bytes", "top_logprobs"],
+        "properties": {**_TOP_LOGPROB["properties"], "top_logprobs": {"type": "array", "items": _TOP_LOGPROB}},
+    }}},
+}
+CHAT_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage", "steering"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {
+            "type": "object",
+            "required": ["index", "message", "logprobs", "finish_reason"],
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "message": {"type": "object", "required": ["role", "content"],
+                            "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+                "logprobs": _CHAT_LOGPROBS,
+                "finish_reason": _FINISH,
+            },
+        }},
+        "usage": _USAGE,
+        "steering": _STEERING_APPLIED,
+    },
+}
+_LEGACY_LOGPROBS = {
+    "type": ["object", "null"],
+    "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {
+        "tokens": {"type": "array", "items": {"type": "string"}},
+        "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+        "top_logprobs": {"type": "array", "items": {"type": ["object", "null"],
+                                                     "additionalProperties": {"type": "number"}}},
+        "text_offset": {"type": "array", "items": {"type": "integer"}},
+    },
+}
+COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage", "steering"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "text_completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {
+            "type": "object",
+            "required": ["index", "text", "logprobs", "finish_reason"],
+            "properties": {"index": {"type": "integer", "minimum": 0}, "text": {"type": "string"},
+                           "logprobs": _LEGACY_LOGPROBS, "finish_reason": _FINISH},
+        }},
+        "usage": _USAGE,
+        "steering": _STEERING_APPLIED,
+    },
+}
+CHAT_CHUNK = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["index", "delta", "finish_reason"],
+            "properties": {"index": {"type": "integer"}, "logprobs": _CHAT_LOGPROBS,
+                           "delta": {"type": "object", "properties": {"role": {"const": "assistant"},
+                                                                      "content": {"type": "string"}}},
+                           "finish_reason": {"anyOf": [_FINISH, {"type": "null"}]}},
+        }},
+        "usage": {"anyOf": [_USAGE, {"type": "null"}]},
+        "steering": _STEERING_APPLIED,
+    },
+}
+COMPLETION_CHUNK = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {"type": "array", "items": {
+            "type": "object", "required": ["index", "text", "logprobs", "finish_reason"],
+            "properties": {"index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": _LEGACY_LOGPROBS,
+                           "finish_reason": {"anyOf": [_FINISH, {"type": "null"}]}},
+        }},
+        "usage": {"anyOf": [_USAGE, {"type": "null"}]},
+        "steering": _STEERING_APPLIED,
+    },
+}
+
+
+def event_stream(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A server-sent-event stream, described (as Open API 3.1 does for sequential media types) by the
+    schema of one event: its `data` is a chunk's JSON, an error envelope if generation fails midway, or
+    the final `[DONE]`."""
+    return {"schema": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {"anyOf": [
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [chunk, ERROR]},
+                 "description": "a chunk, or an error envelope when the generation fails midway"},
+                {"const": "[DONE]", "description": "the last event"},
+            ]},
+        },
+    }}
+
+
+def generation_ok(schema: dict[str, Any], chunk: dict[str, Any]) -> dict[str, Any]:
+    """The 200 of the generation routes: JSON, or server-sent events when `stream` is true."""
+    return {
+        "description": "the result, or its chunks as server-sent events when `stream` is true",
+        "headers": {"X-Steering": {"schema": {"type": "string"}, "required": True,
+                                   "description": "the steering applied: `name=strength,...;position=mode` or "
+                                                  "`none`"}},
+        "content": {"application/json": {"schema": schema}, "text/event-stream": event_stream(chunk)},
+    }
+
+
+MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by", "root", "parent"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                   "owned_by": {"type": "string"}, "root": {"type": "string"}, "parent": _NULLABLE_STR,
+                   "profile": {"type": "string"}},
+}
+MODEL_LIST = {"type": "object", "required": ["object", "data"],
+              "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL}}}
+PROFILE = {
+    "type": "object",
+    "required": ["id", "object", "name", "layers", "hidden_size", "default_strength", "position_mode",
+                 "offset_norms", "low_rank"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "profile"},
+        "name": {"type": "string"},
+        "description": {"type": ["string", "null"]},
+        "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "hidden_size": {"type": "integer"},
+        "default_strength": {"type": "number"},
+        "position_mode": {"enum": ["all", "generated"]},
+        "offset_norms": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+        "low_rank": {"type": "object", "additionalProperties": {"type": "integer"},
+                     "description": "the rank of the low-rank term at each layer that has one"},
+    },
+}
+PROFILE_LIST = {
+    "type": "object",
+    "required": ["object", "data", "skipped"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": PROFILE},
+        "skipped": {"type": "array", "items": {"type": "object", "required": ["path", "reason"],
+                                               "properties": {"path": {"type": "string"},
+                                                              "reason": {"type": "string"}}}},
+    },
+}
+PROFILE_DELETED = {"type": "object", "required": ["id", "object", "deleted"],
+                   "properties": {"id": {"type": "string"}, "object": {"const": "profile"},
+                                  "deleted": {"const": True}}}
+RELOADED = {"type": "object", "required": ["object", "data", "skipped"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "string"}},
+                           "skipped": {"type": "array", "items": {"type": "string"}}}}
+HEALTHY = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+METRICS_OK = {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
+READY = {
+    "type": "object",
+    "required": ["status", "model", "profiles", "skipped_profiles", "engine", "backend"],
+    "properties": {"status": {"const": "ready"}, "model": {"type": "string"},
+                   "profiles": {"type": "array", "items": {"type": "string"}},
+                   "skipped_profiles": {"type": "array", "items": {"type": "string"}},
+                   "engine": {"type": "object", "additionalProperties": {"type": "integer"}},
+                   "backend": {"type": ["string", "null"]}},
+}
+UPLOAD_BODY = {
+    "required": True,
+    "description": "a profile file (`.safetensors`) or a GGUF control vector: the raw bytes, or one file part "
+                   "of a multipart form",
+    "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                       "properties": {"file": {"type": "string", "format": "binary", "minLength": 1}}},
+        },
+    },
+}
+PROFILE_NAME_PARAM = {
+    "description": "1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit, no `..`",
+}
+
+
+# -- request bodies ----------------------------------------------------------------------------------
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+# OpenAI parameters this server does not implement, accepted only at the value that asks for nothing
+# (protocol._UNSUPPORTED_AT_DEFAULT); a test checks that the two lists agree
+_AT_NOTHING: dict[str, dict[str, Any]] = {
+    "tools": {"type": ["array", "null"], "maxItems": 0},
+    "tool_choice": {"enum": ["none", None]},
+    "functions": {"type": ["array", "null"], "maxItems": 0},
+    "function_call": {"enum": ["none", None]},
+    "parallel_tool_calls": {"type": "null"},
+    "response_format": _nullable({"type": "object", "required": ["type"], "additionalProperties": False,
+                                  "properties": {"type": {"const": "text"}}}),
+    "logit_bias": {"type": ["object", "null"], "maxProperties": 0},
+    "metadata": {"type": ["object", "null"], "maxProperties": 0},
+    "store": {"enum": [False, None]},
+}
+
+
+def _steering_entry(settings: Settings) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "a profile and its strength; `position` overrides the profile's token-position mode",
+        "required": ["profile"],
+        "additionalProperties": False,
+        "properties": {
+            "profile": {"type": "string", "pattern": PROFILE_NAME_PATTERN, "maxLength": PROFILE_NAME_MAX},
+            "strength": _nullable({"type": "number", "minimum": settings.strength_min,
+                                   "maximum": settings.strength_max}),
+            "position": {"enum": ["all", "generated", None]},
+        },
+    }
+
+
+def _message() -> dict[str, Any]:
+    content = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}}]}
+    name = {"type": ["string", "null"]}
+    return {
+        "description": "system, developer and user messages need `content`; an assistant message may omit it",
+        "oneOf": [
+            {"type": "object", "required": ["role", "content"], "additionalProperties": False,
+             "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": content, "name": name}},
+            {"type": "object", "required": ["role"], "additionalProperties": False,
+             "properties": {"role": {"const": "assistant"}, "content": {"anyOf": [*content["anyOf"], {"type": "null"}]},
+                            "name": name}},
+        ],
+    }
+
+
+def _common(props: dict[str, Any], settings: Settings) -> None:
+    """The constraints `protocol._GenerationRequest` and the serving layer enforce on both routes."""
+    nullable_bool = {"type": ["boolean", "null"]}
+    props["model"] = {"type": "string", "description": "the base model's id, or `<base>:<profile>[@<strength>]`"}
+    props["n"] = {"type": ["integer", "null"], "minimum": 1, "maximum": settings.max_n}
+    props["stream"] = nullable_bool
+    props["seed"] = {"type": ["integer", "null"], "minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]}
+    for key in ("presence_penalty", "frequency_penalty"):
+        props[key] = {"type": ["number", "null"], "minimum": -2.0, "maximum": 2.0}
+    props["temperature"] = {"type": ["number", "null"], "minimum": 0.0, "maximum": 2.0}
+    props["top_p"] = {"type": ["number", "null"], "exclusiveMinimum": 0.0, "maximum": 1.0}
+    props["stop"] = {"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+        {"type": "null"},
+    ]}
+    entry = {"$ref": "#/components/schemas/SteeringEntry"}
+    props["steering"] = {
+        "description": "the steering extension: one entry or a list (their offsets add up); null: unsteered",
+        "anyOf": [entry, {"type": "array", "items": entry}, {"type": "null"}],
+    }
+    props.update(copy.deepcopy(_AT_NOTHING))
+
+
+def _chat_request(schema: dict[str, Any], settings: Settings) -> None:
+    props = schema["properties"]
+    _common(props, settings)
+    limit = settings.max_tokens_limit
+    props["messages"] = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}
+    for key in ("max_tokens", "max_completion_tokens"):
+        props[key] = {"type": ["integer", "null"], "minimum": 1, "maximum": limit,
+                      "description": "with the prompt, at most the model's context window"}
+    props["logprobs"] = {"type": ["boolean", "null"]}
+    props["top_logprobs"] = {"type": ["integer", "null"], "minimum": 0, "maximum": 20}
+
+
+def _completion_request(schema: dict[str, Any], settings: Settings, vocab: int | None) -> None:
+    props = schema["properties"]
+    _common(props, settings)
+    token = {"type": "integer", "minimum": 0}
+    if vocab is not None:
+        token["maximum"] = vocab - 1
+    ids = {"type": "array", "minItems": 1, "items": token}
+    batch = settings.max_batch_size + settings.max_queue
+    texts = {"type": "array", "minItems": 1, "maxItems": batch, "items": {"type": "string", "minLength": 1}}
+    batches = {"type": "array", "minItems": 1, "maxItems": batch, "items": ids}
+    props["prompt"] = {
+        "description": "a text, texts, token ids or lists of token ids; prompts x `n` at most "
+                       f"{batch} (the engine's rows plus queue)",
+        "anyOf": [{"type": "string", "minLength": 1}, texts, ids, batches],
+    }
+    props["max_tokens"] = {"type": ["integer", "null"], "minimum": 0, "maximum": settings.max_tokens_limit,
+                           "description": "default min(16, the server's limit); with the prompt, at most the "
+                                          "model's context window"}
+    props["logprobs"] = {"type": ["integer", "null"], "minimum": 0, "maximum": 20}
+    props["echo"] = {"type": ["boolean", "null"]}
+    props["best_of"] = {"type": ["integer", "null"], "minimum": 1, "maximum": 1}
+    props["suffix"] = {"type": "null"}
+    # prompts x n must fit the engine: for each n, the number of prompts in a batch is bounded
+    rules = []
+    for n in range(2, settings.max_n + 1):
+        most = batch // n
+        if most >= batch:
+            continue
+        rules.append({
+            "if": {"required": ["n"], "properties": {"n": {"type": "integer", "minimum": n}}},
+            "then": {"properties": {"prompt": {"anyOf": [
+                {"type": "string"}, ids,
+                {"type": "array", "maxItems": most, "items": {"type": ["string", "array"]}},
+            ]}}},
+        })
+    if rules:
+        schema["allOf"] = rules
+
+
+# -- assembling --------------------------------------------------------------------------------------
+
+def _calls(route: APIRoute) -> set[Any]:
+    found: set[Any] = set()
+    stack = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        if dependant.call is not None:
+            found.add(dependant.call)
+        stack.extend(dependant.dependencies)
+    return found
+
+
+def key_requirement(route: APIRoute) -> str | None:
+    """"admin", "api" or None: the key a route's dependencies ask for."""
+    calls = _calls(route)
+    if require_admin_key in calls:
+        return "admin"
+    if require_api_key in calls:
+        return "api"
+    return None
+
+
+def build_openapi(app: FastAPI, settings: Settings, *, vocab: int | None = None) -> dict[str, Any]:
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    api_keys, admin_keys = settings.keys()
+    needs = {"api": bool(api_keys), "admin": bool(api_keys or admin_keys)}
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["ErrorResponse"] = copy.deepcopy(_ERROR_SCHEMA)
+    schemas["SteeringEntry"] = _steering_entry(settings)
+    schemas["ChatMessage"] = _message()
+    _chat_request(schemas["ChatCompletionRequest"], settings)
+    _completion_request(schemas["CompletionRequest"], settings, vocab)
+    if needs["admin"]:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                    "description": "an API key; profile changes need an admin key"}}
+    for path, methods in schema.get("paths", {}).items():
+        for method, operation in methods.items():
+            documented = operation.get("responses", {})
+            if "422" in documented and not _declares(app, path, method, 422):
+                documented.pop("422")  # FastAPI's validation error: this server answers 400 instead
+            route = _route_for(app, path, method)
+            kind = key_requirement(route) if route is not None else None
+            if kind is not None and needs[kind]:
+                operation["security"] = [{"bearer": []}]
+            else:
+                documented.pop("401", None)
+            if kind != "admin" or not api_keys:  # 403: a valid API key that is not an admin key
+                documented.pop("403", None)
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") == "name":
+                    parameter["schema"] = {"type": "string", "pattern": PROFILE_NAME_PATTERN,
+                                           "maxLength": PROFILE_NAME_MAX, "title": "Name"}
+                    parameter.update(PROFILE_NAME_PARAM)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return schema
+
+
+def _route_for(app: FastAPI, path: str, method: str) -> APIRoute | None:
+    for route in served_routes(app):
+        methods: Iterable[str] = getattr(route, "methods", None) or ()
+        if getattr(route, "path_format", None) == path and method.upper() in methods:
+            return route  # type: ignore[return-value]
+    return None
+
+
+def _declares(app: FastAPI, path: str, method: str, status: int) -> bool:
+    route = _route_for(app, path, method)
+    return route is not None and status in (getattr(route, "responses", None) or {})
