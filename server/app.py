@@ -25,7 +25,7 @@ from .backends import create_backend
 from .backends.base import Backend
 from .config import Settings
 from .metrics import Metrics
-from .middleware import RequestMiddleware
+from .middleware import InFlight, RequestMiddleware
 from .openapi import build_openapi
 from .registry import ProfileRegistry
 from .routes import chat, completions, docs, health, models, profiles
@@ -130,12 +130,13 @@ def create_app(
     app.state.serving = None
     app.state.backend = None
     app.state.draining = False
+    app.state.in_flight = InFlight()
     errors.install(app)
     for module in (chat, completions, models, profiles, health, docs):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes,
-        root_path=settings.root_path,
+        root_path=settings.root_path, in_flight=app.state.in_flight,
     )
     if settings.cors_origins:
         app.add_middleware(

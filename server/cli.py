@@ -76,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import logs
     from .app import create_app
-    from .gateway import keep_streams_open_on_shutdown
+    from .gateway import draining_server, keep_streams_open_on_shutdown
 
     try:
         settings = settings_from_args(args)
@@ -86,8 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
     check_device(settings.device)
     logs.configure(settings.log_level, json_lines=settings.log_json)
     keep_streams_open_on_shutdown()  # uvicorn's graceful shutdown, not sse-starlette, decides when streams end
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -95,4 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # 0 = cancel at once, never "forever"
         proxy_headers=True,
     )
+    # SIGTERM: 503 for new requests while those in flight finish, then uvicorn's graceful shutdown
+    draining_server(config, app, settings.shutdown_timeout_s).run()
     return 0

@@ -29,15 +29,26 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
+class InFlight:
+    """HTTP requests being served, and of those the ones that arrived before draining began (what a
+    graceful stop waits for; requests that arrive while draining are answered 503 at once)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.before_drain = 0
+
+
 class RequestMiddleware:
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, max_body: int, max_upload: int, root_path: str = ""
+        self, app: ASGIApp, *, metrics: Metrics, max_body: int, max_upload: int, root_path: str = "",
+        in_flight: InFlight | None = None,
     ) -> None:
         self.app = app
         self.root_path = root_path
         self.metrics = metrics
         self.max_body = max_body
         self.max_upload = max_upload
+        self.in_flight = in_flight or InFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +66,10 @@ class RequestMiddleware:
         limit = self.max_upload if method == "PUT" and "/v1/profiles/" in path else self.max_body
         started = time.perf_counter()
         state: dict[str, Any] = {"status": 500, "sent": False}
+        app_state = getattr(scope.get("app"), "state", None)
+        counted = not getattr(app_state, "draining", False)
+        self.in_flight.total += 1
+        self.in_flight.before_drain += counted
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -85,6 +100,8 @@ class RequestMiddleware:
                 raise
             await _reject(send_with_id, exc.status_code, str(exc.detail))
         finally:
+            self.in_flight.total -= 1
+            self.in_flight.before_drain -= counted
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from steering_vectors.profile import ModelFingerprint, Profile, atomic_write, va
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+# what steering_vectors.profile.atomic_write leaves behind when the process dies mid-write: removed at the
+# next load once older than this (a write in progress, by this or another process, takes milliseconds)
+STALE_TEMP_S = 600.0
 
 
 class ProfileNotFoundError(KeyError):
@@ -37,7 +41,7 @@ class ProfileNotFoundError(KeyError):
 
 @dataclass(frozen=True)
 class SkippedFile:
-    path: str
+    path: str  # the file's name in the profile directory (API answers carry no server paths)
     reason: str
 
 
@@ -86,16 +90,22 @@ class ProfileRegistry:
                 log.warning("profile directory %s does not exist: creating it empty", self.directory)
             self.directory.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.directory.iterdir()):
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    self._remove_stale(path)
+                    continue
                 if path.name.startswith(".") or path.suffix not in (SUFFIX, ".gguf") or not path.is_file():
                     continue
                 try:
                     name = validate_name(path.stem)
                     if name in profiles:
                         raise ProfileFormatError(f"another file already provides profile {name!r}")
-                    profile = parse_profile(path.read_bytes(), name=name, source=str(path))
+                    profile = parse_profile(path.read_bytes(), name=name, source=path.name)
                     profiles[name] = profile.validate_for(self.fingerprint, check_digest=self.check_digest)
-                except (ProfileError, OSError) as exc:
-                    skipped.append(SkippedFile(str(path), str(exc)))
+                except ProfileError as exc:
+                    skipped.append(SkippedFile(path.name, str(exc)))
+                    log.warning("skipping profile file %s: %s", path, exc)
+                except OSError as exc:
+                    skipped.append(SkippedFile(path.name, f"{path.name}: cannot read it ({exc.strerror})"))
                     log.warning("skipping profile file %s: %s", path, exc)
         with self._lock:
             self._profiles = MappingProxyType(profiles)
@@ -103,6 +113,15 @@ class ProfileRegistry:
             self.loaded = True
         log.info("loaded %d profiles (%d skipped)", len(profiles), len(skipped))
         return skipped
+
+    @staticmethod
+    def _remove_stale(path: Path) -> None:
+        try:
+            if time.time() - path.stat().st_mtime > STALE_TEMP_S:
+                path.unlink()
+                log.info("removed %s, left by an interrupted profile write", path)
+        except OSError:
+            pass
 
     # -- changing -----------------------------------------------------------------------------------
 
