@@ -191,7 +191,8 @@ def install(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return JSONResponse(envelope(message, kind, None, None), status_code=exc.status_code, headers=headers or None)
+        code = "request_too_large" if exc.status_code == 413 else None  # as the middleware's own 413
+        return JSONResponse(envelope(message, kind, None, code), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(SteeringError)
     async def _library(request: Request, exc: SteeringError) -> JSONResponse:
