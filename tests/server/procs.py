@@ -56,7 +56,8 @@ class ServeProcess:
     """`rahf serve --model MODEL_DIR ...` in a child process; `start()` waits until /readyz answers 200."""
 
     def __init__(self, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None,
-                 nice: int = 0, port: int | None = None) -> None:
+                 nice: int = 0, port: int | None = None, preexec_fn=None) -> None:
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. resource limits)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -70,7 +71,8 @@ class ServeProcess:
 
     def start(self, timeout: float = 120) -> ServeProcess:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
