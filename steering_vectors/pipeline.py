@@ -285,6 +285,7 @@ class RunConfig:
     kl: float = 0.0
     l2: float = 1e-3
     fit_init: str = "zeros"
+    fit_down_lr: float = 1e-3
     pref_steps: int = 32
     pref_batch: int = 8
     pref_lr: float = 0.01
@@ -460,7 +461,7 @@ class Run:
         if fit == "rahf":
             config = FitConfig(
                 alpha=c.alpha, steps=c.fit_steps, batch_size=c.fit_batch, lr=c.fit_lr, rank=c.rank, kl=c.kl,
-                l2=c.l2, init=c.fit_init, bf16=c.bf16, seed=c.seed,
+                l2=c.l2, init=c.fit_init, down_lr=c.fit_down_lr, bf16=c.bf16, seed=c.seed,
             )
             settings = {"patterns": patterns_record["folder"], **dataclasses.asdict(config)}
             folder = self.stages.folder("fit-rahf", settings)
@@ -469,7 +470,7 @@ class Run:
             )
             seconds["fit_s"] = record["seconds"]
             provenance["fit_loss_first_last"] = record["loss_first_last"]
-            kept = ("steps", "batch_size", "lr", "rank", "kl", "l2", "init")
+            kept = ("steps", "batch_size", "lr", "rank", "kl", "l2", "init", "down_lr")
             provenance["rahf"] = {k: getattr(config, k) for k in kept}
         elif fit == "mean":
             offsets = mean_pattern_offsets(records, layers, c.alpha)

@@ -153,6 +153,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--l2", type=float, default=1e-3, help="weight of the low-rank factors' squared norms in the 'rahf' fit"
     )
     parser.add_argument(
+        "--fit-down-lr", type=float, default=1e-3, help="learning rate of the unit-norm 'down' factors in 'rahf'"
+    )
+    parser.add_argument(
         "--fit-init",
         choices=("zeros", "shift"),
         default="zeros",

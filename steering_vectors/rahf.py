@@ -676,6 +676,7 @@ class FitConfig:
     kl: float = 0.0
     l2: float = 0.0
     init: str = "zeros"  # or "shift": offsets start at `shift_offsets` (needs the records' base means)
+    down_lr: float = 1e-3  # Adam's lr of the unit-norm `down` rows; offsets and `up` take `lr`
     bf16: bool = False
     checkpoint_every: int = 20
     seed: int = 0
@@ -804,11 +805,14 @@ def fit_offsets(
             postfix["kl"] = f"{float(kl.detach()):.4f}"
         return total, postfix
 
-    identity = {"alpha": config.alpha, "kl": config.kl, "l2": config.l2, "records": len(records), "init": config.init}
+    identity = {
+        "alpha": config.alpha, "kl": config.kl, "l2": config.l2, "records": len(records), "init": config.init,
+        "down_lr": config.down_lr, "lr": lr,
+    }
     initial = shift_offsets(records, layers, config.alpha) if config.init == "shift" else None
     return adam_on_offsets(
         layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit RAHF terms",
-        identity=identity, rank=config.rank, seed=config.seed, initial=initial,
+        identity=identity, rank=config.rank, seed=config.seed, initial=initial, down_lr=config.down_lr,
     )
 
 
@@ -832,8 +836,12 @@ def adam_on_offsets(
     rank: int = 0,
     seed: int = 0,
     initial: dict[int, torch.Tensor] | None = None,
+    down_lr: float | None = None,
 ) -> tuple[dict[int, torch.Tensor], LowRank, list[float]]:
     """Adam on one offset per layer (zeros at first, or `initial`), one step per entry of `draws`.
+
+    `down_lr` is the learning rate of the low-rank terms' ``down`` factors (None: `lr`): their rows start at
+    unit norm, while offsets and ``up`` live on the scale of the hidden states.
 
     With `rank` > 0 each layer also learns a low-rank term (down: seeded random orthonormal rows, up:
     zeros at first); with 0 the low-rank terms stay empty. `batch_loss(offsets, draw, low_rank)` returns
@@ -852,7 +860,9 @@ def adam_on_offsets(
         basis = torch.linalg.qr(torch.randn(len(layers), hidden, rank, generator=generator))[0]
         params["down"] = basis.transpose(1, 2).contiguous().requires_grad_(True)  # (L, rank, H)
         params["up"] = torch.zeros(len(layers), hidden, rank, requires_grad=True)
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    rates = {key: down_lr if key == "down" and down_lr is not None else lr for key in params}
+    groups = [{"params": [tensor], "lr": rates[key]} for key, tensor in params.items()]
+    optimizer = torch.optim.Adam(groups, lr=lr)
     identity = {"steps": steps, **(identity or {}), **({"rank": rank} if rank else {})}
     losses: list[float] = []
     start = 0
