@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..auth import require_api_key
 from ..openapi import COMPLETION, COMPLETION_CHUNK, generation_ok, responses
 from ..protocol import CompletionRequest
-from .deps import ServingDep
+from .deps import ClientGone, ServingDep, client_gone_response, unless_client_leaves
 from .sse import event_stream
 
 router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(require_api_key)])
@@ -18,10 +18,14 @@ router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(requ
     "/completions",
     responses=responses(400, 401, 404, 413, 429, 503, ok={200: generation_ok(COMPLETION, COMPLETION_CHUNK)}),
 )
-async def completions(body: CompletionRequest, serving: ServingDep) -> Response:
+async def completions(body: CompletionRequest, serving: ServingDep, request: Request) -> Response:
     prepared = serving.prepare_completion(body)
     headers = {"X-Steering": prepared.steering_header}
     if not body.stream:
-        return JSONResponse(await serving.completion(body, prepared), headers=headers)
+        try:
+            result = await unless_client_leaves(request, serving.completion(body, prepared))
+        except ClientGone:
+            return client_gone_response()
+        return JSONResponse(result, headers=headers)
     first, rest = await serving.started(prepared)
     return event_stream(serving.completion_stream(body, prepared, first, rest), headers)

@@ -280,3 +280,34 @@ def test_sigterm_lets_32_streams_finish_and_refuses_new_requests_with_503(tiny_m
         assert finish in (["length"], ["stop"])
     assert code in CLEAN_EXIT, server.log_text()[-3000:]
     assert exited - signalled < timeout_s
+
+
+# -- a client that leaves -------------------------------------------------------------------------------
+
+
+def _completion_tokens(live) -> float:
+    for line in httpx.get(live.url + "/metrics").text.splitlines():
+        if line.startswith('rahf_tokens_total{kind="completion"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_rows(tiny_loaded, path) -> None:
+    with live_server(tiny_loaded, Settings(max_batch_size=4)) as live:
+        base = httpx.get(live.v1 + "/models").json()["data"][0]["id"]
+        engine = live.app.state.serving.engine
+        body = {"model": base, "max_tokens": 480, "temperature": 0, "n": 3}
+        body |= {"messages": [{"role": "user", "content": "go"}]} if path == "/chat/completions" else {"prompt": "go"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.v1 + path, json=body, timeout=httpx.Timeout(30, read=0.5))
+        deadline = time.monotonic() + 30
+        while (engine.stats()["running"] or engine.stats()["waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (engine.stats()["running"], engine.stats()["waiting"]) == (0, 0)
+        time.sleep(0.3)
+        assert _completion_tokens(live) < 3 * 480  # cancelled, not run to the end
+        metrics = httpx.get(live.url + "/metrics").text
+        assert f'rahf_requests_total{{method="POST",route="/v1{path}",status="499"}} 1.0' in metrics
+        again = httpx.post(live.v1 + path, json={**body, "max_tokens": 2, "n": 1}, timeout=60)
+        assert again.status_code == 200
