@@ -58,10 +58,12 @@ def select_token(
 ) -> tuple[int, TokenLogprob | None]:
     """Pick the next token for one row from its float logits (V,), with `generator` on their device."""
     logits = apply_penalties(logits.float(), params, output_ids)
-    if params.temperature <= 0.0:
+    scaled = logits / params.temperature if params.temperature > 0.0 else None
+    if scaled is None or not bool(torch.isfinite(scaled).all()):
+        # greedy; also for a temperature so small (a denormal, say) that logits / temperature overflows:
+        # greedy is what sampling tends to as the temperature goes to zero
         token = int(torch.argmax(logits))
     else:
-        scaled = logits / params.temperature
         probs = torch.softmax(scaled, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)

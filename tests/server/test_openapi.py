@@ -156,6 +156,7 @@ CHAT_CASES = [  # (fields over a valid base request, valid per the description)
     ({"seed": 2**63}, False),
     ({"seed": -(2**63)}, True),
     ({"temperature": 2.5}, False),
+    ({"temperature": 2.225073858507203e-309}, True),  # a denormal: once a 500 (found by the fuzzer)
     ({"top_p": 0}, False),
     ({"max_tokens": 16}, True),
     ({"max_tokens": 17}, False),

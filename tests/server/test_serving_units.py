@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -107,3 +109,19 @@ def test_alias_parsing() -> None:
     assert parse_model_alias("base", "base") is None
     wanted = parse_model_alias("base:x.y-z@-1.5", "base")
     assert (wanted.profile, wanted.strength) == ("x.y-z", -1.5)
+
+
+@pytest.mark.parametrize("temperature", [2.225073858507203e-309, 1e-45, 1e-39])
+def test_a_vanishing_temperature_samples_greedily(temperature) -> None:
+    """Found by the fuzzer: logits / temperature overflowed to inf, softmax gave NaN, sampling failed (500)."""
+    from server.backends.base import SamplingParams
+    from server.backends.sampling import make_generator, select_token
+
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, top_p=1.0, seed=1,
+                            stop_token_ids=frozenset(), presence_penalty=0.0, frequency_penalty=0.0,
+                            logprobs=True, top_logprobs=2, prompt_logprobs=False)
+    token, logprob = select_token(logits, params, make_generator(1))
+    assert token == 1 and logprob is not None and logprob.token_id == 1
+    warm = dataclasses.replace(params, temperature=1e-30)  # tiny, but logits / temperature stay finite
+    assert select_token(logits, warm, make_generator(1))[0] == 1
