@@ -15,6 +15,9 @@ import torch
 
 from .base import SamplingParams, TokenLogprob
 
+# below this temperature, logits / temperature may overflow float32 for logits of ordinary size
+_SMALL_TEMPERATURE = 1e-20
+
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on `device` (where the logits it samples from live), seeded, or randomly when None."""
@@ -58,12 +61,14 @@ def select_token(
 ) -> tuple[int, TokenLogprob | None]:
     """Pick the next token for one row from its float logits (V,), with `generator` on their device."""
     logits = apply_penalties(logits.float(), params, output_ids)
-    scaled = logits / params.temperature if params.temperature > 0.0 else None
-    if scaled is None or not bool(torch.isfinite(scaled).all()):
-        # greedy; also for a temperature so small (a denormal, say) that logits / temperature overflows:
-        # greedy is what sampling tends to as the temperature goes to zero
+    if params.temperature <= 0.0:
         token = int(torch.argmax(logits))
     else:
+        if params.temperature >= _SMALL_TEMPERATURE:
+            scaled = logits / params.temperature
+        else:  # logits / temperature could overflow to inf (NaN probabilities): shift the largest to 0 first,
+            # and keep the divisor a normal float32; the distribution tends to greedy as it should
+            scaled = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
         probs = torch.softmax(scaled, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
