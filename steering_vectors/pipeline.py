@@ -338,6 +338,7 @@ class Run:
             seed=config.seed,
         )
         self._records: tuple[list[Any], dict[str, Any], dict[str, Any]] | None = None
+        self._calib_unsteered: dict[str, float] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -509,8 +510,14 @@ class Run:
             self.model, self.loaded.tokenizer, self.split.calib, profile, strengths, base_ppl=base_ppl, text=text,
             budget=self.config.eval_budget, bf16=self.config.bf16,
         )
+        if self._calib_unsteered is None:
+            score = evaluate.score_pairs(
+                self.model, self.loaded.tokenizer, self.split.calib, budget=self.config.eval_budget,
+                bf16=self.config.bf16, desc="calibrate unsteered",
+            )
+            self._calib_unsteered = {"accuracy": score.accuracy, "margin": score.margin, "perplexity": base_ppl}
         profile.default_strength = strength
         profile.provenance["calibration"] = {
             "pairs": len(self.split.calib), "held_out": True, "response_tokens": self.config.eval_response_tokens,
-            "rows": rows, "strength": strength,
+            "unsteered": self._calib_unsteered, "rows": rows, "strength": strength,
         }

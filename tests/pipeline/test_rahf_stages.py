@@ -278,6 +278,7 @@ def test_train_command_runs_rahf_dual_with_rank_in_resumable_stages(
     assert summary["instruct_gap"] == gap
     calibration = profile.provenance["calibration"]
     assert calibration["held_out"] and calibration["pairs"] == 3 and calibration["response_tokens"] == 20
+    assert set(calibration["unsteered"]) == {"accuracy", "margin", "perplexity"}
     caa = Profile.load(out / "baselines" / "tiny-caa.safetensors")
     assert caa.method == "rahf-dual/caa" and caa.ranks() == {}
 
