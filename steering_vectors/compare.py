@@ -356,7 +356,7 @@ def run_compare(args: argparse.Namespace) -> int:
         unknown = sorted(set(wanted) - {r.key for r in rows})
         if unknown:
             raise SystemExit(f"rahf compare: error: unknown rows {unknown}; choose from {[r.key for r in rows]}")
-        rows = [r for r in rows if r.key in wanted]
+        rows = [next(r for r in rows if r.key == key) for key in dict.fromkeys(wanted)]  # computed in this order
     dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=0)
     loaded = load_model(args.model, device=args.device)
     _check_layers(list(base.layers), loaded.model)
@@ -364,9 +364,11 @@ def run_compare(args: argparse.Namespace) -> int:
     comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, _command_line())
     started = time.perf_counter()
     summaries = []
+    order = {r.key: i for i, r in enumerate(rows_for(args.rank))}
     for row in rows:
         results = [comparison.result(row, seed) for seed in (seeds if row.key in seed_rows else seeds[:1])]
         summaries.append(summarise(results))
+        summaries.sort(key=lambda r: order[r["row"]])  # the report lists rows in one fixed order
         report = {
             "title": args.title or f"Steering methods on {Path(args.data).name}",
             "command": _command_line(),
