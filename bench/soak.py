@@ -15,8 +15,10 @@ weighted mix until the time is up:
 Every scenario has the statuses it may get; anything else is unexpected. At the end it prints requests
 by scenario and outcome, p50/p99 latency per minute, the server's resident memory at start, after
 warm-up and at the end with the slope after warm-up (least squares over samples every 5 s), and the
-engine slots in use once the load has stopped. Exit status 1 on an unexpected status, a client error,
-a slot still in use, a memory slope of `--max-slope` MB/min or more, a server error in its log, or a
+engine slots in use once the load has stopped, and the CPU time the server got under load (on a machine
+shared with other work the latencies stretch; a client that waits `--timeout` seconds, 300 by default,
+for the next bytes of an answer counts a client error). Exit status 1 on an unexpected status, a client
+error, a slot still in use, a memory slope of `--max-slope` MB/min or more, a server error in its log, or a
 server that died. Loopback only; the server is started here and stopped (SIGTERM) at the end.
 
     python bench/soak.py --minutes 10                     # tiny model, concurrency 32
@@ -293,10 +295,10 @@ MIX: list[tuple[Callable[[Soak, httpx.AsyncClient], Awaitable[None]], int]] = [
 ]
 
 
-async def client_loop(s: Soak, deadline: float, seed: int) -> None:
+async def client_loop(s: Soak, deadline: float, seed: int, timeout_s: float) -> None:
     s_local = Soak(s.url, s.base, s.upload, s.max_body, random.Random(seed), s.started, s.outcomes, s.unexpected)
     scenarios, weights = zip(*MIX, strict=True)
-    timeout = httpx.Timeout(300, connect=10)
+    timeout = httpx.Timeout(timeout_s, connect=10)
     async with httpx.AsyncClient(timeout=timeout) as client:
         while time.monotonic() < deadline:
             scenario = s_local.rng.choices(scenarios, weights)[0]
@@ -306,11 +308,12 @@ async def client_loop(s: Soak, deadline: float, seed: int) -> None:
 # -- memory and slots -----------------------------------------------------------------------------------
 
 
-async def sample_memory(pid: int, samples: list[tuple[float, float]], started: float, stop: asyncio.Event,
-                        every: float = 5.0) -> None:
+async def sample_memory(pid: int, samples: list[tuple[float, float]], loads: list[float], started: float,
+                        stop: asyncio.Event, every: float = 5.0) -> None:
     process = psutil.Process(pid)
     while not stop.is_set():
         samples.append((time.monotonic() - started, process.memory_info().rss / 2**20))
+        loads.append(os.getloadavg()[0])
         try:
             await asyncio.wait_for(stop.wait(), timeout=every)
         except asyncio.TimeoutError:
@@ -395,16 +398,20 @@ async def run_load(args, server: ServeProcess, upload: Callable[[int], bytes], r
     base = httpx.get(server.url + "/v1/models", headers=_headers(), timeout=30).json()["data"][0]["id"]
     soak = Soak(server.url, base, upload, args.max_body, random.Random(args.seed))
     samples: list[tuple[float, float]] = []
+    loads: list[float] = []
     stop = asyncio.Event()
+    process = psutil.Process(server.pid)
+    cpu_before = sum(process.cpu_times()[:2])
     soak.started = time.monotonic()
-    sampler = asyncio.create_task(sample_memory(server.pid, samples, soak.started, stop))
+    sampler = asyncio.create_task(sample_memory(server.pid, samples, loads, soak.started, stop))
     deadline = soak.started + args.minutes * 60
-    clients = [asyncio.create_task(client_loop(soak, deadline, args.seed * 1000 + i))
+    clients = [asyncio.create_task(client_loop(soak, deadline, args.seed * 1000 + i, args.timeout))
                for i in range(args.concurrency)]
     progress = asyncio.create_task(_progress(soak, deadline))
     await asyncio.gather(*clients)
     progress.cancel()
     load_s = time.monotonic() - soak.started
+    server_cpu_s = sum(process.cpu_times()[:2]) - cpu_before
     settle_until = time.monotonic() + 30
     stats = engine_stats(server.url)
     while (stats["running"] or stats["waiting"]) and time.monotonic() < settle_until:
@@ -413,6 +420,11 @@ async def run_load(args, server: ServeProcess, upload: Callable[[int], bytes], r
     stop.set()
     await sampler
     report.update(summarise(args, soak, samples, stats, load_s))
+    # how much of the machine the server had: a shared machine stretches the latencies, not the criteria
+    report["load_s"] = round(load_s, 1)
+    report["server_cpu_s"] = round(server_cpu_s, 1)
+    report["server_cpu_share_of_one_core"] = round(server_cpu_s / load_s, 3)
+    report["machine"] = {"cores": os.cpu_count(), "mean_load_average_1min": round(statistics.fmean(loads), 2)}
     if args.outcomes:
         args.outcomes.write_text("\n".join(json.dumps(o.__dict__) for o in soak.outcomes) + "\n")
     report["server_latency"] = server_latency(server.url)
@@ -483,6 +495,9 @@ def print_report(report: dict) -> None:
     print(f"  resident memory MB: start {rss['start']}, after warm-up {rss['after_warmup']}, end {rss['end']}, "
           f"peak {rss['peak']}; slope after warm-up {report['rss_slope_mb_per_min_after_warmup']} MB/min")
     print(f"  engine at the end: {report['engine_at_end']} -> slots in use {report['slots_in_use_at_end']}")
+    print(f"  the server's CPU time under load: {report['server_cpu_s']} s in {report['load_s']} s "
+          f"({report['server_cpu_share_of_one_core']:.1%} of one core); mean 1-minute load average "
+          f"{report['machine']['mean_load_average_1min']} on {report['machine']['cores']} cores")
     for line in report["unexpected_examples"]:
         print("  unexpected:", line)
     print(f"  server errors logged: {report['server_errors']}, server exit: {report['server_exit']}")
@@ -500,6 +515,9 @@ def main() -> int:
     parser.add_argument("--nice", type=int, default=0, help="run the server under nice -n N")
     parser.add_argument("--report", type=Path, help="write the figures as JSON here too")
     parser.add_argument("--outcomes", type=Path, help="write every request's outcome as JSON lines here")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="seconds a client waits for the next bytes of an answer before it counts a "
+                             "client error (raise it on a machine shared with other work)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rahf-soak-"))
     model_dir, profiles, upload = prepare(args, work)

@@ -53,16 +53,17 @@ def write_profiles(model_dir: Path, directory: Path, names: dict[str, dict]) -> 
 
 
 class ServeProcess:
-    """`rahf serve --model MODEL_DIR ...` in a child process; `start()` waits until /readyz answers 200."""
+    """`rahf serve --model MODEL_DIR ...` (None: the embedded default model) in a child process; `start()`
+    waits until /readyz answers 200."""
 
-    def __init__(self, model_dir: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+    def __init__(self, model_dir: Path | None, log: Path, *args: str, env: dict[str, str] | None = None,
                  nice: int = 0, port: int | None = None, preexec_fn=None) -> None:
         self.preexec_fn = preexec_fn  # run in the child before exec (e.g. resource limits)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "steering_vectors.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--model", str(model_dir), *args]
+                   "--port", str(self.port), *(["--model", str(model_dir)] if model_dir else []), *args]
         if nice:
             command = ["nice", "-n", str(nice), *command]
         self.command = command
