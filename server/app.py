@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .middleware import InFlight, RequestMiddleware
 from .openapi import build_openapi
 from .registry import ProfileRegistry
-from .routes import chat, completions, docs, health, models, profiles
+from .routes import chat, completions, docs, fit, health, models, profiles
 from .serving import Serving
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def create_app(
         serving = app.state.serving
         vocab = len(serving.tokenizer) if serving is not None else None
         schema = build_openapi(app, settings, vocab=vocab)
+        fit.document(schema, settings, app.state.backend.fingerprint.num_layers if serving is not None else None)
         if serving is not None:  # complete once the model is loaded: keep it
             app.openapi_schema = schema
         return schema
@@ -132,7 +133,7 @@ def create_app(
     app.state.draining = False
     app.state.in_flight = InFlight()
     errors.install(app)
-    for module in (chat, completions, models, profiles, health, docs):
+    for module in (chat, completions, models, profiles, fit, health, docs):
         app.include_router(module.router)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes,

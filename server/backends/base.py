@@ -10,9 +10,10 @@ runtime: a backend (`server/backends/<name>/`) owns its model and its engine.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from steering_vectors.hooks import RowSteering
 from steering_vectors.profile import ModelFingerprint
@@ -29,6 +30,8 @@ __all__ = [
     "SamplingParams",
     "TokenLogprob",
 ]
+
+T = TypeVar("T")
 
 
 class EngineError(Exception):
@@ -58,6 +61,9 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    top_k: int = 0  # keep the k most likely tokens; 0 (or -1): all
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # over prompt and output tokens: positive logits / it, negative ones * it
     logprobs: bool = False  # return the chosen token's logprob
     top_logprobs: int = 0  # and this many alternatives
     prompt_logprobs: bool = False  # score the prompt tokens too (echo / max_tokens 0 scoring)
@@ -105,6 +111,13 @@ class Engine(abc.ABC):
         cancels the request and frees its slot. Raises EngineOverloadedError / EngineShutdownError
         on the first iteration when the request cannot be accepted."""
 
+    async def run_between_steps(self, work: Callable[[], T]) -> T:
+        """Run `work` (forward passes over the engine's model that are not a generation, such as a profile
+        fit's) where it does not race the engine's own steps, and return its result. The default runs it
+        in a worker thread; an engine with a step loop runs it on its own thread between two steps, so
+        that running requests wait at most one piece of work (callers keep each piece small)."""
+        return await asyncio.to_thread(work)
+
     @property
     @abc.abstractmethod
     def max_context(self) -> int:
@@ -127,3 +140,4 @@ class Backend:
     model_name: str  # what clients call the model unless settings.served_model_name says otherwise
     stop_token_ids: frozenset[int] = frozenset()
     info: dict[str, Any] = field(default_factory=dict)  # reported by /readyz (device, dtype, quantize, ...)
+    model: Any = None  # the torch module, for forward passes beside generation (profile fits); None: none

@@ -20,7 +20,8 @@ from server.protocol import _UNSUPPORTED_AT_DEFAULT, ChatCompletionRequest, Comp
 
 from .conftest import live_server, make_profile
 
-ADMIN = {("put", "/v1/profiles/{name}"), ("delete", "/v1/profiles/{name}"), ("post", "/v1/profiles/-/reload")}
+ADMIN = {("put", "/v1/profiles/{name}"), ("delete", "/v1/profiles/{name}"), ("post", "/v1/profiles/-/reload"),
+         ("post", "/v1/profiles/{name}/fit")}
 STATUSES = {
     ("post", "/v1/chat/completions"): {200, 400, 401, 404, 413, 429, 503},
     ("post", "/v1/completions"): {200, 400, 401, 404, 413, 429, 503},
@@ -31,6 +32,7 @@ STATUSES = {
     ("put", "/v1/profiles/{name}"): {200, 201, 400, 401, 403, 413, 422, 500, 503, 507},
     ("delete", "/v1/profiles/{name}"): {200, 400, 401, 403, 404, 500, 503},
     ("post", "/v1/profiles/-/reload"): {200, 401, 403, 500, 503},
+    ("post", "/v1/profiles/{name}/fit"): {200, 201, 400, 401, 403, 413, 500, 503, 507},
     ("get", "/healthz"): {200},
     ("get", "/readyz"): {200, 503},
     ("get", "/metrics"): {200},

@@ -92,7 +92,7 @@ def test_every_mutation_needs_an_admin_key(keyed) -> None:
             assert admin.status_code not in (401, 403), (method, path, admin.text)
         else:
             assert user.status_code not in (401, 403), (method, path, user.text)
-    assert mutations == 3  # PUT and DELETE of a profile, the reload
+    assert mutations == 4  # PUT and DELETE of a profile, the reload, a fit
     assert (keyed.profile_dir / "alpha.safetensors").is_file()
 
 

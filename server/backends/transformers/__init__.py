@@ -55,6 +55,11 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         dtype = settings.dtype if settings.dtype != "auto" else default_dtype(settings.device)
         log.info("loading model %s on %s as %s", settings.model or "(embedded default)", settings.device, dtype)
         loaded = load_model(settings.model, dtype=dtype, device=settings.device)
+    wanted = getattr(settings, "max_model_len", None)
+    limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if wanted is not None and limit and wanted > limit:
+        raise ValueError(f"max_model_len {wanted} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings); use at most {limit}")
     packing = pack_model(loaded.model, settings.quantize, settings.packed_max_rows)
     log.info("weights: %s", packing.summary())
     engine = ContinuousEngine(
@@ -63,6 +68,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         max_queue=settings.max_queue,
         retry_after=settings.retry_after_s,
         fast_decode=settings.fast_decode,
+        max_seq_len=wanted,
     )
     if settings.fast_decode and engine.fast_decode is None:
         log.info("lean decode step off: decoding through the transformers forward")
@@ -73,6 +79,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         fingerprint=loaded.fingerprint,
         model_name=loaded.name,
         stop_token_ids=stop_token_ids(loaded.tokenizer, loaded.model),
+        model=loaded.model,
         info={
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),

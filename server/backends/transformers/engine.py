@@ -18,7 +18,9 @@ How a step works (gpt-fast style: the hot path is `_decode_step`, one forward fo
    batch composition changes. Prefill chunks get their own one-row plan (with the position mask of
    the row's mode).
 5. Requests join, finish, or are cancelled only between steps; the asyncio side talks to the thread
-   through a lock-protected inbox and `call_soon_threadsafe`.
+   through a lock-protected inbox and `call_soon_threadsafe`. Other work on the model (a profile fit's
+   forward passes, `run_between_steps`) runs on the same thread, one piece after each step, so running
+   rows wait at most one piece.
 6. A failure that belongs to one request (its prefill, its sampling) fails that request only; a failed
    batched decode forward fails the rows in it.
 
@@ -34,8 +36,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -58,6 +61,7 @@ from .cache import SlotCache
 from .fastdecode import LlamaDecodeStep
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _FAST_DECODE_TOLERANCE = 1e-3  # relative, lean decode step vs transformers forward at start-up (fp32)
 
@@ -137,6 +141,7 @@ class ContinuousEngine(Engine):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: deque[_Sequence] = deque()
+        self._chores: deque[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._in_flight = 0  # accepted and not finished; guarded by _lock
         self._accepting = False
         self._stopping = False
@@ -190,6 +195,16 @@ class ContinuousEngine(Engine):
                 seq.cancelled = True  # read by the scheduler between steps
                 with self._lock:
                     self._wake.notify_all()
+
+    async def run_between_steps(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        with self._lock:
+            if not self._accepting:
+                raise EngineShutdownError("the engine is not accepting work")
+            self._chores.append((work, loop, future))
+            self._wake.notify_all()
+        return await future
 
     @property
     def max_context(self) -> int:
@@ -298,7 +313,32 @@ class ContinuousEngine(Engine):
                 except Exception as error:  # one failed forward must not kill the server
                     log.exception("engine step failed")
                     self._fail_all(EngineError(f"engine step failed: {error}"))
+                self._run_chore()
         self._fail_all(EngineShutdownError("the engine stopped"))
+        with self._lock:
+            chores, self._chores = list(self._chores), deque()
+        for _, loop, future in chores:
+            try:
+                loop.call_soon_threadsafe(_settle, future, None, EngineShutdownError("the engine stopped"))
+            except RuntimeError:
+                pass
+
+    def _run_chore(self) -> None:
+        """Run the oldest piece of `run_between_steps` work, if any, and hand its result to its caller."""
+        with self._lock:
+            if not self._chores:
+                return
+            work, loop, future = self._chores.popleft()
+        if future.done():  # its caller has gone
+            return
+        try:
+            result, error = work(), None
+        except Exception as exc:  # noqa: BLE001 - the caller's failure, reported to the caller
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def _take_inbox(self) -> bool:
         """Move new requests into the waiting queue; block while idle. False once stopping."""
@@ -308,7 +348,7 @@ class ContinuousEngine(Engine):
                 self._inbox.clear()
                 if self._stopping:
                     return False
-                if self._waiting or self._running or self._prefilling is not None:
+                if self._waiting or self._running or self._prefilling is not None or self._chores:
                     return True
                 self._wake.wait()
 
@@ -545,6 +585,7 @@ class ContinuousEngine(Engine):
             [seq.request.sampling for seq in rows],
             [seq.generator for seq in rows],  # type: ignore[misc]  # None only for greedy rows
             [seq.output_ids for seq in rows],
+            [seq.request.prompt_ids for seq in rows],
         )
 
     def _forward(
@@ -659,6 +700,15 @@ class ContinuousEngine(Engine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed; its requests are gone
                 pass
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -1,0 +1,193 @@
+"""`POST /v1/profiles/{name}/fit`: a profile from a few contrastive examples, saved to the store (admin).
+
+Parses and checks the body, tokenises the examples (`steering_vectors.quickfit`), runs their forward
+passes through the engine's `run_between_steps` one batch at a time (running requests wait at most one
+batch between two of their steps), fits the offsets, stores the profile like an upload and returns its
+summary. One fit runs at a time; others wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from steering_vectors import quickfit
+from steering_vectors.errors import ProfileError
+
+from ..auth import AdminKey, require_api_key
+from ..errors import APIError, bad_request, to_api_error
+from ..openapi import PROFILE, json_ok, responses
+from ..protocol import _unpaired_surrogate
+from .deps import ServingDep
+from .profiles import _name, describe, store_error
+
+router = APIRouter(prefix="/v1/profiles", tags=["profiles"], dependencies=[Depends(require_api_key)])
+
+LIMITS = quickfit.DEFAULT_LIMITS
+Text = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PairExample(_Strict):
+    """Two texts: the states are read over all of each text's tokens."""
+
+    positive: Text
+    negative: Text
+
+
+class ReplyExample(_Strict):
+    """A prompt with two replies: the states are read over each reply's tokens."""
+
+    prompt: Text
+    positive: Text
+    negative: Text
+
+
+class Instructions(_Strict):
+    """Two instructions, each given as the system message before every prompt."""
+
+    positive: Text
+    negative: Text
+
+
+class FitRequest(_Strict):
+    """Contrastive examples: `examples` (pairs of texts, or prompts with two replies), or `instructions`
+    with `prompts`. At most 64 examples, 512 tokens per side (chat template included) and 32768 tokens
+    in all; `layers` must exist in the model (default: a middle band)."""
+
+    examples: (
+        Annotated[list[PairExample], Field(min_length=1, max_length=LIMITS.max_pairs)]
+        | Annotated[list[ReplyExample], Field(min_length=1, max_length=LIMITS.max_pairs)]
+        | None
+    ) = None
+    instructions: Instructions | None = None
+    prompts: Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_pairs)] | None = None
+    method: Literal["caa", "pca", "mean"] = "caa"
+    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1024)] | None = None
+    default_strength: float = Field(1.0, allow_inf_nan=False)
+    position_mode: Literal["all", "generated"] = "all"
+    description: Annotated[str, StringConstraints(max_length=1000)] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        where = _unpaired_surrogate(data, "")
+        if where:
+            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+        return data
+
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _one_shape(cls, value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            if len({"prompt" in item for item in value}) > 1:
+                raise ValueError("every example must have the same shape: {positive, negative} pairs of texts, or "
+                                 "{prompt, positive, negative} prompts with two replies")
+        return value
+
+    def to_examples(self) -> quickfit.Examples:
+        given = [self.examples is not None, self.instructions is not None or self.prompts is not None]
+        if given == [True, True]:
+            raise bad_request("give either `examples` or `instructions` with `prompts`, not both", "examples")
+        if self.examples is not None:
+            if isinstance(self.examples[0], ReplyExample):
+                return quickfit.Examples.from_replies([(e.prompt, e.positive, e.negative) for e in self.examples])
+            return quickfit.Examples.from_pairs([(e.positive, e.negative) for e in self.examples])
+        if self.instructions is None or self.prompts is None:
+            missing = "instructions" if self.instructions is None else "prompts"
+            if self.instructions is None and self.prompts is None:
+                raise bad_request("give `examples`, or `instructions` with `prompts`", "examples",
+                                  code="missing_required_parameter")
+            raise bad_request(f"`instructions` and `prompts` go together: {missing} is missing", missing,
+                              code="missing_required_parameter")
+        return quickfit.Examples.from_instructions(self.instructions.positive, self.instructions.negative,
+                                                   self.prompts)
+
+
+def document(schema: dict[str, Any], settings: Any, num_layers: int | None) -> None:
+    """Put what the route checks beyond the model's types into the API description: the strength bounds of
+    the settings and, once the model is loaded, the highest layer index."""
+    request = schema.get("components", {}).get("schemas", {}).get("FitRequest")
+    if request is None:
+        return
+    props = request["properties"]
+    props["default_strength"] = {"type": "number", "minimum": settings.strength_min,
+                                 "maximum": settings.strength_max, "default": 1.0}
+    if num_layers is not None:
+        layers = props["layers"]["anyOf"][0]
+        layers["items"]["maximum"] = num_layers - 1
+        layers["maxItems"] = num_layers
+
+
+def _fit_lock(request: Request) -> asyncio.Lock:
+    lock = getattr(request.app.state, "fit_lock", None)
+    if lock is None:
+        lock = request.app.state.fit_lock = asyncio.Lock()
+    return lock
+
+
+@router.post(
+    "/{name}/fit",
+    responses=responses(400, 401, 403, 413, 500, 503, 507, ok={
+        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}),
+)
+async def fit_profile(name: str, body: FitRequest, request: Request, serving: ServingDep, _: AdminKey) -> JSONResponse:
+    """Fit a profile (CAA, PCA or difference of means) from a few contrastive examples with forward passes
+    only, store it as `name` (created or replaced) and return its summary."""
+    name = _name(name)
+    settings = request.app.state.settings
+    if not settings.strength_min <= body.default_strength <= settings.strength_max:
+        raise bad_request(f"default_strength must be within [{settings.strength_min}, {settings.strength_max}]",
+                          "default_strength")
+    examples = body.to_examples()
+    if not getattr(serving.registry, "writable", True):
+        raise APIError(403, "this replica serves its profile directory read-only: fit the profile where it is "
+                       "written", type="permission_error", code="profile_store_read_only")
+    backend = request.app.state.backend
+    model = getattr(backend, "model", None)
+    if model is None:
+        raise APIError(400, "this server's backend cannot fit profiles (it exposes no model for forward passes)",
+                       param=None, code="unsupported")
+    fingerprint = backend.fingerprint
+    layers = _checked(lambda: quickfit.check_layers(body.layers, fingerprint.num_layers))
+    sides = _checked(lambda: quickfit.encode_examples(serving.tokenizer, examples, LIMITS))
+    pad = quickfit.pad_token_id(serving.tokenizer)
+    async with _fit_lock(request):
+        started = time.perf_counter()
+        states: list[quickfit.SideStates] = []
+        for batch in quickfit.batches(sides, LIMITS.batch_tokens):
+            states.extend(await serving.engine.run_between_steps(
+                lambda batch=batch: quickfit.read_batch(model, batch, layers, pad)))
+        offsets = await run_in_threadpool(_checked, lambda: quickfit.offsets_from_states(states, layers, body.method))
+        seconds = time.perf_counter() - started
+    bad = [layer for layer, offset in offsets.items() if not bool(offset.isfinite().all())]
+    if bad:
+        raise bad_request(f"the fit gave non-finite offsets at layers {bad}; check the examples", "examples")
+    try:
+        profile = quickfit.make_quick_profile(
+            name, offsets, examples=examples, method=body.method, fingerprint=fingerprint,
+            default_strength=body.default_strength, position_mode=body.position_mode, description=body.description,
+            tokens=sum(len(s.input_ids) for s in sides), seconds=seconds,
+        )
+        stored, created = await run_in_threadpool(serving.registry.put, name, profile.to_bytes())
+    except ProfileError as exc:
+        raise to_api_error(exc, param="examples") from None
+    except OSError as exc:
+        raise store_error(exc, f"store profile {name!r}") from None
+    return JSONResponse(describe(stored), status_code=201 if created else 200)
+
+
+def _checked(work):  # noqa: ANN001, ANN202 - a small adapter: the library's input errors as 400s
+    try:
+        return work()
+    except quickfit.FitInputError as exc:
+        raise bad_request(str(exc), exc.param) from None
