@@ -27,6 +27,7 @@ from .config import Settings
 from .metrics import Metrics
 from .middleware import InFlight, RequestMiddleware
 from .openapi import build_openapi
+from .profile_watch import ProfileWatcher
 from .registry import ProfileRegistry
 from .routes import chat, completions, docs, fit, health, models, profiles
 from .serving import Serving
@@ -77,8 +78,13 @@ def create_app(
         log.info("starting backend %s", settings.backend)
         backend = await run_in_threadpool(factory, settings)
         app.state.backend = backend
-        registry = ProfileRegistry(settings.profile_dir, backend.fingerprint, check_digest=settings.check_digest)
+        registry = ProfileRegistry(settings.profile_dir, backend.fingerprint, check_digest=settings.check_digest,
+                                   writable=settings.profile_uploads)
         await run_in_threadpool(registry.load_directory)
+        watcher = None
+        if registry.directory is not None:
+            watcher = ProfileWatcher(registry, rescan_s=settings.profile_rescan_s, events=settings.profile_watch)
+            watcher.start()
         engine = backend.engine
         _return_freed_memory()
         engine.start()
@@ -100,6 +106,8 @@ def create_app(
             app.state.draining = True
             log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.shutdown_timeout_s)
             await run_in_threadpool(engine.shutdown, settings.shutdown_timeout_s)
+            if watcher is not None:
+                await run_in_threadpool(watcher.stop)
             log.info("stopped")
 
     app = FastAPI(

@@ -18,6 +18,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"help": "local model directory (default: embedded SmolLM2)"}),
     ("--served-model-name", "served_model_name", {"help": "model name clients use (default: the model's)"}),
     ("--profile-dir", "profile_dir", {"help": "directory of profile files (loaded at start, written by PUT)"}),
+    ("--profile-rescan", "profile_rescan_s", {"type": float,
+                                              "help": "seconds between rescans of the profile directory (default 5)"}),
     ("--backend", "backend", {"help": "the backend that runs the model (default transformers)"}),
     ("--dtype", "dtype", {"choices": ["auto", "float32", "bfloat16", "float16"],
                           "help": "default auto: bfloat16 on CUDA, float32 elsewhere"}),
@@ -53,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.add_argument(flag, dest=dest, default=None, **kwargs)
     parser.add_argument("--no-digest-check", dest="check_digest", action="store_false", default=None,
                         help="accept profiles made for other weights of the same architecture")
+    parser.add_argument("--read-only-profiles", dest="profile_uploads", action="store_false", default=None,
+                        help="serve the profile directory without writing it (uploads and deletes: 403)")
+    parser.add_argument("--no-profile-watch", dest="profile_watch", action="store_false", default=None,
+                        help="no file events: rescan the profile directory on the timer only")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false", default=None,
                         help="decode through the transformers forward instead of the lean Llama step")
     parser.add_argument("--plain-logs", dest="log_json", action="store_false", default=None,
@@ -63,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
 
-    dests = [dest for _, dest, _ in _FLAGS] + ["check_digest", "fast_decode", "log_json"]
+    switches = ["check_digest", "fast_decode", "log_json", "profile_uploads", "profile_watch"]
+    dests = [dest for _, dest, _ in _FLAGS] + switches
     overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)
 

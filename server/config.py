@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients use; default: the model's name")
     profile_dir: Path | None = Field(None, description="profile store; None = in-memory only")
     check_digest: bool = Field(True, description="refuse profiles made for other weights or tokenizers")
+    profile_uploads: bool = Field(
+        True, description="accept profile uploads and deletes; off on replicas that only read a shared directory"
+    )
+    profile_watch: bool = Field(True, description="watch the profile directory for file events")
+    profile_rescan_s: float = Field(
+        5.0, gt=0, le=3600, description="rescan the profile directory this often (the fallback without events)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 elsewhere"
     )

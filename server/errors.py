@@ -31,6 +31,7 @@ from steering_vectors.errors import (
 )
 
 from .backends.base import EngineError, EngineOverloadedError, EngineShutdownError
+from .registry import ProfileStoreReadOnlyError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def to_api_error(exc: BaseException, *, param: str | None = None) -> APIError:
     """Map any exception to an APIError; unknown exceptions become a 500 without internals."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ProfileStoreReadOnlyError):
+        return APIError(403, str(exc), type="permission_error", code="profile_store_read_only")
     if isinstance(exc, EngineOverloadedError):
         retry = max(1, math.ceil(exc.retry_after))
         return APIError(

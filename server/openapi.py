@@ -64,7 +64,8 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
           "JSON, the prompt does not fit the context window (`code: context_length_exceeded`), or the upload "
           "is not a profile file", {}),
     401: ("Missing or invalid API key", {"WWW-Authenticate": {**_HEADER_STRING, "required": True}}),
-    403: ("The key is valid but the operation needs an admin key", {}),
+    403: ("The key is valid but the operation needs an admin key, or this replica serves its profile directory "
+          "read-only (`code: profile_store_read_only`)", {}),
     404: ("Unknown model, profile or resource", {}),
     413: ("The request body is larger than this server accepts", {}),
     422: ("The uploaded profile was made for another model (hidden size, layers or weights)", {}),
@@ -96,6 +97,8 @@ def json_ok(schema: dict[str, Any], description: str = "OK", **extra: Any) -> di
 # -- response bodies ---------------------------------------------------------------------------------
 
 _NULLABLE_STR = {"type": ["string", "null"]}
+_DIGEST = {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$",
+           "description": "sha256 of the profile's file: which version of the profile this is"}
 _STEERING_APPLIED = {
     "type": ["object", "null"],
     "description": "the steering applied (null: none)",
@@ -103,8 +106,9 @@ _STEERING_APPLIED = {
     "properties": {
         "profiles": {
             "type": "array",
-            "items": {"type": "object", "required": ["profile", "strength"],
-                      "properties": {"profile": {"type": "string"}, "strength": {"type": "number"}}},
+            "items": {"type": "object", "required": ["profile", "strength", "digest"],
+                      "properties": {"profile": {"type": "string"}, "strength": {"type": "number"},
+                                     "digest": _DIGEST}},
         },
         "position": {"type": "string", "enum": ["all", "generated"]},
     },
@@ -238,7 +242,8 @@ def generation_ok(schema: dict[str, Any], chunk: dict[str, Any]) -> dict[str, An
     return {
         "description": "the result, or its chunks as server-sent events when `stream` is true",
         "headers": {"X-Steering": {"schema": {"type": "string"}, "required": True,
-                                   "description": "the steering applied: `name=strength,...;position=mode` or "
+                                   "description": "the steering applied: `name=strength,...;position=mode;"
+                                                  "digest=sha256:...,...` (one digest per profile, in order) or "
                                                   "`none`"}},
         "content": {"application/json": {"schema": schema}, "text/event-stream": event_stream(chunk)},
     }
@@ -249,17 +254,20 @@ MODEL = {
     "required": ["id", "object", "created", "owned_by", "root", "parent"],
     "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
                    "owned_by": {"type": "string"}, "root": {"type": "string"}, "parent": _NULLABLE_STR,
-                   "profile": {"type": "string"}},
+                   "max_model_len": {"type": "integer", "minimum": 1,
+                                     "description": "the context window: prompt plus generated tokens"},
+                   "profile": {"type": "string"}, "digest": _DIGEST},
 }
 MODEL_LIST = {"type": "object", "required": ["object", "data"],
               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL}}}
 PROFILE = {
     "type": "object",
-    "required": ["id", "object", "name", "layers", "hidden_size", "default_strength", "position_mode",
+    "required": ["id", "object", "digest", "name", "layers", "hidden_size", "default_strength", "position_mode",
                  "offset_norms", "low_rank"],
     "properties": {
         "id": {"type": "string"},
         "object": {"const": "profile"},
+        "digest": _DIGEST,
         "name": {"type": "string"},
         "description": {"type": ["string", "null"]},
         "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
@@ -491,7 +499,9 @@ def build_openapi(app: FastAPI, settings: Settings, *, vocab: int | None = None)
                 operation["security"] = [{"bearer": []}]
             else:
                 documented.pop("401", None)
-            if kind != "admin" or not api_keys:  # 403: a valid API key that is not an admin key
+            read_only = not settings.profile_uploads and method in ("put", "delete") and path.startswith(
+                "/v1/profiles/")  # uploads off: every profile change is a 403 (profile_store_read_only)
+            if (kind != "admin" or not api_keys) and not read_only:  # 403: a valid API key, not an admin key
                 documented.pop("403", None)
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") == "path" and parameter.get("name") == "name":

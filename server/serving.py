@@ -31,21 +31,41 @@ from .registry import ProfileRegistry
 # -- steering -----------------------------------------------------------------------------------------
 
 
-def steering_info(steering: RowSteering | None) -> dict[str, Any] | None:
-    """What the response reports about the steering it applied."""
+def steering_info(steering: RowSteering | None, digests: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """What the response reports about the steering it applied (with each profile file's digest, which
+    tells the version that served it)."""
     if steering is None:
         return None
+    digests = digests or {}
     return {
-        "profiles": [{"profile": name, "strength": strength} for name, strength in steering.applied],
+        "profiles": [
+            {"profile": name, "strength": strength, **({"digest": digests[name]} if name in digests else {})}
+            for name, strength in steering.applied
+        ],
         "position": steering.position_mode,
     }
 
 
-def steering_header(steering: RowSteering | None) -> str:
+def steering_header(steering: RowSteering | None, digests: Mapping[str, str] | None = None) -> str:
+    """`name=strength,...;position=mode[;digest=sha256:...,...]` (digests in the order of the profiles), or
+    `none`."""
     if steering is None:
         return "none"
     applied = ",".join(f"{name}={strength:g}" for name, strength in steering.applied)
-    return f"{applied};position={steering.position_mode}"
+    header = f"{applied};position={steering.position_mode}"
+    if digests:
+        header += ";digest=" + ",".join(digests.get(name, "-") for name, _ in steering.applied)
+    return header
+
+
+def wanted_profiles(model: str, spec: SteeringEntry | list[SteeringEntry] | None, base: str) -> list[str]:
+    """The profile names a request asks for (model alias first); nothing is checked here but the alias."""
+    names = []
+    alias = parse_model_alias(model, base)
+    if alias is not None:
+        names.append(alias.profile)
+    names.extend(entry.profile for entry in steering_entries(spec))
+    return names
 
 
 @dataclass
@@ -261,10 +281,15 @@ class Prepared:
     prompt_tokens: int
     steering: RowSteering | None
     stop: list[str]
+    digests: Mapping[str, str] = field(default_factory=dict)  # profile name -> the digest of the file used
 
     @property
     def steering_header(self) -> str:
-        return steering_header(self.steering)
+        return steering_header(self.steering, self.digests)
+
+    @property
+    def steering_info(self) -> dict[str, Any] | None:
+        return steering_info(self.steering, self.digests)
 
 
 class Serving:
@@ -291,19 +316,26 @@ class Serving:
 
     # -- preparing ----------------------------------------------------------------------------------
 
-    def _steering(self, request: ChatCompletionRequest | CompletionRequest) -> RowSteering | None:
+    def _steering(
+        self, request: ChatCompletionRequest | CompletionRequest
+    ) -> tuple[RowSteering | None, dict[str, str]]:
+        """The request's steering and the digests of the profile files it uses, from one view of the store in
+        which every named profile is as its file is now (loaded on a miss, gone when deleted)."""
+        names = wanted_profiles(request.model, request.steering, self.model_name)
+        state = self.registry.lookup(names) if names else self.registry.state()
         steering = resolve_steering(
             request.model,
             request.steering,
             base=self.model_name,
-            profiles=self.registry.snapshot(),
+            profiles=state.profiles,
             strength_bounds=(self.settings.strength_min, self.settings.strength_max),
             fingerprint=self.registry.fingerprint,
         )
+        digests = {name: state.entries[name].digest for name, _ in steering.applied} if steering else {}
         if self.metrics is not None:
             for name, _ in steering.applied if steering else ():
                 self.metrics.profile_requests.labels(profile=name).inc()
-        return steering
+        return steering, digests
 
     def _max_new_tokens(
         self, prompt_len: int, requested: int | None, param: str, prompt_param: str, default: int | None = None
@@ -354,7 +386,7 @@ class Serving:
         prompt_ids = self.chat_prompt(request)
         requested, param = request.requested_max_tokens
         max_new = self._max_new_tokens(len(prompt_ids), requested, param, "messages")
-        steering = self._steering(request)
+        steering, digests = self._steering(request)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [
             GenerationRequest(
@@ -366,7 +398,7 @@ class Serving:
             for i in range(request.n)
         ]
         return Prepared(rid, int(time.time()), request.model, requests, [""] * request.n, len(prompt_ids),
-                        steering, request.stop_strings())
+                        steering, request.stop_strings(), digests)
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         self._check_n(request.n)
@@ -380,7 +412,7 @@ class Serving:
                 f"{request.n}); this server runs and queues at most {limit} at once",
                 "prompt",
             )
-        steering = self._steering(request)
+        steering, digests = self._steering(request)
         rid = f"cmpl-{uuid.uuid4().hex}"
         requests: list[GenerationRequest] = []
         texts: list[str] = []
@@ -412,7 +444,7 @@ class Serving:
                 )
                 texts.append(text)
         return Prepared(rid, int(time.time()), request.model, requests, texts, prompt_tokens, steering,
-                        request.stop_strings())
+                        request.stop_strings(), digests)
 
     # -- running ------------------------------------------------------------------------------------
 
@@ -530,7 +562,7 @@ class Serving:
             "model": prepared.model,
             "choices": choices,
             "usage": self._usage(prepared, tokens),
-            "steering": steering_info(prepared.steering),
+            "steering": prepared.steering_info,
         }
 
     async def chat_stream(
@@ -555,7 +587,7 @@ class Serving:
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             for i in range(n)
         ]
-        yield chunk(roles, steering=steering_info(prepared.steering))
+        yield chunk(roles, steering=prepared.steering_info)
         tokens = 0
         async with aclosing(rest) as updates:  # type: ignore[type-var]
             async for update in _chain([first] if first is not None else [], updates):
@@ -640,7 +672,7 @@ class Serving:
             "model": prepared.model,
             "choices": choices,
             "usage": self._usage(prepared, tokens),
-            "steering": steering_info(prepared.steering),
+            "steering": prepared.steering_info,
         }
 
     async def completion_stream(
@@ -672,7 +704,7 @@ class Serving:
                     )
                 offsets[update.index] += len(text)
                 if text or update.finish_reason or (lp and lp["tokens"]):
-                    extra = {"steering": steering_info(prepared.steering)} if update is first else {}
+                    extra = {"steering": prepared.steering_info} if update is first else {}
                     yield chunk([{"index": update.index, "text": text, "logprobs": lp,
                                   "finish_reason": update.finish_reason}], **extra)
         if request.include_usage:

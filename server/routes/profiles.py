@@ -16,7 +16,7 @@ from steering_vectors.profile import Profile, validate_name
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, not_found, to_api_error
 from ..openapi import PROFILE, PROFILE_DELETED, PROFILE_LIST, RELOADED, UPLOAD_BODY, json_ok, responses
-from ..registry import ProfileNotFoundError
+from ..registry import ProfileNotFoundError, content_digest
 from .deps import RegistryDep
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"], dependencies=[Depends(require_api_key)])
 
 
-def describe(profile: Profile) -> dict[str, Any]:
-    return {"id": profile.name, "object": "profile", **profile.summary()}
+def describe(profile: Profile, digest: str | None = None) -> dict[str, Any]:
+    """A profile as the API shows it; `digest`: the sha256 of its file (which version this replica serves)."""
+    if digest is None:  # not from the store: the digest its file will have once stored
+        digest = content_digest(profile.to_bytes())
+    return {"id": profile.name, "object": "profile", "digest": digest, **profile.summary()}
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -50,20 +53,25 @@ def _name(name: str) -> str:
 
 @router.get("", responses=responses(401, 503, ok={200: json_ok(PROFILE_LIST)}))
 async def list_profiles(registry: RegistryDep) -> dict[str, Any]:
-    profiles = registry.snapshot()
+    try:
+        await run_in_threadpool(registry.rescan)  # the directory as it is now, whatever wrote it
+    except OSError as exc:  # unreadable now: the last view (the reload route reports the failure)
+        log.warning("profile store: cannot rescan the profile directory: %s", exc)
+    state = registry.state()
     return {
         "object": "list",
-        "data": [describe(profiles[name]) for name in sorted(profiles)],
-        "skipped": [{"path": s.path, "reason": s.reason} for s in registry.skipped],
+        "data": [describe(entry.profile, entry.digest) for entry in state.entries.values()],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in state.skipped],
     }
 
 
 @router.get("/{name}", responses=responses(400, 401, 404, 503, ok={200: json_ok(PROFILE)}))
 async def get_profile(name: str, registry: RegistryDep) -> dict[str, Any]:
     try:
-        return describe(registry.get(_name(name)))
+        entry = await run_in_threadpool(registry.entry, _name(name))
     except ProfileNotFoundError as exc:
         raise not_found(str(exc), "name", code="profile_not_found") from None
+    return describe(entry.profile, entry.digest)
 
 
 async def _upload_bytes(request: Request) -> bytes:
@@ -98,7 +106,7 @@ async def put_profile(name: str, request: Request, registry: RegistryDep, _: Adm
         raise to_api_error(exc, param="body") from None
     except OSError as exc:
         raise store_error(exc, f"store profile {name!r}") from None
-    return JSONResponse(describe(profile), status_code=201 if created else 200)
+    return JSONResponse(describe(profile, registry.state().digest(name)), status_code=201 if created else 200)
 
 
 @router.delete("/{name}", responses=responses(400, 401, 403, 404, 500, 503, ok={200: json_ok(PROFILE_DELETED)}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 
 import httpx
@@ -18,6 +19,12 @@ MAX = 12
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+def applied(steering: dict) -> list[dict]:
+    """The profiles and strengths a response reports (each entry also names its file's digest)."""
+    assert all(entry.pop("digest").startswith("sha256:") for entry in steering["profiles"]), steering
+    return steering["profiles"]
 
 
 def chat(client: openai.OpenAI, model: str = "tiny", **kwargs):
@@ -52,13 +59,15 @@ def test_chat_matches_reference_greedy(client, server, model_name, tiny_loaded) 
     assert reply.model_extra["steering"] is None
 
 
-def test_steering_via_extra_body_matches_reference(client, model_name, tiny_loaded, tiny_profiles) -> None:
+def test_steering_via_extra_body_matches_reference(client, server, model_name, tiny_loaded, tiny_profiles) -> None:
     plain = chat(client, model_name).choices[0].message.content
     reply = chat(client, model_name, extra_body={"steering": {"profile": "alpha", "strength": 1.5}})
     expected = greedy(tiny_loaded, chat_ids(tiny_loaded, PROMPT), MAX, [(tiny_profiles["alpha"], 1.5)])
     assert reply.choices[0].message.content == text_of(tiny_loaded, expected)
     assert reply.choices[0].message.content != plain
-    assert reply.model_extra["steering"] == {"profiles": [{"profile": "alpha", "strength": 1.5}], "position": "all"}
+    digest = "sha256:" + hashlib.sha256((server.profile_dir / "alpha.safetensors").read_bytes()).hexdigest()
+    assert reply.model_extra["steering"] == {"profiles": [{"profile": "alpha", "strength": 1.5, "digest": digest}],
+                                             "position": "all"}
 
 
 def test_steering_list_combines_profiles(client, model_name, tiny_loaded, tiny_profiles) -> None:
@@ -68,7 +77,7 @@ def test_steering_list_combines_profiles(client, model_name, tiny_loaded, tiny_p
         tiny_loaded, chat_ids(tiny_loaded, PROMPT), MAX, [(tiny_profiles["alpha"], 1.0), (tiny_profiles["beta"], 0.5)]
     )
     assert reply.choices[0].message.content == text_of(tiny_loaded, expected)
-    assert reply.model_extra["steering"]["profiles"] == [
+    assert applied(reply.model_extra["steering"]) == [
         {"profile": "alpha", "strength": 1.0},
         {"profile": "beta", "strength": 0.5},
     ]
@@ -79,9 +88,9 @@ def test_model_alias_selects_profile_and_strength(client, model_name) -> None:
     by_alias = chat(client, f"{model_name}:alpha@2")
     assert by_alias.choices[0].message.content == by_body.choices[0].message.content
     assert by_alias.model == f"{model_name}:alpha@2"
-    assert by_alias.model_extra["steering"]["profiles"] == [{"profile": "alpha", "strength": 2.0}]
+    assert applied(by_alias.model_extra["steering"]) == [{"profile": "alpha", "strength": 2.0}]
     default = chat(client, f"{model_name}:alpha")  # alpha's default strength is 1.0
-    assert default.model_extra["steering"]["profiles"] == [{"profile": "alpha", "strength": 1.0}]
+    assert applied(default.model_extra["steering"]) == [{"profile": "alpha", "strength": 1.0}]
 
 
 def test_strength_zero_equals_unsteered(client, model_name) -> None:
@@ -104,7 +113,7 @@ def test_streaming_chat_equals_non_streaming(client, model_name) -> None:
     chunks = list(chat(client, model_name, stream=True, stream_options={"include_usage": True},
                        extra_body={"steering": {"profile": "beta", "strength": 2}}))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[0].model_extra["steering"]["profiles"] == [{"profile": "beta", "strength": 2.0}]
+    assert applied(chunks[0].model_extra["steering"]) == [{"profile": "beta", "strength": 2.0}]
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == whole.choices[0].message.content
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -183,7 +192,7 @@ def test_completions_echo_scores_prompt(client, model_name, tiny_loaded, tiny_pr
     steered = client.completions.create(model=f"{model_name}:alpha@2", prompt=text, max_tokens=0, echo=True,
                                         logprobs=0)
     assert steered.choices[0].logprobs.token_logprobs[1:] != pytest.approx(expected.tolist(), abs=1e-4)
-    assert steered.model_extra["steering"]["profiles"] == [{"profile": "alpha", "strength": 2.0}]
+    assert applied(steered.model_extra["steering"]) == [{"profile": "alpha", "strength": 2.0}]
 
 
 def test_completions_generation_and_stream(client, model_name, tiny_loaded) -> None:
