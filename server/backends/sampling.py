@@ -1,4 +1,9 @@
-"""Per-row token selection: penalties, temperature, top-p, seeded sampling, logprobs.
+"""Per-row token selection: penalties, temperature, top-k, min-p, top-p, seeded sampling, logprobs.
+
+The order, as vLLM's sampler: the repetition penalty (over the prompt and the tokens generated so far:
+a positive logit is divided by it, a negative one multiplied), then the presence and frequency
+penalties (over the generated tokens), then temperature (0: greedy, which none of the filters below can
+change), then top-k, min-p (relative to the most likely token) and top-p on the scaled distribution.
 
 Knows logits and sampling parameters; knows nothing about batching or steering. Works on a batch of
 rows, each with its own parameters and its own random generator, so a row's choice never depends on
@@ -42,8 +47,16 @@ def check_generator(generator: torch.Generator, logits: torch.Tensor) -> None:
         )
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int]) -> torch.Tensor:
-    """OpenAI-style presence and frequency penalties over the tokens generated so far. logits: (V,)"""
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int], prompt_ids: Sequence[int] = ()
+) -> torch.Tensor:
+    """The repetition penalty over the prompt and output tokens, then OpenAI-style presence and frequency
+    penalties over the tokens generated so far. logits: (V,)"""
+    if params.repetition_penalty != 1.0 and (output_ids or prompt_ids):
+        seen = torch.tensor([*prompt_ids, *output_ids], dtype=torch.long, device=logits.device).unique()
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     if not output_ids or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
         return logits
     ids, counts = torch.tensor(list(output_ids), dtype=torch.long, device=logits.device).unique(return_counts=True)
@@ -53,30 +66,48 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, output_ids: Se
     return logits
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: penalised float logits (V,) scaled by the temperature
+    (> 0), then cut by top-k, min-p and top-p (what is cut has probability 0; the rest is not
+    renormalised, which `torch.multinomial` does not need)."""
+    if params.temperature >= _SMALL_TEMPERATURE:
+        scaled = logits / params.temperature
+    else:  # logits / temperature could overflow to inf (NaN probabilities): shift the largest to 0 first,
+        # and keep the divisor a normal float32; the distribution tends to greedy as it should
+        scaled = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax(scaled, dim=-1)
+    cut = False
+    if 0 < params.top_k < probs.numel():
+        keep = torch.topk(probs, params.top_k).indices  # exactly k tokens, ties broken by torch.topk
+        probs = torch.zeros_like(probs).index_copy_(0, keep, probs[keep])
+        cut = True
+    if params.min_p > 0.0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
+        cut = True
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        total = sorted_probs.sum() if cut else 1.0  # top-p of what the filters before it left
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p * total
+        keep[0] = True
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_probs[keep]
+        probs = filtered
+    return probs
+
+
 def select_token(
     logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator,
     output_ids: Sequence[int] = (),
+    prompt_ids: Sequence[int] = (),
 ) -> tuple[int, TokenLogprob | None]:
     """Pick the next token for one row from its float logits (V,), with `generator` on their device."""
-    logits = apply_penalties(logits.float(), params, output_ids)
+    logits = apply_penalties(logits.float(), params, output_ids, prompt_ids)
     if params.temperature <= 0.0:
         token = int(torch.argmax(logits))
     else:
-        if params.temperature >= _SMALL_TEMPERATURE:
-            scaled = logits / params.temperature
-        else:  # logits / temperature could overflow to inf (NaN probabilities): shift the largest to 0 first,
-            # and keep the divisor a normal float32; the distribution tends to greedy as it should
-            scaled = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
-        probs = torch.softmax(scaled, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-            keep[0] = True
-            filtered = torch.zeros_like(probs)
-            filtered[order[keep]] = sorted_probs[keep]
-            probs = filtered
+        probs = sampling_probs(logits, params)
         check_generator(generator, probs)
         token = int(torch.multinomial(probs, 1, generator=generator))
     if not params.logprobs and params.top_logprobs == 0:
@@ -90,6 +121,7 @@ def is_plain_greedy(params: SamplingParams) -> bool:
         params.temperature <= 0.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
+        and params.repetition_penalty == 1.0
         and not params.logprobs
         and params.top_logprobs == 0
     )
@@ -100,6 +132,7 @@ def select_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
     output_ids: Sequence[Sequence[int]],
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[tuple[int, TokenLogprob | None]]:
     """`select_token` for every row of logits (B, V); plain greedy rows share one batched argmax."""
     greedy = [i for i, p in enumerate(params) if is_plain_greedy(p)]
@@ -111,7 +144,8 @@ def select_tokens(
     if len(greedy) < len(params):
         for i, p in enumerate(params):
             if not is_plain_greedy(p):
-                choices[i] = select_token(logits[i], p, generators[i], output_ids[i])
+                prompt = prompt_ids[i] if prompt_ids is not None else ()
+                choices[i] = select_token(logits[i], p, generators[i], output_ids[i], prompt)
     return choices
 
 
