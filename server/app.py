@@ -29,7 +29,7 @@ from .middleware import InFlight, RequestMiddleware
 from .openapi import build_openapi
 from .profile_watch import ProfileWatcher
 from .registry import ProfileRegistry
-from .routes import chat, completions, docs, fit, health, models, profiles
+from .routes import chat, completions, docs, fit, health, models, playground, profiles
 from .serving import Serving
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def create_app(
     errors.install(app)
     for module in (chat, completions, models, profiles, fit, health, docs):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(
         RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, max_upload=settings.max_profile_bytes,
         root_path=settings.root_path, in_flight=app.state.in_flight,

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     root_path: str = Field("", description="path prefix when served behind a proxy, e.g. /rahf")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    playground: bool = Field(True, description="serve the steering playground page at /playground")
 
     # auth
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
