@@ -29,7 +29,7 @@ from .middleware import InFlight, RequestMiddleware
 from .openapi import build_openapi
 from .profile_watch import ProfileWatcher
 from .registry import ProfileRegistry
-from .routes import chat, completions, docs, fit, health, models, playground, profiles
+from .routes import chat, completions, docs, fit, health, models, playground, profiles, tokenize
 from .serving import Serving
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def create_app(
     `transformers` backend packs its linears in place as `settings.quantize` says). `backend_factory`
     replaces `create_backend` (tests)."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(settings.served_model_name or "")
     api_keys, admin_keys = settings.keys()
 
     @asynccontextmanager
@@ -97,6 +97,7 @@ def create_app(
             stop_token_ids=backend.stop_token_ids,
             metrics=metrics,
         )
+        metrics.model_name = app.state.serving.model_name
         metrics.bind(engine.stats, lambda: len(registry.snapshot()))
         app.state.draining = False
         log.info("ready: model %s, %d profiles", app.state.serving.model_name, len(registry.names()))
@@ -141,7 +142,7 @@ def create_app(
     app.state.draining = False
     app.state.in_flight = InFlight()
     errors.install(app)
-    for module in (chat, completions, models, profiles, fit, health, docs):
+    for module in (chat, completions, models, profiles, fit, tokenize, health, docs):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)

@@ -33,6 +33,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--keys-file", "keys_file", {"help": "file of API keys, one per line; 'admin:KEY' for admin keys"}),
     ("--max-body-bytes", "max_body_bytes", {"type": int}),
     ("--max-profile-bytes", "max_profile_bytes", {"type": int}),
+    ("--max-model-len", "max_model_len", {"type": int, "help": "context window: prompt plus generated tokens "
+                                          "(default: the model's, at most 2048)"}),
     ("--default-max-tokens", "default_max_tokens", {"type": int}),
     ("--max-tokens-limit", "max_tokens_limit", {"type": int}),
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "requests run together (concurrency)"}),

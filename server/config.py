@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # limits
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest JSON request body")
     max_profile_bytes: int = Field(64 * 1_048_576, ge=1024, description="largest profile upload")
+    max_model_len: int | None = Field(
+        None, ge=2, description="context window: prompt plus generated tokens (default: the model's, at most 2048)"
+    )
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.openapi.utils import get_openapi
 
 from .auth import require_admin_key, require_api_key
-from .protocol import SEED_RANGE
+from .protocol import REPETITION_PENALTY, SEED_RANGE
 from .routes import served_routes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,6 +296,15 @@ PROFILE_DELETED = {"type": "object", "required": ["id", "object", "deleted"],
 RELOADED = {"type": "object", "required": ["object", "data", "skipped"],
             "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "string"}},
                            "skipped": {"type": "array", "items": {"type": "string"}}}}
+TOKENIZED = {
+    "type": "object",
+    "required": ["count", "max_model_len", "tokens", "token_strs"],
+    "properties": {"count": {"type": "integer", "minimum": 0},
+                   "max_model_len": {"type": "integer", "minimum": 1},
+                   "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                   "token_strs": {"type": ["array", "null"], "items": {"type": "string"}}},
+}
+DETOKENIZED = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
 HEALTHY = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
 METRICS_OK = {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
 READY = {
@@ -387,6 +396,14 @@ def _common(props: dict[str, Any], settings: Settings) -> None:
         props[key] = {"type": ["number", "null"], "minimum": -2.0, "maximum": 2.0}
     props["temperature"] = {"type": ["number", "null"], "minimum": 0.0, "maximum": 2.0}
     props["top_p"] = {"type": ["number", "null"], "exclusiveMinimum": 0.0, "maximum": 1.0}
+    props["top_k"] = {"type": ["integer", "null"], "minimum": -1,
+                      "description": "sample from the k most likely tokens; -1 or 0: all (vLLM's extension)"}
+    props["min_p"] = {"type": ["number", "null"], "minimum": 0.0, "maximum": 1.0,
+                      "description": "drop tokens less likely than min_p times the most likely (vLLM's extension)"}
+    props["repetition_penalty"] = {
+        "type": ["number", "null"], "minimum": REPETITION_PENALTY[0], "maximum": REPETITION_PENALTY[1],
+        "description": "over prompt and generated tokens: positive logits divided by it, negative ones "
+                       "multiplied; 1: off (vLLM's extension)"}
     props["stop"] = {"anyOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
@@ -451,6 +468,26 @@ def _completion_request(schema: dict[str, Any], settings: Settings, vocab: int |
         schema["allOf"] = rules
 
 
+def _tokenize_requests(schemas: dict[str, Any], vocab: int | None) -> None:
+    """`/tokenize`: exactly one of `prompt` and `messages`; `/detokenize`: ids within the vocabulary."""
+    tokenize = schemas.get("TokenizeRequest")
+    if tokenize is not None:
+        props = tokenize["properties"]
+        props["messages"] = {"anyOf": [{"type": "array", "minItems": 1,
+                                        "items": {"$ref": "#/components/schemas/ChatMessage"}}, {"type": "null"}]}
+        tokenize["oneOf"] = [
+            {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+        ]
+        tokenize["description"] = "a `prompt`, or chat `messages` formatted with the chat template (vLLM's shape)"
+    detokenize = schemas.get("DetokenizeRequest")
+    if detokenize is not None:
+        token: dict[str, Any] = {"type": "integer", "minimum": 0}
+        if vocab is not None:
+            token["maximum"] = vocab - 1
+        detokenize["properties"]["tokens"] = {"type": "array", "items": token}
+
+
 # -- assembling --------------------------------------------------------------------------------------
 
 def _calls(route: APIRoute) -> set[Any]:
@@ -485,6 +522,7 @@ def build_openapi(app: FastAPI, settings: Settings, *, vocab: int | None = None)
     schemas["ChatMessage"] = _message()
     _chat_request(schemas["ChatCompletionRequest"], settings)
     _completion_request(schemas["CompletionRequest"], settings, vocab)
+    _tokenize_requests(schemas, vocab)
     if needs["admin"]:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                     "description": "an API key; profile changes need an admin key"}}

@@ -37,6 +37,7 @@ _UNSUPPORTED_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "metadata": (None, {}),
     "store": (None, False),
 }
+REPETITION_PENALTY = (0.01, 100.0)  # vLLM takes any positive value; this keeps logits / penalty finite
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
 
 
@@ -137,6 +138,10 @@ class _GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM's extra sampling parameters, per row: -1 or 0 = every token; min_p 0 = off; 1 = no penalty
+    top_k: Int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     user: str | None = None
     steering: SteeringSpec = None
 
@@ -195,6 +200,9 @@ class _GenerationRequest(_Strict):
             stop_token_ids=stop_token_ids,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -261,3 +269,35 @@ class CompletionRequest(_GenerationRequest):
             top_logprobs=self.logprobs or 0,
             prompt_logprobs=wants and self.echo,
         )
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's `/tokenize` body: a `prompt`, or chat `messages` formatted with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        where = _unpaired_surrogate(data, "")
+        if where:
+            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+        return data
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's `/detokenize` body."""
+
+    model: str | None = None
+    tokens: list[Int]

@@ -25,7 +25,14 @@ from steering_vectors.profile import ModelFingerprint, Profile
 from .backends.base import Engine, GenerationRequest, TokenLogprob
 from .config import Settings
 from .errors import bad_request, not_found
-from .protocol import ChatCompletionRequest, CompletionRequest, SteeringEntry, steering_entries
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SteeringEntry,
+    TokenizeRequest,
+    steering_entries,
+)
 from .registry import ProfileRegistry
 
 # -- steering -----------------------------------------------------------------------------------------
@@ -343,9 +350,12 @@ class Serving:
         """`requested`, checked against the limit and the context window; None: `default` (the server's
         default_max_tokens when None), cut to the limit and to what the context window leaves."""
         context = self.engine.max_context
+        where = "messages" if prompt_param == "messages" else "prompt"
         if prompt_len >= context:
             raise bad_request(
-                f"the prompt has {prompt_len} tokens; the model's context window is {context}",
+                f"This model's maximum context length is {context} tokens (max_model_len). However, your "
+                f"{where} has {prompt_len} tokens, which leaves no room for a completion. Please reduce the "
+                f"length of the {where}.",
                 prompt_param,
                 code="context_length_exceeded",
             )
@@ -357,8 +367,9 @@ class Serving:
             raise bad_request(f"{param} {requested} exceeds this server's limit of {limit}", param)
         if prompt_len + requested > context:
             raise bad_request(
-                f"the prompt ({prompt_len} tokens) plus {param} ({requested}) exceeds the model's context "
-                f"window of {context} tokens",
+                f"This model's maximum context length is {context} tokens (max_model_len). However, you "
+                f"requested {prompt_len + requested} tokens ({prompt_len} in the {where}, {requested} in "
+                f"{param}). Please reduce the length of the {where} or {param}.",
                 param,
                 code="context_length_exceeded",
             )
@@ -371,15 +382,25 @@ class Serving:
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
+    def _chat_text(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except Exception as exc:  # no template, or a template that rejects the roles used
             raise bad_request(f"the model's chat template cannot format these messages: {exc}", "messages") from None
-        return self._encode(text, add_special_tokens=False)
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        return self._encode(self._chat_text(request.messages), add_special_tokens=False)
+
+    def tokenize(self, request: TokenizeRequest) -> list[int]:
+        """The token ids of a `/tokenize` request: its prompt (special tokens added unless it says not to), or
+        its messages through the chat template, as a chat completion would see them."""
+        if request.messages is not None:
+            text = self._chat_text(request.messages, add_generation_prompt=request.add_generation_prompt)
+            return self._encode(text, add_special_tokens=bool(request.add_special_tokens))
+        special = True if request.add_special_tokens is None else request.add_special_tokens
+        return self._encode(request.prompt or "", add_special_tokens=special)
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         self._check_n(request.n)

@@ -1,4 +1,4 @@
-"""`/healthz` (alive), `/readyz` (model and profiles loaded, not draining) and `/metrics`."""
+"""`/healthz` and `/health` (alive), `/readyz` (model and profiles loaded, not draining) and `/metrics`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz", responses={200: json_ok(HEALTHY)})
 async def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get("/health", responses={200: json_ok(HEALTHY)})
+async def health() -> dict[str, Any]:
+    """vLLM's liveness path: the same as `/healthz`."""
     return {"status": "ok"}
 
 

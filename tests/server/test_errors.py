@@ -263,7 +263,7 @@ def test_max_tokens_limit_setting(tiny_loaded) -> None:
 
 def _tokens_generated(live) -> float:
     for line in httpx.get(live.url + "/metrics").text.splitlines():
-        if line.startswith('rahf_tokens_total{kind="completion"}'):
+        if line.startswith("rahf_tokens_total{") and 'kind="completion"' in line:
             return float(line.split()[-1])
     return 0.0
 

@@ -289,7 +289,7 @@ def test_sigterm_lets_32_streams_finish_and_refuses_new_requests_with_503(tiny_m
 
 def _completion_tokens(live) -> float:
     for line in httpx.get(live.url + "/metrics").text.splitlines():
-        if line.startswith('rahf_tokens_total{kind="completion"}'):
+        if line.startswith("rahf_tokens_total{") and 'kind="completion"' in line:
             return float(line.split()[-1])
     return 0.0
 
@@ -310,6 +310,7 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_rows(tiny_loaded
         time.sleep(0.3)
         assert _completion_tokens(live) < 3 * 480  # cancelled, not run to the end
         metrics = httpx.get(live.url + "/metrics").text
-        assert f'rahf_requests_total{{method="POST",route="/v1{path}",status="499"}} 1.0' in metrics
+        labels = f'method="POST",model_name="{base}",route="/v1{path}",status="499"'
+        assert f"rahf_requests_total{{{labels}}} 1.0" in metrics
         again = httpx.post(live.v1 + path, json={**body, "max_tokens": 2, "n": 1}, timeout=60)
         assert again.status_code == 200

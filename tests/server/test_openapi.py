@@ -34,6 +34,9 @@ STATUSES = {
     ("post", "/v1/profiles/-/reload"): {200, 401, 403, 500, 503},
     ("post", "/v1/profiles/{name}/fit"): {200, 201, 400, 401, 403, 413, 500, 503, 507},
     ("get", "/healthz"): {200},
+    ("get", "/health"): {200},
+    ("post", "/tokenize"): {200, 400, 401, 404, 413, 503},
+    ("post", "/detokenize"): {200, 400, 401, 404, 413, 503},
     ("get", "/readyz"): {200, 503},
     ("get", "/metrics"): {200},
 }
@@ -87,7 +90,8 @@ def test_security_and_auth_statuses_follow_the_key_settings() -> None:
     assert both["components"]["securitySchemes"] == {"bearer": {
         "type": "http", "scheme": "bearer", "description": "an API key; profile changes need an admin key"}}
     for method, path, operation in operations(both):
-        assert ("security" in operation) == path.startswith("/v1/"), (method, path)
+        keyed = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1
+        assert ("security" in operation) == keyed, (method, path)
         assert ("403" in operation["responses"]) == ((method, path) in ADMIN)
 
 

@@ -28,10 +28,11 @@ from .conftest import live_server, make_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 
-OPEN = {"/healthz", "/readyz", "/metrics"}
+OPEN = {"/healthz", "/health", "/readyz", "/metrics"}
 OPEN |= {"/playground", "/playground/", "/playground/playground.js", "/playground/playground.css"}  # a static page
-# POST routes that read (generate) rather than change anything; every other method but GET changes state
-READ_POSTS = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
+# POST routes that read (generate, tokenize) rather than change anything; every other method but GET changes state
+READ_POSTS = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/tokenize"),
+              ("POST", "/detokenize")}
 USER, ADMIN = "user-key-1", "admin-key-1"
 
 
