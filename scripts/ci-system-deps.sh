@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # System packages the test suite uses besides Python ones: Debian's nginx (the gateway test in
-# tests/deploy/ runs it on loopback). Idempotent and quick when everything is already there.
+# tests/deploy/ runs it on loopback) and chromium with chromium-driver (the playground's browser test,
+# tests/server/test_playground_browser.py; about 120 MB to fetch, a few minutes to install on 2 cores).
+# Idempotent and quick when everything is already there.
 # Needs root or passwordless sudo; without them it only reports what is missing, and the tests
 # that need the package skip with a reason.
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,6 +1,7 @@
-"""`rahf profiles`: list, show, validate and convert profile files.
+"""`rahf profiles`: list, show, validate and convert profile files; fit one on a running server.
 
-Knows the command line; the work is done by `profile`, `gguf_io` and `models`.
+Knows the command line; the work is done by `profile`, `gguf_io` and `models` (and, for `fit`, by the
+server's `POST /v1/profiles/{name}/fit`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     p.set_defaults(handler=_import)
+
+    p = actions.add_parser(
+        "fit", help="build a profile from a few contrastive examples on a running server (forward passes only)",
+        description="EXAMPLES is a JSON file holding a fit request body ({\"examples\": [...]} or "
+                    "{\"instructions\": {...}, \"prompts\": [...]}), or a JSONL file with one example per line "
+                    "({\"positive\", \"negative\"} or {\"prompt\", \"positive\", \"negative\"}). The admin key, "
+                    "when the server has keys, comes from $RAHF_ADMIN_KEY.")
+    p.add_argument("name", help="the profile's name in the server's store")
+    p.add_argument("examples", type=Path)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (with its root path, if any)")
+    p.add_argument("--method", choices=("caa", "pca", "mean"), default=None, help="default: caa")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: a middle band)")
+    p.add_argument("--strength", type=float, default=None, help="the profile's default strength (default 1)")
+    p.add_argument("--position", choices=("all", "generated"), default=None)
+    p.add_argument("--description", default=None)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(handler=_fit)
 
 
 def _load_any(path: Path, name: str | None = None) -> Profile:
@@ -106,4 +124,55 @@ def _import(args: argparse.Namespace) -> int:
     profile = _load_any(args.file, name=args.name or args.out.stem)
     profile.renamed(args.name or args.out.stem).save(args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def fit_request(path: Path, args: argparse.Namespace) -> dict:
+    """The request body from an examples file (JSON body or JSONL examples) and the options given."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        body: dict = {"examples": [json.loads(line) for line in text.splitlines() if line.strip()]}
+    else:
+        loaded = json.loads(text)
+        body = {"examples": loaded} if isinstance(loaded, list) else dict(loaded)
+    options = {"method": args.method, "default_strength": args.strength, "position_mode": args.position,
+               "description": args.description}
+    body.update({k: v for k, v in options.items() if v is not None})
+    if args.layers:
+        body["layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+    return body
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        body = fit_request(args.examples, args)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.examples}: {exc}")
+        return 1
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("RAHF_ADMIN_KEY", "").strip()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    url = f"{args.url.rstrip('/')}/v1/profiles/{urllib.parse.quote(args.name, safe='')}/fit"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:  # noqa: S310 - a URL the user gave
+            summary = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+            where = f" ({error['param']})" if error.get("param") else ""
+            print(f"error: {exc.code}{where}: {error['message']}")
+        except (ValueError, KeyError, TypeError):
+            print(f"error: {exc.code} {exc.reason}")
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: cannot reach {args.url}: {getattr(exc, 'reason', exc)}")
+        return 1
+    print(json.dumps(summary, indent=2))
     return 0

@@ -247,3 +247,30 @@ def test_a_stream_keeps_streaming_while_a_fit_runs(live) -> None:
     during = [t for t in arrivals if begin < t < end]
     # the engine ran one fit batch after each step: the stream got tokens all through the fit
     assert len(during) >= 20, (len(during), len(arrivals), end - begin)
+
+
+# -- rahf profiles fit -------------------------------------------------------------------------------
+
+def test_the_cli_fits_on_a_running_server(live, tmp_path, capsys, monkeypatch) -> None:
+    from steering_vectors.cli import main
+
+    monkeypatch.delenv("RAHF_ADMIN_KEY", raising=False)
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text("".join(json.dumps({"positive": p, "negative": n}) + "\n" for p, n in PAIRS))
+    assert main(["profiles", "fit", "from-cli", str(lines), "--url", live.url, "--method", "mean", "--layers", "0,2",
+                 "--strength", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["id"], summary["method"], summary["layers"], summary["default_strength"]) == (
+        "from-cli", "quickfit/mean", [0, 2], 0.5)
+    stored = Profile.load(live.profile_dir / "from-cli.safetensors")
+    fitted = fit(live, "from-api", {**body_for("pairs"), "method": "mean", "layers": [0, 2]})
+    assert fitted.status_code == 201
+    again = Profile.load(live.profile_dir / "from-api.safetensors")
+    assert all(torch.equal(stored.offsets[k], again.offsets[k]) for k in (0, 2))
+
+    body = tmp_path / "instructions.json"
+    body.write_text(json.dumps(body_for("instructions")))
+    assert main(["profiles", "fit", "bad name!", str(body), "--url", live.url]) == 1
+    assert capsys.readouterr().out.startswith("error: 400 (name): invalid profile name")
+    assert main(["profiles", "fit", "x", str(body), "--url", live.url, "--layers", "9"]) == 1
+    assert capsys.readouterr().out.startswith("error: 400 (layers): layers: [9] outside")
