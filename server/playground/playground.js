@@ -183,11 +183,12 @@ async function stream(body, target) {
       const { value, done } = await reader.read();
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
+      // events end with a blank line; lines end with CRLF, LF or CR (this server sends CRLF)
       let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        for (const line of event.split("\n")) {
+      while ((cut = buffer.match(/\r\n\r\n|\n\n|\r\r(?!\n)/)) !== null) {
+        const event = buffer.slice(0, cut.index);
+        buffer = buffer.slice(cut.index + cut[0].length);
+        for (const line of event.split(/\r\n|\n|\r/)) {
           if (!line.startsWith("data: ")) continue;
           const data = line.slice(6);
           if (data === "[DONE]") continue;
