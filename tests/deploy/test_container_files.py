@@ -143,6 +143,21 @@ def test_kubernetes_manifest():
     assert mounts["profiles"]["mountPath"] == env["RAHF_PROFILE_DIR"]
     assert mounts["profiles"]["readOnly"] is True
     assert "persistentVolumeClaim" in volumes["profiles"]
+    claim = kinds["PersistentVolumeClaim"]
+    assert volumes["profiles"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one writer elsewhere, every node reads
+    assert env["RAHF_PROFILE_UPLOADS"] == "false"  # serving pods never write the shared directory
+
+    # Disruptions keep a pod serving; the autoscaler scales this Deployment on CPU, from the replicas it has.
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert kinds["PodDisruptionBudget"]["spec"]["minAvailable"] >= 1
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": deployment["metadata"]["name"]}
+    assert hpa["minReplicas"] == deployment["spec"]["replicas"] < hpa["maxReplicas"]
+    (cpu,) = hpa["metrics"]
+    assert cpu["resource"]["name"] == "cpu" and cpu["resource"]["target"]["type"] == "Utilization"
 
     # Non-root, and SIGTERM has time to drain before the kubelet kills the pod.
     assert pod["securityContext"]["runAsNonRoot"] is True
