@@ -9,6 +9,7 @@ skip only when it cannot be installed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,7 +120,7 @@ def replicas(nginx_bin, tiny_model_dir, profile_dir, tmp_path_factory):
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
             ports.append((port, log))
         for proc, (port, log) in zip(procs, ports, strict=True):
-            _wait_http(f"http://127.0.0.1:{port}/readyz", proc, 120, log)
+            _wait_http(f"http://127.0.0.1:{port}/readyz", proc, 300, log)  # a busy machine starts slowly
         yield procs, [port for port, _ in ports]
     finally:
         for proc in procs:
@@ -337,6 +339,113 @@ def test_openai_client_streams_through_the_gateway(gateway, replicas):
     chunks = list(stream)
     assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _steered(url: str, model: str, name: str, rid: str) -> tuple[int, str | None]:
+    """(status, the digest the answer reports) of a short steered completion through `url`."""
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=60, headers={"X-Request-ID": rid},
+                          json=_chat_body(model=f"{model}:{name}", max_tokens=1))
+    if response.status_code != 200:
+        return response.status_code, None
+    header = response.headers["x-steering"]
+    assert header.startswith(f"{name}=") and ";digest=" in header, header
+    digest = header.rsplit(";digest=", 1)[1]
+    assert response.json()["steering"]["profiles"][0]["digest"] == digest
+    return 200, digest
+
+
+def _upstreams(log: Path, prefix: str) -> set[int]:
+    time.sleep(0.2)
+    return {int(m.group(1)) for line in log.read_text().splitlines()
+            if f"rid={prefix}" in line and (m := re.search(r"upstream=127\.0\.0\.1:(\d+)", line))}
+
+
+def test_replicas_agree_on_an_uploaded_replaced_and_deleted_profile(gateway, replicas, profile_dir):
+    """A profile uploaded through the gateway is served by every replica at once with one digest; after a
+    replacement no request reports the old digest; after a delete every replica answers 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from steering_vectors import Profile
+    from tests.conftest import TINY_HIDDEN
+
+    url, name, many = gateway["url"], "rollout", 24
+    model = _model_name(url)
+    versions = []
+    for seed in (11, 12):
+        gen = torch.Generator().manual_seed(seed)
+        offsets = {layer: torch.randn(TINY_HIDDEN, generator=gen) * 4 for layer in (1, 2)}
+        versions.append(Profile(name=name, offsets=offsets).to_bytes())
+
+    # upload: within 2 s, >= 20 requests through the gateway all succeed, all with the uploaded file's digest
+    created = httpx.put(f"{url}/v1/profiles/{name}", content=versions[0], timeout=60)
+    assert created.status_code == 201, created.text
+    first = created.json()["digest"]
+    assert first == _sha((profile_dir / f"{name}.safetensors").read_bytes())  # the file the replica wrote
+    uploaded = time.monotonic()
+    sent: list[float] = []
+
+    def one(i: int, prefix: str) -> tuple[int, str | None]:
+        sent.append(time.monotonic())
+        return _steered(url, model, name, f"{prefix}-{i}")
+
+    with ThreadPoolExecutor(many) as pool:  # all at once: every request is sent within the bound
+        results = list(pool.map(lambda i: one(i, "up"), range(many)))
+    # at least 20 of them left within 2 s of the upload (a starved client may start a thread late), and all
+    # of them succeeded with the uploaded file's digest
+    within = sum(t - uploaded < 2.0 for t in sent)
+    assert within >= 20, f"only {within} requests sent within 2 s of the upload"
+    assert results == [(200, first)] * many
+    assert _upstreams(gateway["log"], "up-") == set(replicas[1])  # both replicas answered
+
+    # replace, under load: every request that started after the PUT answered reports the new digest
+    log: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            log.append((started, *_steered(url, model, name, f"swap-{worker}-{i}")))
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    replaced = httpx.put(f"{url}/v1/profiles/{name}", content=versions[1], timeout=60)
+    switched = time.monotonic()
+    assert replaced.status_code == 200, replaced.text
+    second = replaced.json()["digest"]
+    assert second == _sha((profile_dir / f"{name}.safetensors").read_bytes()) != first
+    while len([t for t, _, _ in log if t > switched]) < many:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert {status for _, status, _ in log} == {200}
+    assert {digest for t, _, digest in log if t < switched} <= {first, second}
+    after = [digest for t, _, digest in log if t > switched]
+    assert len(after) >= many and set(after) == {second}, "a request after the switch reported the old digest"
+    assert _upstreams(gateway["log"], "swap-") == set(replicas[1])
+
+    # delete: every replica answers 404 within 2 s (at once for requests; the listings within the bound)
+    deleted = httpx.delete(f"{url}/v1/profiles/{name}", timeout=60)
+    assert deleted.status_code == 200, deleted.text
+    gone = time.monotonic()
+    for port in replicas[1]:
+        direct = f"http://127.0.0.1:{port}"
+        assert _steered(direct, model, name, "gone-direct") == (404, None)
+        assert httpx.get(f"{direct}/v1/profiles/{name}", timeout=10).status_code == 404
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda i: _steered(url, model, name, f"gone-{i}"), range(many))) == [(404, None)] * many
+    while any(name in httpx.get(f"http://127.0.0.1:{p}/readyz", timeout=10).json()["profiles"] for p in replicas[1]):
+        assert time.monotonic() - gone < 2.0, "a replica still lists the deleted profile"
+        time.sleep(0.05)
+    assert _upstreams(gateway["log"], "gone-") == set(replicas[1])
 
 
 def test_a_stopped_replica_is_skipped(gateway, replicas):
