@@ -247,7 +247,7 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
         axis.plot(xs, ys, marker="o", label=r["row"])
     axis.axvline(10, color="red", linestyle=":", label="+10 % perplexity")
     axis.set(xlabel="perplexity rise on neutral text (%)", ylabel="dev preference accuracy (%)",
-             title=f"{report['title']}: default strength (first point) and matched +5 % perplexity")  # fmt: skip
+             title=f"{report['title']}\ndefault strength (first point) and matched +5 % perplexity")  # fmt: skip
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()

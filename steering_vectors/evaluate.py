@@ -214,9 +214,23 @@ def matched_strength(
     bisection on [0, `high`] (perplexity is taken to grow with strength). When even `high` stays below
     the target, returns `high` and its perplexity."""
     target = base_ppl * (1.0 + rise)
+    low, low_ppl, high, high_ppl = _bracket_strength(
+        model, tokenizer, text, profile, base_ppl, target, high=high, steps=steps, bf16=bf16
+    )
+    if high_ppl <= target:
+        return high, high_ppl
+    return (low, low_ppl) if abs(low_ppl - target) <= abs(high_ppl - target) else (high, high_ppl)
+
+
+def _bracket_strength(
+    model: nn.Module, tokenizer: Any, text: str, profile: Profile, base_ppl: float, target: float, *,
+    high: float, steps: int, bf16: bool,
+) -> tuple[float, float, float, float]:  # fmt: skip
+    """(low, ppl(low), high, ppl(high)) after bisecting [0, high] for perplexity = target: ppl(low) <= target
+    always (low = 0 is the unsteered model); ppl(high) > target unless even `high` stays below it."""
     top = perplexity(model, tokenizer, text, profile, high, bf16=bf16)
     if top <= target:
-        return high, top
+        return high, top, high, top
     low, low_ppl, high_ppl = 0.0, base_ppl, top
     for _ in range(steps):
         middle = (low + high) / 2
@@ -225,7 +239,7 @@ def matched_strength(
             low, low_ppl = middle, ppl
         else:
             high, high_ppl = middle, ppl
-    return (low, low_ppl) if abs(low_ppl - target) <= abs(high_ppl - target) else (high, high_ppl)
+    return low, low_ppl, high, high_ppl
 
 
 def perplexity(
@@ -308,7 +322,11 @@ def calibrate_strength(
     budget: TokenBudget = DEFAULT_BUDGET,
     bf16: bool = False,
 ) -> tuple[float, list[dict[str, float]]]:
-    """Pick the strength with the best accuracy on (training) pairs among those within the fluency cap."""
+    """Pick the strength with the best accuracy on (training) pairs among those within the fluency cap.
+
+    When every strength of the grid breaks the cap, the default is the largest strength below the grid's
+    smallest that keeps it (bisection, 6 steps), scored like the others and marked `below_grid`; a
+    default that breaks the cap is never chosen."""
     rows = []
     for strength in strengths:
         ppl = perplexity(model, tokenizer, text, profile, strength, bf16=bf16)
@@ -332,7 +350,16 @@ def calibrate_strength(
         )
     usable = [r for r in rows if not math.isnan(r["accuracy"])]
     if not usable:
-        return min(strengths), rows
+        cap = base_ppl * (1.0 + max_ppl_rise)
+        strength, ppl, _, _ = _bracket_strength(
+            model, tokenizer, text, profile, base_ppl, cap, high=min(strengths), steps=6, bf16=bf16
+        )
+        score = score_pairs(
+            model, tokenizer, pairs, profile, strength, budget=budget, bf16=bf16, desc=f"calibrate {strength:.3g}"
+        )
+        rows.append({"strength": strength, "accuracy": score.accuracy, "margin": score.margin, "perplexity": ppl,
+                     "below_grid": True})  # fmt: skip
+        return strength, rows
     best = max(usable, key=lambda r: (round(r["accuracy"], 6), r["margin"]))
     return float(best["strength"]), rows
 

@@ -54,6 +54,38 @@ def test_matched_strength_finds_the_perplexity_target(monkeypatch) -> None:
     assert (strength, ppl) == (2.0, 28.0)
 
 
+
+def test_calibration_never_picks_a_default_that_breaks_the_fluency_cap(monkeypatch) -> None:
+    import steering_vectors.evaluate as evaluate
+
+    def fake_perplexity(model, tokenizer, text, profile=None, strength=1.0, **kwargs):  # ppl = 20 (1 + 4 s^2)
+        return 20.0 * (1.0 + 4.0 * strength**2)
+
+    scored = []
+
+    def fake_score(model, tokenizer, pairs, profile=None, strength=1.0, **kwargs):
+        scored.append(strength)
+        return _score([True, strength > 0.1])
+
+    monkeypatch.setattr(evaluate, "perplexity", fake_perplexity)
+    monkeypatch.setattr(evaluate, "score_pairs", fake_score)
+    profile = Profile("push", {1: torch.ones(4)})
+    # every grid strength is over +8 % (0.5 -> +100 %): the default is the largest strength under the cap
+    strength, rows = evaluate.calibrate_strength(
+        None, None, [], profile, [0.5, 1.0], base_ppl=20.0, text="t", max_ppl_rise=0.08
+    )
+    assert 20.0 * (1.0 + 4.0 * strength**2) <= 20.0 * 1.08  # within the cap ...
+    assert strength > 0.02**0.5 - 0.5 / 2**6  # ... and within one bisection step (of [0, 0.5]) of it
+    assert scored == [strength] and rows[-1]["below_grid"] and rows[-1]["strength"] == strength
+    assert [r["strength"] for r in rows[:2]] == [0.5, 1.0] and all(r["accuracy"] != r["accuracy"] for r in rows[:2])
+    # a grid with a usable strength keeps the usual choice
+    scored.clear()
+    strength, rows = evaluate.calibrate_strength(
+        None, None, [], profile, [0.1, 0.5], base_ppl=20.0, text="t", max_ppl_rise=0.08
+    )
+    assert strength == 0.1 and scored == [0.1] and not any(r.get("below_grid") for r in rows)
+
+
 def _write_split(folder: Path, name: str, n_prompts: int) -> None:
     rows = [
         {"prompt": f"{name} question {i}", "chosen": f"kind answer {i}", "rejected": f"rude {i}!"}
