@@ -268,7 +268,7 @@ class RunConfig:
     data_file: Path
     method: str = "dual"
     layers: tuple[int, ...] = (6, 9, 12, 15, 18)
-    alpha: float = 4.0
+    alpha: float = 1.0
     max_pairs: int = 1024
     held_out: float = 0.1
     seed: int = 0
@@ -284,7 +284,7 @@ class RunConfig:
     rank: int = 8
     kl: float = 0.0
     l2: float = 1e-3
-    fit_init: str = "zeros"
+    fit_init: str = "shift"
     fit_down_lr: float = 1e-3
     pref_steps: int = 32
     pref_batch: int = 8

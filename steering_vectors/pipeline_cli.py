@@ -125,7 +125,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
     parser.add_argument("--method", choices=("scit", "dual"), default="dual", help="step 1 variant")
     parser.add_argument("--layers", type=_ints, default=_ints(DEFAULT_LAYERS), help="target decoder layers")
-    parser.add_argument("--alpha", type=float, default=4.0, help="pattern scale in the alignment target")
+    parser.add_argument("--alpha", type=float, default=1.0, help="pattern scale in the alignment target")
     parser.add_argument("--max-pairs", type=_count, default=1024, help="training pairs (seeded sample)")
     parser.add_argument(
         "--held-out",
@@ -158,7 +158,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit-init",
         choices=("zeros", "shift"),
-        default="zeros",
+        default="shift",
         help="start of the 'rahf' offsets: zeros, or the closed-form mean shift from base states to the target",
     )
     parser.add_argument("--pref-steps", type=_count, default=32, help="Adam steps of the 'pref' fit")
