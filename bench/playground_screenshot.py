@@ -30,8 +30,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "playground.png")
     parser.add_argument("--url", default=None, help="a running server (default: start one with profiles/)")
-    parser.add_argument("--profile", default="harmless-pref")
-    parser.add_argument("--strength", type=float, default=4.0)
+    parser.add_argument("--profile", default="harmless")
+    parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
