@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -57,7 +59,10 @@ def test_default_model_chat_stream_steering_and_scoring(default_live) -> None:
         extra_body={"steering": {"profile": "loud", "strength": 1.0}},
     )
     assert steered.choices[0].message.content != plain.choices[0].message.content
-    assert steered.model_extra["steering"]["profiles"] == [{"profile": "loud", "strength": 1.0}]
+    (entry,) = steered.model_extra["steering"]["profiles"]
+    digest = entry.pop("digest")  # the served file's content digest (which version of the profile served it)
+    assert entry == {"profile": "loud", "strength": 1.0}
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
 
     text = "The capital of France is Paris."
     scored = client.completions.create(model=base, prompt=text, max_tokens=0, echo=True, logprobs=1)
