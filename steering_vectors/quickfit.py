@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .data import encode_prompt
+from .data import Encoded, collate, encode_prompt
 from .errors import SteeringError
 from .layers import find_decoder_layers
 from .profile import ModelFingerprint, Profile, validate_name
@@ -223,44 +223,16 @@ class SideStates:
     count: int
 
 
-class _Stop(Exception):
-    """Raised after the deepest recorded layer: the rest of the forward pass is skipped."""
-
-
 def read_batch(model: nn.Module, batch: Sequence[Side], layers: Sequence[int], pad_id: int) -> list[SideStates]:
-    """One forward pass (no cache, no steering plan, stopped after the deepest of `layers`) over `batch`;
-    returns each side's summed states at `layers` over its read tokens."""
-    device = next(model.parameters()).device
-    width = max(len(side.input_ids) for side in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    read = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, side in enumerate(batch):
-        n = len(side.input_ids)
-        ids[row, :n] = torch.tensor(side.input_ids, dtype=torch.long)
-        attention[row, :n] = 1
-        read[row, side.read_from : n] = True
-    decoder = find_decoder_layers(model)
-    recorded: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
-    handles = []
-    for layer in layers:
+    """One forward pass (no cache, stopped after the deepest of `layers`; the calling thread has no steering
+    plan) over `batch`; returns each side's summed states at `layers` over its read tokens."""
+    from .rahf import forward_recorded, record_layers
 
-        def hook(module: nn.Module, args: object, output: object, layer: int = layer) -> None:
-            recorded[layer] = (output[0] if isinstance(output, tuple) else output).detach()  # (B, T, H)
-            if layer == deepest:
-                raise _Stop
-
-        handles.append(decoder[layer].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    encoded = collate([Encoded(side.input_ids, side.read_from) for side in batch], pad_id)
+    with torch.no_grad(), record_layers(model, layers, stop=True) as recorded:
+        forward_recorded(model, encoded)
     stacked = torch.stack([recorded[layer].to("cpu", torch.float64) for layer in layers], dim=1)  # (B, L, T, H)
+    read = encoded.response_mask.bool()  # the tokens from each side's `read_from` on
     out = []
     for row, side in enumerate(batch):
         keep = read[row]
