@@ -220,39 +220,37 @@ async def churned_steering(s, c):
     await _post(s, c, "chat steered by a churned profile", "/v1/chat/completions", body, {200, 404})
 
 
-async def profile_put(s, c):
+async def _status(s: Soak, scenario: str, send: Callable[[], Awaitable[httpx.Response]],
+                  expected: set[int | str]) -> None:
+    """Time `send()` (building the request included) and record its status."""
     began = time.monotonic()
-    name = s.rng.choice(CHURN)
     try:
-        if s.rng.random() < 0.5:
-            response = await c.put(f"{s.url}/v1/profiles/{name}", content=s.upload(s.rng.randint(0, 10**6)),
-                                   headers=_headers(ADMIN))
-        else:
-            files = {"file": (f"{name}.safetensors", s.upload(s.rng.randint(0, 10**6)), "application/octet-stream")}
-            response = await c.put(f"{s.url}/v1/profiles/{name}", files=files, headers=_headers(ADMIN))
-        status: int | str = response.status_code
+        status: int | str = (await send()).status_code
     except httpx.HTTPError as exc:
         status = f"client-error: {type(exc).__name__}"
-    s.record("profile upload/replace", status, began, {200, 201})
+    s.record(scenario, status, began, expected)
+
+
+async def profile_put(s, c):
+    name = s.rng.choice(CHURN)
+
+    def send() -> Awaitable[httpx.Response]:
+        if s.rng.random() < 0.5:
+            return c.put(f"{s.url}/v1/profiles/{name}", content=s.upload(s.rng.randint(0, 10**6)),
+                         headers=_headers(ADMIN))
+        files = {"file": (f"{name}.safetensors", s.upload(s.rng.randint(0, 10**6)), "application/octet-stream")}
+        return c.put(f"{s.url}/v1/profiles/{name}", files=files, headers=_headers(ADMIN))
+
+    await _status(s, "profile upload/replace", send, {200, 201})
 
 
 async def profile_delete(s, c):
-    began = time.monotonic()
-    try:
-        response = await c.delete(f"{s.url}/v1/profiles/{s.rng.choice(CHURN)}", headers=_headers(ADMIN))
-        status: int | str = response.status_code
-    except httpx.HTTPError as exc:
-        status = f"client-error: {type(exc).__name__}"
-    s.record("profile delete", status, began, {200, 404})
+    await _status(s, "profile delete", lambda: c.delete(f"{s.url}/v1/profiles/{s.rng.choice(CHURN)}",
+                                                        headers=_headers(ADMIN)), {200, 404})
 
 
 async def profile_list(s, c):
-    began = time.monotonic()
-    try:
-        status: int | str = (await c.get(s.url + "/v1/profiles", headers=_headers())).status_code
-    except httpx.HTTPError as exc:
-        status = f"client-error: {type(exc).__name__}"
-    s.record("profile list", status, began, {200})
+    await _status(s, "profile list", lambda: c.get(s.url + "/v1/profiles", headers=_headers()), {200})
 
 
 async def bad_request(s, c):
