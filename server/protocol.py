@@ -77,6 +77,15 @@ def _unpaired_surrogate(value: Any, path: str) -> str | None:
     return None
 
 
+def require_valid_unicode(data: Any) -> Any:
+    """`data` itself when every string in it is valid Unicode; else a ValueError naming the first bad one
+    (for the `mode="before"` validators of request bodies)."""
+    where = _unpaired_surrogate(data, "")
+    if where:
+        raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+    return data
+
+
 class SteeringEntry(_Strict):
     """One profile and its strength; `position` overrides the profile's token-position mode."""
 
@@ -148,9 +157,7 @@ class _GenerationRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _normalise(cls, data: Any) -> Any:
-        where = _unpaired_surrogate(data, "")
-        if where:
-            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
+        data = require_valid_unicode(data)
         if isinstance(data, dict):
             # the OpenAI API documents these as "... or null", null meaning the default (n: null is n = 1)
             data = {
@@ -284,10 +291,7 @@ class TokenizeRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data: Any) -> Any:
-        where = _unpaired_surrogate(data, "")
-        if where:
-            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
-        return data
+        return require_valid_unicode(data)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -23,7 +23,7 @@ from steering_vectors.errors import ProfileError
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, to_api_error
 from ..openapi import PROFILE, json_ok, responses
-from ..protocol import _unpaired_surrogate
+from ..protocol import require_valid_unicode
 from .deps import ServingDep
 from .profiles import _name, describe, store_error
 
@@ -80,10 +80,7 @@ class FitRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _unicode(cls, data: Any) -> Any:
-        where = _unpaired_surrogate(data, "")
-        if where:
-            raise ValueError(f"{where} contains an unpaired UTF-16 surrogate; text must be valid Unicode")
-        return data
+        return require_valid_unicode(data)
 
     @field_validator("examples", mode="before")
     @classmethod
