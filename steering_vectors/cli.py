@@ -4,13 +4,33 @@ Knows argument parsing and hands each subcommand to the module that does the wor
 errors (bad data, model or profile) and missing files end the command with a one-line message. `serve`
 belongs to the server package, which is imported only when that subcommand runs its parser
 registration; the library itself never imports server code.
+
+`train`, `compare` and `eval` need the `train` extra (peft for the LoRA runs, matplotlib for the reports),
+which a serving install leaves out; without it they stop at once with the command that installs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+
+# The commands that train or write reports, and the modules of the `train` extra (pyproject.toml) they use.
+TRAIN_COMMANDS = frozenset({"train", "compare", "eval"})
+TRAIN_MODULES = ("peft", "matplotlib")
+TRAIN_INSTALL = "pip install 'rahf-steering[train]'"
+
+
+def missing_train_modules() -> list[str]:
+    """The modules of the `train` extra that do not import here (absent, or installed broken)."""
+    missing = []
+    for name in TRAIN_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in TRAIN_COMMANDS:
+        missing = missing_train_modules()
+        if missing:
+            print(
+                f"rahf {args.command}: error: the training dependencies are not installed (missing: "
+                f"{', '.join(missing)}); install them with: {TRAIN_INSTALL}"
+                "  (in a checkout: pip install -e '.[train]')",
+                file=sys.stderr,
+            )
+            return 2
     try:
         return int(args.handler(args) or 0)
     except SteeringError as exc:  # bad data, model or profile: say what, no traceback

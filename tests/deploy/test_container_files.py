@@ -99,6 +99,21 @@ def test_dockerignore_keeps_the_context_small():
     assert {"!pyproject.toml", "!steering_vectors/", "!server/", "!profiles/"} <= set(lines)
 
 
+def test_the_image_installs_the_serving_dependencies_without_the_train_extra():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    layer = [a for w, a in _instructions(DOCKERFILE.read_text()) if w == "RUN" and "requirements.txt" in a]
+    assert len(layer) == 1 and "['project']['dependencies']" in layer[0] and "[train]" not in layer[0]
+    assert not any("[train" in a or "[test" in a for w, a in _instructions(DOCKERFILE.read_text()) if w == "RUN")
+
+    def names(specs: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~ ;]", spec, maxsplit=1)[0].lower() for spec in specs}
+
+    train = names(project["optional-dependencies"]["train"])
+    assert train == {"peft", "matplotlib"}
+    assert not (train | {"accelerate"}) & names(project["dependencies"])
+
+
 def _settings_fields() -> set[str]:
     from server.config import Settings
 
