@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.openapi.utils import get_openapi
 
 from .auth import require_admin_key, require_api_key
-from .protocol import REPETITION_PENALTY, SEED_RANGE
+from .protocol import JSON_SCHEMA_NAME, REPETITION_PENALTY, SEED_RANGE
 from .routes import served_routes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -417,9 +417,39 @@ def _common(props: dict[str, Any], settings: Settings) -> None:
     props.update(copy.deepcopy(_AT_NOTHING))
 
 
+def _response_format() -> dict[str, Any]:
+    """Chat's `response_format` (protocol.parse_response_format; compiled by server/structured.py)."""
+    json_schema = {
+        "type": "object",
+        "required": ["name", "schema"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": JSON_SCHEMA_NAME},
+            "description": {"type": ["string", "null"]},
+            "schema": {"type": "object", "description": "a JSON Schema the reply is an instance of; one that "
+                       "llguidance cannot compile is a 400"},
+            "strict": {"type": ["boolean", "null"], "description": "true: keywords that cannot be enforced "
+                       "(uniqueItems, not, ...) are a 400; otherwise they are ignored"},
+        },
+    }
+    return {
+        "description": "text (the default), any JSON object, or an instance of a JSON Schema; JSON formats "
+                       "constrain every token of every choice (llguidance), finish_reason `stop` when the JSON "
+                       "is complete",
+        "anyOf": [
+            {"type": "object", "required": ["type"], "additionalProperties": False,
+             "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+             "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema}},
+            {"type": "null"},
+        ],
+    }
+
+
 def _chat_request(schema: dict[str, Any], settings: Settings) -> None:
     props = schema["properties"]
     _common(props, settings)
+    props["response_format"] = _response_format()  # chat serves it; /v1/completions takes it only as text
     limit = settings.max_tokens_limit
     props["messages"] = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}
     for key in ("max_tokens", "max_completion_tokens"):

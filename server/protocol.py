@@ -5,8 +5,10 @@ how a request turns itself into engine sampling parameters. Knows nothing about 
 on disk or the engine's scheduling: the serving layer resolves profile names and tokenises.
 
 Unknown fields are refused with a 400 naming them, so a client never silently loses a parameter it
-relies on (tools, response_format, logit_bias …); given at the value that asks for nothing (`"tools":
-null`, `"response_format": {"type": "text"}`, `"logit_bias": {}` …) they are taken as absent. Types
+relies on (tools, logit_bias, response_format on /v1/completions …); given at the value that asks for
+nothing (`"tools": null`, `"response_format": {"type": "text"}`, `"logit_bias": {}` …) they are taken
+as absent. Chat requests take `response_format` json_object and json_schema (OpenAI's shapes; the
+serving layer compiles them, `structured.py`). Types
 are strict, as in the OpenAI API: `"stream": "yes"` or `"n": "2"` is a 400, not a guess; null means
 the default where the API allows null. Text with an unpaired UTF-16 surrogate (`"\\ud800"` in the
 JSON) is refused before it reaches the tokeniser.
@@ -16,7 +18,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .backends.base import SamplingParams
 
@@ -136,6 +147,59 @@ class ChatMessage(_Strict):
 Stop = str | list[str] | None
 
 
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+JSON_SCHEMA_NAME = r"^[a-zA-Z0-9_-]+$"  # OpenAI's rule for json_schema.name (at most 64 characters)
+
+
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`: the schema the reply must be an instance of."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=JSON_SCHEMA_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+_RESPONSE_FORMAT = TypeAdapter(ResponseFormat)
+
+
+def parse_response_format(value: Any) -> TextFormat | JsonObjectFormat | JsonSchemaResponseFormat:
+    """A `response_format` value checked against OpenAI's shapes; ValueError with one readable message
+    (the error's `param` is then `response_format` whatever part of it is wrong)."""
+    if isinstance(value, dict) and "type" in value and value["type"] not in RESPONSE_FORMAT_TYPES:
+        raise ValueError(f"type must be one of {', '.join(map(repr, RESPONSE_FORMAT_TYPES))}, not {value['type']!r}")
+    try:
+        return _RESPONSE_FORMAT.validate_python(value, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first["loc"]
+        where = ".".join(str(p) for p in (loc[1:] if loc and loc[0] in RESPONSE_FORMAT_TYPES else loc))
+        if first["type"] == "missing":
+            raise ValueError(f"{where} is required") from None
+        if first["type"] == "extra_forbidden":
+            raise ValueError(f"{where} is not a field of response_format") from None
+        if first["type"] == "union_tag_not_found":
+            raise ValueError("type is required") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
 class _GenerationRequest(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -222,6 +286,16 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
+    # None (or {"type": "text"}, dropped by _normalise): free text
+    response_format: JsonObjectFormat | JsonSchemaResponseFormat | None = None
+
+    @field_validator("response_format", mode="wrap")
+    @classmethod
+    def _response_format(cls, value: Any, handler: Any) -> Any:
+        if value is None:
+            return None
+        parsed = parse_response_format(value)
+        return None if isinstance(parsed, TextFormat) else parsed
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:

@@ -2,7 +2,8 @@
 
 Knows tokenisation and chat templates, the steering extension (profile names, strengths, the
 `<base>:<profile>@<strength>` model alias), limits, incremental detokenisation that never splits a
-UTF-8 character, stop strings, logprob formats and usage. Knows nothing about HTTP transport (routes
+UTF-8 character, stop strings, logprob formats and usage, and which rows carry a `response_format`'s
+constraint (compiled by `structured.py`, one grammar state per choice). Knows nothing about HTTP transport (routes
 wrap the chunks in server-sent events) or scheduling (the engine's business). Testable with a fake
 engine and no model.
 """
@@ -22,7 +23,7 @@ from steering_vectors.errors import PlanError
 from steering_vectors.hooks import RowSteering
 from steering_vectors.profile import ModelFingerprint, Profile
 
-from .backends.base import Engine, GenerationRequest, TokenLogprob
+from .backends.base import Engine, GenerationRequest, TokenConstraint, TokenLogprob
 from .config import Settings
 from .errors import bad_request, not_found
 from .protocol import (
@@ -34,6 +35,7 @@ from .protocol import (
     steering_entries,
 )
 from .registry import ProfileRegistry
+from .structured import Grammars, ResponseFormatError
 
 # -- steering -----------------------------------------------------------------------------------------
 
@@ -320,6 +322,7 @@ class Serving:
         self.model_name = model_name
         self.stop_token_ids = stop_token_ids
         self.metrics = metrics
+        self.grammars = Grammars(tokenizer, stop_token_ids)  # llguidance's tokenizer is built on first use
 
     # -- preparing ----------------------------------------------------------------------------------
 
@@ -402,12 +405,36 @@ class Serving:
         special = True if request.add_special_tokens is None else request.add_special_tokens
         return self._encode(request.prompt or "", add_special_tokens=special)
 
+    async def compile_response_format(self, request: ChatCompletionRequest) -> None:
+        """Compile the request's response format in a worker thread (the first one also builds llguidance's
+        tokenizer, about a second for a 49k vocabulary), so that `prepare_chat` finds it compiled and the
+        event loop never waits for a grammar; errors are `prepare_chat`'s to report."""
+        if request.response_format is not None and self.engine.supports_constraints:
+            try:
+                await asyncio.to_thread(self.grammars.compile, request.response_format)
+            except ResponseFormatError:
+                pass
+
+    def _constraints(self, request: ChatCompletionRequest) -> list[TokenConstraint | None]:
+        """One constraint per choice for a request with a response format (each its own grammar state)."""
+        fmt = request.response_format
+        if fmt is None:
+            return [None] * request.n
+        if not self.engine.supports_constraints:
+            raise bad_request(f"response_format {fmt.type!r} is not supported by this server's backend",
+                              "response_format", code="unsupported_parameter")
+        try:
+            return [self.grammars.constraint(fmt) for _ in range(request.n)]
+        except ResponseFormatError as exc:
+            raise bad_request(f"response_format: {exc}", "response_format") from None
+
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         self._check_n(request.n)
         prompt_ids = self.chat_prompt(request)
         requested, param = request.requested_max_tokens
         max_new = self._max_new_tokens(len(prompt_ids), requested, param, "messages")
         steering, digests = self._steering(request)
+        constraints = self._constraints(request)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [
             GenerationRequest(
@@ -415,6 +442,7 @@ class Serving:
                 prompt_ids=prompt_ids,
                 sampling=request.sampling_params(max_new, self.stop_token_ids, i),
                 steering=steering,
+                constraint=constraints[i],
             )
             for i in range(request.n)
         ]

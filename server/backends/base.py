@@ -1,10 +1,12 @@
 """The seam between the HTTP side and the backends: the engine interface (requests in, token events
 out) and what a backend's factory returns.
 
-Knows token ids, sampling parameters and per-row steering (`steering_vectors.hooks.RowSteering`, validated
-against the model before it reaches an engine); knows nothing about HTTP, JSON, text or tokenisers (the
-serving layer detokenises, matches stop strings and closes the stream to cancel), nor about any model
-runtime: a backend (`server/backends/<name>/`) owns its model and its engine.
+Knows token ids, sampling parameters, per-row steering (`steering_vectors.hooks.RowSteering`, validated
+against the model before it reaches an engine) and per-row token constraints (`TokenConstraint`: which
+token ids may come next, as the serving layer's grammar says); knows nothing about HTTP, JSON, text,
+grammars or tokenisers (the serving layer detokenises, matches stop strings, compiles `response_format`
+into constraints and closes the stream to cancel), nor about any model runtime: a backend
+(`server/backends/<name>/`) owns its model and its engine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import torch
 
 from steering_vectors.hooks import RowSteering
 from steering_vectors.profile import ModelFingerprint
@@ -28,6 +32,7 @@ __all__ = [
     "GenerationRequest",
     "RowSteering",
     "SamplingParams",
+    "TokenConstraint",
     "TokenLogprob",
 ]
 
@@ -69,12 +74,38 @@ class SamplingParams:
     prompt_logprobs: bool = False  # score the prompt tokens too (echo / max_tokens 0 scoring)
 
 
+class TokenConstraint(abc.ABC):
+    """The tokens one row may produce next (a grammar's state, one object per row: it is advanced by that
+    row's tokens only). An engine that supports constraints (`Engine.supports_constraints`) asks
+    `allowed()` before it picks each of the row's tokens, gives every other token of that row's logits
+    probability 0 (before penalties, temperature and the top-k/min-p/top-p cuts; logprobs are those of
+    the constrained distribution), calls `advance(token)` with the token it picked, and ends the row with
+    finish_reason "stop" once `done` is true (max_new_tokens first: "length", as for any row). Methods are
+    called from the engine's thread, one row's calls never concurrently."""
+
+    @abc.abstractmethod
+    def allowed(self) -> torch.Tensor:
+        """A bool tensor (n,) on the CPU: True where token id i may come next. Ids >= n are not allowed
+        (n may be smaller than the model's vocabulary: padding rows of the output layer are never
+        allowed). Raises ValueError when nothing may come next (the constraint is broken)."""
+
+    @abc.abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Take the token the engine picked; raises ValueError for a token `allowed()` did not allow."""
+
+    @property
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """Complete and nothing more may follow: the row ends here ("stop")."""
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     steering: RowSteering | None = None
+    constraint: TokenConstraint | None = None  # only for engines whose supports_constraints is True
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,10 @@ class EngineEvent:
 
 class Engine(abc.ABC):
     """Runs forward passes for many requests. One instance owns one model."""
+
+    # whether `generate` honours `GenerationRequest.constraint`; the serving layer refuses a
+    # `response_format` (400) for an engine that does not, rather than ignoring it
+    supports_constraints: bool = False
 
     @abc.abstractmethod
     def start(self) -> None:

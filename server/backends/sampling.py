@@ -1,6 +1,8 @@
-"""Per-row token selection: penalties, temperature, top-k, min-p, top-p, seeded sampling, logprobs.
+"""Per-row token selection: constraints, penalties, temperature, top-k, min-p, top-p, seeded sampling,
+logprobs.
 
-The order, as vLLM's sampler: the repetition penalty (over the prompt and the tokens generated so far:
+The order, as vLLM's sampler: a row's constraint first (tokens its grammar does not allow get logit
+-inf, so nothing after can pick them), then the repetition penalty (over the prompt and the tokens generated so far:
 a positive logit is divided by it, a negative one multiplied), then the presence and frequency
 penalties (over the generated tokens), then temperature (0: greedy, which none of the filters below can
 change), then top-k, min-p (relative to the most likely token) and top-p on the scaled distribution.
@@ -14,6 +16,7 @@ a CPU generator), and `select_token` says so clearly when it is not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,6 +48,20 @@ def check_generator(generator: torch.Generator, logits: torch.Tensor) -> None:
             f"the sampling generator is on {generator.device} but the logits are on {logits.device}; "
             "make it with make_generator(seed, logits.device)"
         )
+
+
+def constrain(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """float logits (V,) with -inf wherever `allowed` (bool (n,), from a `TokenConstraint`) is False, and
+    for every id >= n. ValueError when no token of the vocabulary is allowed."""
+    if allowed is None:
+        return logits
+    vocab = logits.shape[-1]
+    keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+    n = min(int(allowed.numel()), vocab)
+    keep[:n] = allowed[:n].to(logits.device)
+    if not bool(keep.any()):
+        raise ValueError("the row's constraint allows no token of the model's vocabulary")
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def apply_penalties(
@@ -101,9 +118,11 @@ def select_token(
     generator: torch.Generator,
     output_ids: Sequence[int] = (),
     prompt_ids: Sequence[int] = (),
+    allowed: torch.Tensor | None = None,
 ) -> tuple[int, TokenLogprob | None]:
-    """Pick the next token for one row from its float logits (V,), with `generator` on their device."""
-    logits = apply_penalties(logits.float(), params, output_ids, prompt_ids)
+    """Pick the next token for one row from its float logits (V,), with `generator` on their device, among
+    the tokens `allowed` (a constraint's mask; None: all)."""
+    logits = apply_penalties(constrain(logits.float(), allowed), params, output_ids, prompt_ids)
     if params.temperature <= 0.0:
         token = int(torch.argmax(logits))
     else:
@@ -133,29 +152,41 @@ def select_tokens(
     generators: Sequence[torch.Generator],
     output_ids: Sequence[Sequence[int]],
     prompt_ids: Sequence[Sequence[int]] | None = None,
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """`select_token` for every row of logits (B, V); plain greedy rows share one batched argmax."""
+    """`select_token` for every row of logits (B, V); plain greedy rows share one batched argmax. `allowed`:
+    each row's constraint mask (None: unconstrained), applied to that row only."""
+    masks: Sequence[torch.Tensor | None] = allowed if allowed is not None else [None] * len(params)
     greedy = [i for i, p in enumerate(params) if is_plain_greedy(p)]
     choices: list[tuple[int, TokenLogprob | None]] = [(0, None)] * len(params)
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]
-        for i, token in zip(greedy, torch.argmax(rows.float(), dim=-1).tolist(), strict=True):
+        rows = rows.float()
+        constrained = [(j, masks[i]) for j, i in enumerate(greedy) if masks[i] is not None]
+        if constrained:
+            rows = rows.clone()  # rows may be a view of the caller's logits
+            for j, mask in constrained:
+                rows[j] = constrain(rows[j], mask)
+        for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist(), strict=True):
             choices[i] = (token, None)
     if len(greedy) < len(params):
         for i, p in enumerate(params):
             if not is_plain_greedy(p):
                 prompt = prompt_ids[i] if prompt_ids is not None else ()
-                choices[i] = select_token(logits[i], p, generators[i], output_ids[i], prompt)
+                choices[i] = select_token(logits[i], p, generators[i], output_ids[i], prompt, masks[i])
     return choices
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """Logprob of `token` (and the `top` best alternatives) under the unscaled distribution."""
+    """Logprob of `token` (and the `top` best alternatives) under the unscaled distribution. Tokens a
+    constraint ruled out (probability 0) are never listed as alternatives."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     alternatives: tuple[tuple[int, float], ...] = ()
     if top > 0:
         values, indices = torch.topk(logprobs, k=min(top, logprobs.numel()))
-        alternatives = tuple((int(i), float(v)) for i, v in zip(indices, values, strict=True))
+        alternatives = tuple(
+            (int(i), float(v)) for i, v in zip(indices, values, strict=True) if math.isfinite(float(v))
+        )
     return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=alternatives)
 
 

@@ -19,6 +19,7 @@ router = APIRouter(prefix="/v1", tags=["generation"], dependencies=[Depends(requ
     responses=responses(400, 401, 404, 413, 429, 503, ok={200: generation_ok(CHAT_COMPLETION, CHAT_CHUNK)}),
 )
 async def chat_completions(body: ChatCompletionRequest, serving: ServingDep, request: Request) -> Response:
+    await serving.compile_response_format(body)  # off the event loop; prepare_chat finds it compiled
     prepared = serving.prepare_chat(body)
     headers = {"X-Steering": prepared.steering_header}
     if not body.stream:

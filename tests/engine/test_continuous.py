@@ -386,10 +386,10 @@ def test_one_failing_request_fails_alone(monkeypatch, tiny_model, make_engine):
 
     original = engine_module.select_tokens
 
-    def failing_for_seed_13(logits, params, generators, output_ids, prompt_ids=None):
+    def failing_for_seed_13(logits, params, generators, output_ids, prompt_ids=None, allowed=None):
         if any(p.seed == 13 for p in params):
             raise RuntimeError("probability tensor contains nan")
-        return original(logits, params, generators, output_ids, prompt_ids)
+        return original(logits, params, generators, output_ids, prompt_ids, allowed)
 
     monkeypatch.setattr(engine_module, "select_tokens", failing_for_seed_13)
     reference_engine = make_engine(max_batch_size=4)

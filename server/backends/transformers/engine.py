@@ -21,8 +21,12 @@ How a step works (gpt-fast style: the hot path is `_decode_step`, one forward fo
    through a lock-protected inbox and `call_soon_threadsafe`. Other work on the model (a profile fit's
    forward passes, `run_between_steps`) runs on the same thread, one piece after each step, so running
    rows wait at most one piece.
-6. A failure that belongs to one request (its prefill, its sampling) fails that request only; a failed
-   batched decode forward fails the rows in it.
+6. A failure that belongs to one request (its prefill, its sampling, its constraint) fails that request
+   only; a failed batched decode forward fails the rows in it.
+7. A row with a `TokenConstraint` (the serving layer's grammar for `response_format`) has its logits
+   masked to the tokens the constraint allows before its token is picked, in the same batched step as
+   every other row; the picked token advances the constraint, and a constraint that is done ends the
+   row with "stop". Constrained, steered and plain rows share one batch.
 
 Device-agnostic: tensors are made on the model's device, plans are built there, each row's generator
 lives on its logits' device, and the transformers version's cache argument and mask format come from
@@ -88,6 +92,8 @@ class _Sequence:
 
 class ContinuousEngine(Engine):
     """Continuous-batching engine with per-row steering over a preallocated slot KV cache."""
+
+    supports_constraints = True
 
     def __init__(
         self,
@@ -516,11 +522,11 @@ class ContinuousEngine(Engine):
             return
         try:
             ((token, logprob),) = self._select([seq], logits)
-        except Exception as error:  # this request's sampling: it fails alone
+            event = self._advance(seq, token, logprob)
+        except Exception as error:  # this request's sampling or constraint: it fails alone
             log.exception("sampling for request %s failed", seq.request.request_id)
             self._fail(seq, error)
             return
-        event = self._advance(seq, token, logprob)
         event.prompt_logprobs = seq.prompt_logprobs
         seq.last_prompt_logits = None
         if seq.finished:
@@ -563,10 +569,14 @@ class ContinuousEngine(Engine):
         failed = []
         for seq, choice in zip(list(rows), choices, strict=True):
             seq.filled += 1
-            if isinstance(choice, BaseException):
-                failed.append((seq, choice))
-            else:
-                self._emit(seq, self._advance(seq, *choice))
+            if not isinstance(choice, BaseException):
+                try:
+                    self._emit(seq, self._advance(seq, *choice))
+                    continue
+                except Exception as error:  # its constraint refused the token: this row fails alone
+                    log.exception("constraint of request %s failed", seq.request.request_id)
+                    choice = error
+            failed.append((seq, choice))
         for seq in [s for s in rows if s.finished]:
             self._leave(seq)
         for seq, error in failed:
@@ -575,17 +585,23 @@ class ContinuousEngine(Engine):
 
     def _select(self, rows: list[_Sequence], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """Next tokens of `rows` from their logits (n, V). A sampled row's generator is made on the
-        logits' device the first time it samples (seeded with the request's seed, if any)."""
+        logits' device the first time it samples (seeded with the request's seed, if any). A constrained
+        row picks among the tokens its constraint allows now (asking it changes nothing, so a failed batch
+        can be selected again row by row)."""
         for seq in rows:
             params = seq.request.sampling
             if seq.generator is None and params.temperature > 0:
                 seq.generator = make_generator(params.seed, logits.device)
+        constraints = [seq.request.constraint for seq in rows]
         return select_tokens(
             logits,
             [seq.request.sampling for seq in rows],
             [seq.generator for seq in rows],  # type: ignore[misc]  # None only for greedy rows
             [seq.output_ids for seq in rows],
             [seq.request.prompt_ids for seq in rows],
+            [c.allowed() if c is not None else None for c in constraints]
+            if any(c is not None for c in constraints)
+            else None,
         )
 
     def _forward(
@@ -637,11 +653,15 @@ class ContinuousEngine(Engine):
 
     def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> EngineEvent:
         """Record a sampled token; a stop token ends the sequence and is returned like any other (the
-        serving layer hides it)."""
+        serving layer hides it), and so does a token that completes the row's constraint. Raises (with
+        nothing recorded) when the row's constraint refuses the token."""
+        constraint = seq.request.constraint
+        if constraint is not None:
+            constraint.advance(token)
         seq.output_ids.append(token)
         seq.next_token = token
         finish = None
-        if token in seq.request.sampling.stop_token_ids:
+        if token in seq.request.sampling.stop_token_ids or (constraint is not None and constraint.done):
             finish = "stop"
         elif len(seq.output_ids) >= seq.max_new_tokens:
             finish = "length"
