@@ -183,7 +183,7 @@ def test_unsupported_parameters_at_their_do_nothing_value_are_ignored(server, ba
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"] == chat(server, base).json()["choices"][0]["message"]
     for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-                        ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}), ("store", True)):
+                        ("logit_bias", {"1": 5}), ("store", True)):  # response_format: test_response_format.py
         assert_envelope(chat(server, base, **{name: value}), 400, name, code="unsupported_parameter")
 
 

@@ -151,7 +151,11 @@ CHAT_CASES = [  # (fields over a valid base request, valid per the description)
     ({"tool_choice": "none"}, True),
     ({"tool_choice": "auto"}, False),
     ({"response_format": {"type": "text"}}, True),
-    ({"response_format": {"type": "json_object"}}, False),
+    ({"response_format": {"type": "json_object"}}, True),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "boolean"}}}}, True),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}, False),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, False),
+    ({"response_format": {"type": "xml"}}, False),
     ({"store": False}, True),
     ({"store": True}, False),
     ({"logit_bias": {}}, True),
@@ -234,6 +238,8 @@ def test_completion_description_and_server_agree(agreeing, tiny_loaded) -> None:
         ({"prompt": "x", "echo": None, "logprobs": 0}, True),
         ({"prompt": "x", "logprobs": 21}, False),
         ({"prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1}, True),
+        ({"prompt": "x", "response_format": {"type": "text"}}, True),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, False),  # chat's only
     ]
     for fields, valid in cases:
         body = {"model": agreeing.base, "max_tokens": 1, "temperature": 0, **fields}
