@@ -483,6 +483,38 @@ class Run:
             raise ValueError(f"unknown fit {fit!r}")
         return FitResult(offsets, low_rank, provenance, seconds)
 
+    def fit_lora(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Step 3 as a LoRA adapter 'rahf' on the base model (`rahf.fit_lora`: the paper's parameterisation,
+        not switchable per request), trained or resumed in its stage folder. Returns the wrapped model
+        (`release` unwraps it) and the stage record with the seconds of the stages it used."""
+        from .rahf import FitConfig, fit_lora
+
+        c = self.config
+        records, instruct_record, patterns_record = self.records()
+        config = FitConfig(alpha=c.alpha, steps=c.fit_steps, batch_size=c.fit_batch, bf16=c.bf16, seed=c.seed)
+        lora = self.instruct_config()
+        lora_settings = {"rank": lora.rank, "lora_alpha": lora.lora_alpha, "targets": list(lora.targets), "lr": lora.lr}
+        folder = self.stages.folder(
+            "fit-lora", {"patterns": patterns_record["folder"], "alpha": c.alpha, "steps": c.fit_steps,
+                         "batch_size": c.fit_batch, "seed": c.seed, "bf16": c.bf16, "lora": lora_settings},
+        )  # fmt: skip
+        record = read_json(folder / "fit.json")
+        started = time.perf_counter()
+        model, losses = fit_lora(self.model, self.loaded.tokenizer, records, list(c.layers), config, lora,
+                                 folder / "fit.ckpt")  # fmt: skip
+        if "seconds" not in record:
+            record["seconds"] = time.perf_counter() - started
+        record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
+        record["lora"] = lora_settings
+        write_json(folder / "fit.json", record)
+        seconds = {
+            "instruct_s": instruct_record.get("seconds", float("nan")),
+            "collect_s": patterns_record.get("seconds", float("nan")),
+            "fit_s": record["seconds"],
+        }
+        return model, {**record, "stage_seconds": seconds, "instruct_gap": {
+            k: instruct_record.get(k) for k in ("gap_before", "gap_after")}}
+
     def profile(self, fit: str, name: str, result: FitResult) -> Any:
         from .rahf import make_profile
 

@@ -226,7 +226,7 @@ def _train_adapter(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         progress.set_postfix(loss=f"{float(loss):.3f}")
         done = step + 1
         if checkpoint and (done % config.checkpoint_every == 0 or done == len(steps)):
@@ -780,15 +780,7 @@ def fit_offsets(
     if lr is None:
         reference = torch.stack(list(mean_pattern_offsets(records, layers, config.alpha).values()))
         lr = 0.25 * float(reference.pow(2).mean().sqrt()) or 1e-3
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    draws = []
-    for _ in range(config.steps):  # the batches of every step, drawn up front so a resumed run matches
-        if len(order) < config.batch_size:
-            order = list(range(len(records)))
-            rng.shuffle(order)
-        draws.append(order[: config.batch_size])
-        order = order[config.batch_size :]
+    draws = _fit_draws(len(records), config.steps, config.batch_size, config.seed)
     pad = pad_id(tokenizer)
 
     def batch_loss(
@@ -814,6 +806,52 @@ def fit_offsets(
         layers, hidden, lr, draws, batch_loss, checkpoint, config.checkpoint_every, "fit RAHF terms",
         identity=identity, rank=config.rank, seed=config.seed, initial=initial, down_lr=config.down_lr,
     )
+
+
+def fit_lora(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[PatternRecord],
+    layers: Sequence[int],
+    config: FitConfig,
+    lora: InstructConfig,
+    checkpoint: Path | None = None,
+    adapter: str = "rahf",
+) -> tuple[nn.Module, list[float]]:
+    """Step 3 in the paper's own parameterisation: a LoRA adapter `adapter` (``lora``'s rank, alpha and
+    target projections, q/v by default) on the frozen base model, trained with `alignment_loss` towards
+    ``anchor + alpha * v`` on the same records and batches as `fit_offsets` (AdamW at ``lora.lr``). The
+    result changes the model's weights for every row, so the server cannot switch it per request; it
+    measures what that parameterisation gains over offsets + low-rank terms. Returns the wrapped model
+    (`adapter` active; unload it to get the base model back) and each step's loss."""
+    seed_everything(config.seed)
+    draws = _fit_draws(len(records), config.steps, config.batch_size, config.seed)
+    steps = [[records[i] for i in draw] for draw in draws]
+    pad = pad_id(tokenizer)
+    wrapped = add_lora(model, lora, adapter)
+
+    def loss_fn(m: nn.Module, batch: list[PatternRecord]) -> torch.Tensor:
+        # autocast is the caller's (_train_adapter); no steering plan: the adapter is the change
+        return alignment_loss(m, batch, layers, {}, config.alpha, pad, bf16=False)
+
+    losses = _train_adapter(wrapped, adapter, steps, loss_fn, lora, checkpoint, "fit RAHF LoRA")
+    wrapped.set_adapter(adapter)
+    return wrapped, losses
+
+
+def _fit_draws(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The record indices of every step of a fit, drawn up front (seeded) so that a resumed run matches:
+    shuffled passes over the records, `batch_size` per step."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    draws = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = list(range(count))
+            rng.shuffle(order)
+        draws.append(order[:batch_size])
+        order = order[batch_size:]
+    return draws
 
 
 def factor_penalty(low_rank: LowRank) -> torch.Tensor:

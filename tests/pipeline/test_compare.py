@@ -103,7 +103,7 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     _write_split(data, "train", 16)
     _write_split(data, "dev", 5)
     out, work = tmp_path / "comparison", tmp_path / "work"
-    rows = "unsteered,prompt-good,caa,rahf-dual-rank,pref,dual-sft"
+    rows = "unsteered,prompt-good,caa,rahf-dual-rank,pref,dual-sft,rahf-dual-lora"
     argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--rows", rows,
             "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3", "--calib-pairs", "2", "--gap-pairs", "2",
             "--fit-steps", "2", "--fit-batch", "4", "--pref-steps", "2", "--pref-batch", "2", "--rank", "2",
@@ -134,6 +134,9 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
         assert row["default_strength"] in (0.5, 1.0)
     assert by_row["pref"]["seeds"] == [0, 1] and "accuracy_gain_seeds" in by_row["pref"]
     assert by_row["dual-sft"]["switchable"] is False and by_row["dual-sft"]["parameters"] > 0
+    lora = by_row["rahf-dual-lora"]  # LoRA r 8 on q and v of the tiny model's 4 layers
+    assert lora["switchable"] is False and lora["parameters"] == by_row["dual-sft"]["parameters"] > 0
+    assert lora["method"] == "rahf-dual/lora" and lora["perplexity"] > 0 and "fit_s" in lora["stage_seconds"]
     assert by_row["prompt-good"]["perplexity"] is None
     text = (out / "report.md").read_text()
     assert "RAHF-Dual, offsets + rank 2" in text and "pref (not RAHF), offsets" in text

@@ -25,6 +25,7 @@ from steering_vectors.rahf import (
     alignment_loss,
     collect_patterns,
     factor_penalty,
+    fit_lora,
     fit_offsets,
     likelihood_gap,
     preference_objective,
@@ -152,6 +153,36 @@ def test_rahf_fit_with_low_rank_terms_lowers_its_loss_on_a_fixed_batch(tiny, tmp
     assert float(with_terms) != pytest.approx(float(without), rel=1e-4)  # the low-rank terms take part
     again, again_low_rank, losses_again = fit_offsets(base, tok, records, LAYERS, config, tmp_path / "fit.ckpt")
     assert losses_again == losses and torch.equal(again_low_rank[1][1], low_rank[1][1])
+
+
+def test_rahf_lora_fit_lowers_the_alignment_loss_resumes_and_unloads_to_the_base(tiny, tmp_path: Path) -> None:
+    model = _perturbed(tiny.model, ("good", "bad"))
+    tok = tiny.tokenizer
+    records = collect_patterns(model, tok, PAIRS, LAYERS, method="dual", budget=BUDGET).all()
+    base = model.unload()
+    pad = tok.pad_token_id
+    plain = collate([encode(tok, p.prompt, r, budget=BUDGET) for p, r in _replies()], pad)
+    with torch.no_grad():
+        before = base(input_ids=plain.input_ids, attention_mask=plain.attention_mask).logits
+        unsteered = float(alignment_loss(base, records, LAYERS, {}, 2.0, pad))
+    config = FitConfig(alpha=2.0, steps=12, batch_size=len(records))
+    lora = InstructConfig(lr=0.02, budget=BUDGET)
+    wrapped, losses = fit_lora(base, tok, records, LAYERS, config, lora, tmp_path / "lora.ckpt")
+    assert losses[0] == pytest.approx(unsteered, rel=1e-5)  # LoRA B starts at zero: the base model's loss
+    with torch.no_grad():
+        fitted = float(alignment_loss(wrapped, records, LAYERS, {}, 2.0, pad))
+    assert fitted < 0.8 * unsteered
+    trained = [n for n, p in wrapped.named_parameters() if "lora_B" in n and ".rahf." in n and p.abs().max() > 0]
+    assert trained and all(("q_proj" in n or "v_proj" in n) for n in trained)
+    state = {n: p.detach().clone() for n, p in wrapped.named_parameters() if ".rahf." in n}
+    restored = wrapped.unload()
+    with torch.no_grad():
+        after = restored(input_ids=plain.input_ids, attention_mask=plain.attention_mask).logits
+    assert torch.equal(before, after)  # the base model again, bit for bit
+    again, losses_again = fit_lora(restored, tok, records, LAYERS, config, lora, tmp_path / "lora.ckpt")
+    assert losses_again == losses  # resumed from the finished checkpoint, not retrained
+    assert all(torch.equal(p, state[n]) for n, p in again.named_parameters() if ".rahf." in n)
+    again.unload()
 
 
 def test_shift_start_is_the_mean_shift_to_the_target_layer_by_layer(tiny) -> None:
