@@ -41,7 +41,7 @@ RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi; \
     fi
 
 # 2. The project's other dependencies, read from pyproject.toml so that code changes keep this layer: the
-#    base `dependencies` only. The `train` extra (peft, accelerate, matplotlib: `rahf train`, `compare`, `eval`)
+#    base `dependencies` only. The `train` extra (peft, matplotlib: `rahf train`, `compare`, `eval`)
 #    stays out of the serving image; those commands say so and name `pip install 'rahf-steering[train]'`.
 WORKDIR /tmp/src
 COPY pyproject.toml ./

@@ -111,7 +111,10 @@ def test_the_image_installs_the_serving_dependencies_without_the_train_extra():
 
     train = names(project["optional-dependencies"]["train"])
     assert train == {"peft", "matplotlib"}
-    assert not (train | {"accelerate"}) & names(project["dependencies"])
+    assert not train & names(project["dependencies"])
+    # transformers raises "accelerate is required when loading a GGUF file" without it: the build's (and a
+    # fresh install's first) dequantising of the embedded model needs it, so it stays a serving dependency
+    assert "accelerate" in names(project["dependencies"])
 
 
 def _settings_fields() -> set[str]:

@@ -1,5 +1,5 @@
-"""The server serves without the `train` extra (pyproject.toml): in a process where peft, matplotlib and
-accelerate cannot be imported, the app starts over a local model, answers a chat completion, fits a profile
+"""The server serves without the `train` extra (pyproject.toml): in a process where peft and matplotlib
+cannot be imported, the app starts over a local model, answers a chat completion, fits a profile
 through `POST /v1/profiles/{name}/fit` and steers with it. The serving image installs no more than this."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, sys
-BLOCKED = ("peft", "matplotlib", "accelerate")
+BLOCKED = ("peft", "matplotlib")
 for name in BLOCKED:  # None in sys.modules: `import name` fails and find_spec says absent, as when not installed
     sys.modules[name] = None
 sys.path.insert(0, sys.argv[1])
