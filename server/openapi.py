@@ -277,6 +277,9 @@ PROFILE = {
         "offset_norms": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
         "low_rank": {"type": "object", "additionalProperties": {"type": "integer"},
                      "description": "the rank of the low-rank term at each layer that has one"},
+        "lora": {"type": "object",
+                 "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
+                 "description": "the rank of the LoRA term of each attention projection, per layer that has one"},
     },
 }
 PROFILE_LIST = {

@@ -28,9 +28,12 @@ from .errors import (  # noqa: E402
 from .hooks import (  # noqa: E402
     Steerer,
     SteeringPlan,
+    apply_lora,
     build_plan,
+    combine_lora,
     combine_low_rank,
     combine_offsets,
+    lora_delta,
     low_rank_delta,
     positions_from_attention_mask,
 )
@@ -55,10 +58,13 @@ __all__ = [
     "SteeringError",
     "SteeringPlan",
     "UnsupportedArchitectureError",
+    "apply_lora",
     "build_plan",
+    "combine_lora",
     "combine_low_rank",
     "combine_offsets",
     "find_decoder_layers",
+    "lora_delta",
     "low_rank_delta",
     "positions_from_attention_mask",
 ]

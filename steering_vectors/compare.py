@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class Row:
     key: str
     label: str
-    kind: str  # none | prompt | profile | adapter | lora
+    kind: str  # none | prompt | profile | adapter
     fit: str = ""
     method: str = "dual"
     rank: int | None = None  # for rahf (rank) and pref (pref_rank) rows: 0 = constant offsets only
@@ -60,8 +60,7 @@ def rows_for(rank: int) -> list[Row]:
         Row("pref", "pref (not RAHF), offsets", "profile", "pref", "dual", 0),
         Row("pref-rank", f"pref (not RAHF), offsets + rank {rank}", "profile", "pref", "dual", rank),
         Row("dual-sft", "Dual good adapter alone (SFT on chosen; not switchable)", "adapter", switchable=False),
-        Row("rahf-dual-lora", "RAHF-Dual, step 3 as LoRA q/v (the paper's form; not switchable)", "lora", "lora",
-            switchable=False),
+        Row("rahf-dual-lora", "RAHF-Dual, LoRA q/v r 8 per row (the paper's form)", "profile", "lora"),
     ]
 
 
@@ -75,8 +74,10 @@ def row_config(base: RunConfig, row: Row, seed: int) -> RunConfig:
 
 
 def profile_parameters(profile: Any) -> int:
-    return sum(o.numel() for o in profile.offsets.values()) + sum(
-        d.numel() + u.numel() for d, u in profile.low_rank.values()
+    return (
+        sum(o.numel() for o in profile.offsets.values())
+        + sum(d.numel() + u.numel() for d, u in profile.low_rank.values())
+        + sum(a.numel() + b.numel() for terms in profile.lora.values() for a, b in terms.values())
     )
 
 
@@ -151,8 +152,6 @@ class Comparison:
             result.update(self._entry(score, None), parameters=0, pairs=0, train_s=0.0)
         elif row.kind == "adapter":
             result.update(self._adapter_row(seed))
-        elif row.kind == "lora":
-            result.update(self._lora_row(row, seed))
         else:
             result.update(self._profile_row(row, seed))
         result["row_s"] = time.perf_counter() - started
@@ -173,23 +172,6 @@ class Comparison:
             run.release(model)
         entry = self._entry(score, ppl)
         return {**entry, "parameters": params, "pairs": len(run.split.pairs), "train_s": record.get("seconds")}
-
-    def _lora_row(self, row: Row, seed: int) -> dict[str, Any]:
-        from .evaluate import perplexity
-
-        run = Run(row_config(self.base, row, seed), self.loaded, self.stages, self.command)
-        model, record = run.fit_lora()
-        try:
-            params = lora_parameters(model, "rahf")
-            score = self.score(desc="RAHF LoRA")
-            ppl = perplexity(model, self.loaded.tokenizer, self.text, bf16=self.base.bf16)
-        finally:
-            run.release(model)
-        seconds = record["stage_seconds"]
-        train_s = sum(v for v in seconds.values() if v is not None and math.isfinite(v))
-        return {**self._entry(score, ppl), "parameters": params, "pairs": len(run.split.pairs), "train_s": train_s,
-                "stage_seconds": seconds, "instruct_gap": record.get("instruct_gap"),
-                "fit_loss_first_last": record.get("loss_first_last"), "method": "rahf-dual/lora"}  # fmt: skip
 
     def _profile_row(self, row: Row, seed: int) -> dict[str, Any]:
         from .evaluate import matched_strength, perplexity

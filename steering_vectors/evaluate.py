@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode, pad_id
-from .hooks import Steerer, build_plan, combine_low_rank, combine_offsets, positions_from_attention_mask
+from .hooks import Steerer, build_plan, combine_lora, combine_low_rank, combine_offsets, positions_from_attention_mask
 from .profile import Profile
 
 GENERATION_PROMPTS: tuple[str, ...] = (
@@ -57,7 +57,8 @@ def steered(
         return
     entries = [(profile, strength)]
     with steered_offsets(
-        model, combine_offsets(entries), profile.position_mode, batch, low_rank=combine_low_rank(entries)
+        model, combine_offsets(entries), profile.position_mode, batch, low_rank=combine_low_rank(entries),
+        lora=combine_lora(entries),
     ):
         yield
 
@@ -70,9 +71,11 @@ def steered_offsets(
     batch: Batch | None = None,
     *,
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
 ) -> Iterator[None]:
-    """Add `offsets` (layer -> (H,), may require grad) and optional `low_rank` terms (layer -> (down,
-    up), may require grad) to every row, in `position_mode`, by the hooks."""
+    """Add `offsets` (layer -> (H,), may require grad), optional `low_rank` terms (layer -> (down,
+    up), may require grad) and LoRA terms (layer -> projection -> (a, b)) to every row, in
+    `position_mode`, by the hooks."""
     if not offsets:
         yield
         return
@@ -85,6 +88,7 @@ def steered_offsets(
         positions=positions,
         prompt_lengths=batch.prompt_lengths if batch is not None else None,
         row_low_rank=[low_rank] * size if low_rank else None,
+        row_lora=[lora] * size if lora else None,
     )
     with steerer.steering(plan):
         yield

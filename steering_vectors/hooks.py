@@ -11,6 +11,11 @@ reads the *steering plan* of the calling thread: for each steered layer a ``(bat
 zero), and an optional ``(batch, seq, 1)`` position mask. With no plan the hooks return at once. Rows
 whose offset and low-rank factors are zero get ``h + 0.0``, which is bit-identical to ``h``.
 
+A plan may also carry LoRA terms of attention projections (``q_proj``, ``k_proj``, ``v_proj``): per
+(layer, projection) ``(a (batch, R, hidden), b (batch, out, R))``, added to that projection's output as
+``b @ a @ x`` of its input (see `lora_delta`), each row its own. Their hooks sit on the projections and
+are installed the first time a plan with LoRA terms is set, so models never steered that way pay nothing.
+
 Steering has one home here: `RowSteering` is one row's combination, validated once against the model
 (layer count, hidden size, ranks: `profile.check_terms`); `build_plan` / `plan_for_rows` stack rows into
 a plan; `apply_plan` adds a plan to one layer's output, and is what the hooks and any hand-written
@@ -31,7 +36,7 @@ from torch import nn
 
 from .errors import PlanError, ProfileError
 from .layers import find_decoder_layers, hidden_size_of
-from .profile import POSITION_MODES, Profile, check_terms
+from .profile import LORA_PROJECTIONS, POSITION_MODES, LoraTerms, Profile, check_terms
 
 _STEERER_ATTR = "_rahf_steerer"
 
@@ -43,6 +48,8 @@ class SteeringPlan:
     offsets: dict[int, torch.Tensor]
     mask: torch.Tensor | None = None  # 1.0 where steering applies, 0.0 elsewhere; None = everywhere
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layers in offsets
+    # (layer, projection) -> (a (B, R, in), b (B, out, R)); layers in offsets
+    lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _moved: dict[torch.device, SteeringPlan] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -66,6 +73,7 @@ class SteeringPlan:
                 offsets={layer: t.to(device) for layer, t in self.offsets.items()},
                 mask=self.mask.to(device) if self.mask is not None else None,
                 low_rank={layer: (d.to(device), u.to(device)) for layer, (d, u) in self.low_rank.items()},
+                lora={key: (a.to(device), b.to(device)) for key, (a, b) in self.lora.items()},
             )
             self._moved[device] = moved
         return moved
@@ -89,6 +97,29 @@ def apply_plan(hidden: torch.Tensor, plan: SteeringPlan | None, layer: int) -> t
     return hidden + delta.to(hidden.dtype)
 
 
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b @ a @ x`` for every position: (B, T, out) float32 from a projection's input x (B, T, in),
+    a (B, R, in) and b (B, out, R)."""
+    return torch.bmm(torch.bmm(x.float(), a.float().transpose(1, 2)), b.float().transpose(1, 2))
+
+
+def apply_lora(output: torch.Tensor, x: torch.Tensor, plan: SteeringPlan | None, layer: int, name: str) -> torch.Tensor:
+    """The output (B, T, out) of projection `name` of decoder layer `layer` for input x (B, T, in) with the
+    plan's LoRA term for it added (times the plan's position mask, if any), in the output's dtype and on
+    its device; `output` itself when the plan has no term there. Rows with zero terms come back
+    bit-identical."""
+    if plan is None or (layer, name) not in plan.lora:
+        return output
+    plan = plan.to(output.device)
+    a, b = plan.lora[(layer, name)]
+    if a.shape[0] != output.shape[0]:
+        raise PlanError(f"plan has {a.shape[0]} rows, layer {layer} {name} output has {output.shape[0]}")
+    delta = lora_delta(x, a, b)
+    if plan.mask is not None:
+        delta = delta * plan.mask
+    return output + delta.to(output.dtype)
+
+
 class Steerer:
     """The hooks of one model. Create with `Steerer.attach(model)`; it is installed only once."""
 
@@ -100,6 +131,29 @@ class Steerer:
         self._handles = [
             layer.register_forward_hook(self._make_hook(index)) for index, layer in enumerate(self.layers)
         ]
+        self._projection_handles: list[Any] = []
+        self.projections = _projection_sizes(self.layers)
+
+    def _install_projection_hooks(self) -> None:
+        for index, layer in enumerate(self.layers):
+            attention = getattr(layer, "self_attn", None)
+            for name in self.projections:
+                module = getattr(attention, name, None)
+                if isinstance(module, nn.Module):
+                    hook = self._make_projection_hook(index, name)
+                    self._projection_handles.append(module.register_forward_hook(hook))
+
+    def _make_projection_hook(self, index: int, name: str):  # noqa: ANN202 - torch hook signature
+        local = self._local
+        key = (index, name)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            plan = getattr(local, "plan", None)
+            if plan is None or key not in plan.lora:
+                return None
+            return apply_lora(output, args[0], plan, index, name)
+
+        return hook
 
     @classmethod
     def attach(cls, model: nn.Module) -> Steerer:
@@ -111,9 +165,9 @@ class Steerer:
         return steerer
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles + self._projection_handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._projection_handles = [], []
 
     @property
     def plan(self) -> SteeringPlan | None:
@@ -125,6 +179,12 @@ class Steerer:
             bad = [layer for layer in plan.offsets if not 0 <= layer < self.num_layers]
             if bad:
                 raise PlanError(f"plan steers layers {bad}; the model has layers 0..{self.num_layers - 1}")
+            if plan.lora:
+                missing = sorted({name for _, name in plan.lora} - set(self.projections))
+                if missing:
+                    raise PlanError(f"plan has LoRA terms on {missing}, which this model's attention does not have")
+                if not self._projection_handles:
+                    self._install_projection_hooks()
         self._local.plan = plan
 
     @contextmanager
@@ -150,6 +210,16 @@ class Steerer:
             return hidden
 
         return hook
+
+
+def _projection_sizes(layers: Sequence[nn.Module]) -> dict[str, int]:
+    attention = getattr(layers[0], "self_attn", None)
+    sizes = {}
+    for name in LORA_PROJECTIONS:
+        features = getattr(getattr(attention, name, None), "out_features", None)
+        if isinstance(features, int):
+            sizes[name] = features
+    return sizes
 
 
 LOW_RANK_EPS = 1e-6
@@ -190,17 +260,36 @@ def combine_low_rank(entries: Sequence[tuple[Profile, float]]) -> dict[int, tupl
     return {layer: (torch.cat(downs[layer], dim=0), torch.cat(ups[layer], dim=1)) for layer in downs}
 
 
+def combine_lora(entries: Sequence[tuple[Profile, float]]) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The profiles' LoRA terms, layer -> projection -> (a (R, in), b (out, R)) float32: ranks concatenated,
+    each ``b`` multiplied by its strength, so that the term equals the weighted sum of the profiles'
+    terms. Empty when no profile has one."""
+    parts: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for profile, strength in entries:
+        for layer, terms in profile.lora.items():
+            for name, (a, b) in terms.items():
+                a_list, b_list = parts.setdefault((layer, name), ([], []))
+                a_list.append(a)
+                b_list.append(b * float(strength))
+    combined: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (layer, name), (a_list, b_list) in sorted(parts.items()):
+        combined.setdefault(layer, {})[name] = (torch.cat(a_list, dim=0), torch.cat(b_list, dim=1))
+    return combined
+
+
 class RowSteering:
     """One row's steering, validated once against the model it will steer.
 
     offsets: layer -> (H,) (see `combine_offsets`); low_rank: layer -> (down (R, H), up (H, R)) (see
-    `combine_low_rank`), only at layers with an offset; position_mode: "all" or "generated";
+    `combine_low_rank`), only at layers with an offset; lora: layer -> projection -> (a (R, H), b (out, R))
+    (see `combine_lora`), only at layers with an offset; position_mode: "all" or "generated";
     applied: (profile name, strength) pairs, for reporting. `model` is anything with `num_layers` and
-    `hidden_size` (a `ModelFingerprint`, a `Steerer`). Tensors are kept as float32 on the CPU; plans
-    move them where the model is. Raises `PlanError` when the steering does not fit the model.
+    `hidden_size` (a `ModelFingerprint`, a `Steerer`), and `projections` (the output sizes LoRA terms are
+    checked against; a fingerprint's pairs or a steerer's map). Tensors are kept as float32 on the CPU;
+    plans move them where the model is. Raises `PlanError` when the steering does not fit the model.
     """
 
-    __slots__ = ("offsets", "low_rank", "position_mode", "applied", "num_layers", "hidden_size")
+    __slots__ = ("offsets", "low_rank", "lora", "position_mode", "applied", "num_layers", "hidden_size")
 
     def __init__(
         self,
@@ -210,6 +299,7 @@ class RowSteering:
         low_rank: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         position_mode: str = "all",
         applied: Sequence[tuple[str, float]] = (),
+        lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> None:
         if position_mode not in POSITION_MODES:
             raise PlanError(f"position mode {position_mode!r} is not one of {POSITION_MODES}")
@@ -219,11 +309,20 @@ class RowSteering:
             int(layer): (down.detach().to("cpu", torch.float32), up.detach().to("cpu", torch.float32))
             for layer, (down, up) in (low_rank or {}).items()
         }
+        self.lora: LoraTerms = {
+            int(layer): {
+                str(name): (a.detach().to("cpu", torch.float32), b.detach().to("cpu", torch.float32))
+                for name, (a, b) in terms.items()
+            }
+            for layer, terms in (lora or {}).items()
+        }
         if not self.offsets:
             raise PlanError("steering without offsets; use no steering instead")
+        projections = getattr(model, "projections", None)
         try:
             check_terms(
-                self.offsets, self.low_rank, hidden_size=self.hidden_size, num_layers=self.num_layers, who="steering"
+                self.offsets, self.low_rank, hidden_size=self.hidden_size, num_layers=self.num_layers, who="steering",
+                lora=self.lora, projections=dict(projections) if projections else None,
             )
         except ProfileError as exc:
             raise PlanError(str(exc)) from None
@@ -247,6 +346,7 @@ class RowSteering:
             low_rank=combine_low_rank(entries),
             position_mode=position_mode,
             applied=[(profile.name, strength) for profile, strength in entries],
+            lora=combine_lora(entries),
         )
 
     def fits(self, model: Any) -> bool:
@@ -271,6 +371,7 @@ def plan_for_rows(
     return build_plan(
         [row.offsets if row is not None else None for row in rows],
         row_low_rank=[row.low_rank if row is not None else None for row in rows],
+        row_lora=[row.lora if row is not None else None for row in rows],
         modes=None if decode else [row.position_mode if row is not None else "all" for row in rows],
         positions=positions,
         prompt_lengths=prompt_lengths,
@@ -294,6 +395,7 @@ def build_plan(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     row_low_rank: Sequence[Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None] | None = None,
+    row_lora: Sequence[Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None] | None = None,
 ) -> SteeringPlan | None:
     """Stack per-row offsets into a plan for one forward pass, or None when no row is steered.
 
@@ -304,6 +406,8 @@ def build_plan(
     positions: (B, T) position of each input token in its row's sequence, -1 for padding; None means
         the input has no padding and starts at position 0 of every row.
     prompt_lengths: per row, the number of prompt tokens; needed for rows in "generated" mode.
+    row_lora: per row, layer -> projection -> (a (R, H), b (out, R)) (see `combine_lora`) or None; each
+        layer must also have an offset in that row. Ranks are padded to the largest with zeros.
     """
     batch = len(row_offsets)
     steered = [i for i, offsets in enumerate(row_offsets) if offsets]
@@ -327,11 +431,12 @@ def build_plan(
                 stacked[i, 0] = vector
         offsets[layer] = stacked.to(device=device, dtype=dtype)
     low_rank = _stack_low_rank(row_low_rank, row_offsets, batch, hidden, device) if row_low_rank else {}
+    lora = _stack_lora(row_lora, row_offsets, batch, hidden, device) if row_lora else {}
 
     mask = _position_mask(modes, positions, prompt_lengths, batch)
     if mask is not None:
         mask = mask.to(device=device, dtype=dtype).unsqueeze(-1)  # (B, T, 1)
-    return SteeringPlan(offsets=offsets, mask=mask, low_rank=low_rank)
+    return SteeringPlan(offsets=offsets, mask=mask, low_rank=low_rank, lora=lora)
 
 
 def _stack_low_rank(
@@ -362,6 +467,41 @@ def _stack_low_rank(
                 downs[i, : pair[0].shape[0]] = pair[0]
                 ups[i, :, : pair[1].shape[1]] = pair[1]
         stacked[layer] = (downs.to(device), ups.to(device))
+    return stacked
+
+
+def _stack_lora(
+    row_lora: Sequence[Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None],
+    row_offsets: Sequence[Mapping[int, torch.Tensor] | None],
+    batch: int,
+    hidden: int,
+    device: torch.device | str,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    if len(row_lora) != batch:
+        raise PlanError(f"{len(row_lora)} LoRA entries for {batch} rows")
+    shapes: dict[tuple[int, str], tuple[int, int]] = {}  # (rank, out)
+    for i, terms in enumerate(row_lora):
+        if terms:
+            try:
+                check_terms(row_offsets[i] or {}, {}, hidden_size=hidden, who=f"row {i}", lora=terms)
+            except ProfileError as exc:
+                raise PlanError(str(exc)) from None
+        for layer, projections in (terms or {}).items():
+            for name, (a, b) in projections.items():
+                rank, out = shapes.get((layer, name), (0, b.shape[0]))
+                if b.shape[0] != out:
+                    raise PlanError(f"rows' LoRA terms of layer {layer} {name} have different output sizes")
+                shapes[(layer, name)] = (max(rank, a.shape[0]), out)
+    stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, name), (rank, out) in sorted(shapes.items()):
+        a_stack = torch.zeros(batch, rank, hidden, dtype=torch.float32)
+        b_stack = torch.zeros(batch, out, rank, dtype=torch.float32)
+        for i, terms in enumerate(row_lora):
+            pair = ((terms or {}).get(layer) or {}).get(name)
+            if pair is not None:
+                a_stack[i, : pair[0].shape[0]] = pair[0]
+                b_stack[i, :, : pair[1].shape[1]] = pair[1]
+        stacked[(layer, name)] = (a_stack.to(device), b_stack.to(device))
     return stacked
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import DeviceError, ModelNotFoundError
 from .layers import find_decoder_layers, hidden_size_of, unwrap_model
-from .profile import ModelFingerprint
+from .profile import LORA_PROJECTIONS, ModelFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -232,4 +232,19 @@ def model_fingerprint(model: nn.Module, tokenizer: object | None = None) -> Mode
         hidden_size=hidden_size_of(base),
         num_layers=len(find_decoder_layers(base)),
         digest=digest.hexdigest(),
+        projections=tuple(sorted(projection_sizes(base).items())),
     )
+
+
+def projection_sizes(model: nn.Module) -> dict[str, int]:
+    """Output features of the attention projections LoRA terms may steer (`profile.LORA_PROJECTIONS`), as
+    the first decoder layer has them; projections the model does not have (or names differently) are
+    left out."""
+    attention = getattr(find_decoder_layers(unwrap_model(model))[0], "self_attn", None)
+    sizes = {}
+    for name in LORA_PROJECTIONS:
+        module = getattr(attention, name, None)
+        features = getattr(module, "out_features", None)
+        if isinstance(features, int):
+            sizes[name] = features
+    return sizes

@@ -150,7 +150,7 @@ def instruct_folder(stages: Stages, split: PairSplit, method: str, config: Any, 
             "lora": [config.rank, config.lora_alpha, list(config.targets)],
             "epsilon": config.epsilon if method == "scit" else None,
             "bf16": config.bf16,
-            "model": dataclasses.asdict(fingerprint),
+            "model": fingerprint.identity(),  # the stage's key: unchanged by fields outside the identity
         },
     )
 
@@ -320,6 +320,7 @@ class FitResult:
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]]
     provenance: dict[str, Any]  # what this fit adds to (or overrides in) the run's provenance
     seconds: dict[str, float]  # wall time of the stages it used (of the runs that finished them)
+    lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = dataclasses.field(default_factory=dict)
 
 
 class Run:
@@ -411,7 +412,7 @@ class Run:
         }
 
     def fit(self, fit: str) -> FitResult:
-        """Step 3 by `fit` (rahf, mean, caa, pca or pref), with the stages it needs."""
+        """Step 3 by `fit` (rahf, lora, mean, caa, pca or pref), with the stages it needs."""
         from .rahf import (
             FitConfig,
             PrefConfig,
@@ -446,6 +447,8 @@ class Run:
                 "fit_loss_first_last": record["loss_first_last"],
             }
             return FitResult(offsets, low_rank, provenance, {"fit_s": record["seconds"]})
+        if fit == "lora":
+            return self._fit_lora_terms()
         records, instruct_record, patterns_record = self.records()
         losses = instruct_record.get("losses", [])
         provenance = {
@@ -515,6 +518,24 @@ class Run:
         return model, {**record, "stage_seconds": seconds, "instruct_gap": {
             k: instruct_record.get(k) for k in ("gap_before", "gap_after")}}
 
+    def _fit_lora_terms(self) -> FitResult:
+        """The 'lora' fit: `fit_lora`'s adapter as per-row LoRA terms of a profile (`rahf.lora_terms`)."""
+        from .rahf import lora_terms
+
+        model, record = self.fit_lora()
+        try:
+            offsets, lora = lora_terms(model, "rahf")
+        finally:
+            self.release(model)
+        c = self.config
+        provenance = {
+            "instruct_epochs": c.epochs,
+            "instruct_gap": record.get("instruct_gap"),
+            "fit_loss_first_last": record.get("loss_first_last"),
+            "rahf": {"steps": c.fit_steps, "batch_size": c.fit_batch, "parameterisation": "lora", **record["lora"]},
+        }
+        return FitResult(offsets, {}, provenance, record["stage_seconds"], lora=lora)
+
     def profile(self, fit: str, name: str, result: FitResult) -> Any:
         from .rahf import make_profile
 
@@ -532,6 +553,7 @@ class Run:
             ),
             position_mode=self.config.position_mode,
             low_rank=result.low_rank or None,
+            lora=result.lora or None,
         )
 
     def calibrate(self, profile: Any, strengths: Sequence[float], base_ppl: float, text: str) -> None:

@@ -115,7 +115,10 @@ which method makes which file:
   <out>/baselines/<name>-<fit>.safetensors
                                      the other fits: 'mean' (alpha * mean pattern), 'caa' (mean base-model
                                      difference chosen - rejected), 'pca' (RepE first principal direction),
-                                     'pref' (our own preference-loss fit; not RAHF, needs no step 1 or 2)
+                                     'pref' (our own preference-loss fit; not RAHF, needs no step 1 or 2),
+                                     'lora' (RAHF step 3 in the paper's own form: a LoRA adapter on q/v,
+                                     r 8, trained towards h_good + alpha * v and saved as per-row LoRA
+                                     terms, format version 3; first in --fit to make it <name>)
 every file records its method and settings (rahf profiles show FILE).
 """
 
@@ -209,7 +212,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=Path("profiles"), help="folder for the profile files")
     _add_run_options(train)
     train.add_argument(
-        "--fit", type=_fits, default=_fits("all"), help="any of rahf,mean,caa,pca,pref; 'all' = rahf,mean,caa,pca"
+        "--fit", type=_fits, default=_fits("all"), help="any of rahf,lora,mean,caa,pca,pref; 'all' = rahf,mean,caa,pca"
     )
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
     train.add_argument("--eval-pairs", type=_count, default=1000, help="dev pairs (seeded sample) for --eval")

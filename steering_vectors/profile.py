@@ -12,6 +12,13 @@ File layout (format version 1, or 2 when the profile has low-rank terms):
   ``h + s * (offset + up @ down @ (h / rms(h)))`` at strength ``s`` (see `hooks.low_rank_delta`).
   Version-1 files have constant offsets only, and this library writes version 1 for those, so older
   readers keep reading them.
+- version 3 only, optional per steered layer and attention projection ``<proj>`` (``q_proj``, ``k_proj``
+  or ``v_proj``): ``lora_a.<layer>.<proj>`` ``(rank, hidden_size)`` and ``lora_b.<layer>.<proj>``
+  ``(out_features, rank)``, a LoRA term of that projection: its output ``y = W x`` becomes
+  ``y + s * lora_b @ lora_a @ x`` at strength ``s`` (the adapter's scaling folded into ``lora_b``; see
+  `hooks.lora_delta`). A layer with a LoRA term has an offset too (zero for a LoRA term alone). The
+  projection's output size is checked against the loaded model (`ModelFingerprint.projections`).
+  This library writes version 3 only for profiles with LoRA terms.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
   ``provenance`` (JSON), ``created``.
@@ -46,11 +53,15 @@ from .errors import (
 )
 
 FORMAT_NAME = "rahf-profile"
-FORMAT_VERSION = 2  # the newest version this library reads; it writes 1 unless a profile has low-rank terms
+# the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms
+FORMAT_VERSION = 3
 PositionMode = Literal["all", "generated"]
 POSITION_MODES: tuple[str, ...] = ("all", "generated")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TENSOR_KEY = re.compile(r"^(offset|down|up)\.(\d+)$")
+_LORA_KEY = re.compile(r"^(lora_a|lora_b)\.(\d+)\.([a-z_]+)$")
+LORA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # attention projections fed the normed layer input
+LoraTerms = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # layer -> projection -> (a (R, H), b (out, R))
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,19 @@ class ModelFingerprint:
     hidden_size: int
     num_layers: int
     digest: str = ""  # sha256 over sampled weights and the tokenizer; "" when unknown
+    # (name, output features) of the attention projections LoRA terms may steer; () when unknown. Not part
+    # of a fingerprint's identity (the digest is): two fingerprints that differ only here are equal.
+    projections: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that identify the model (all but `projections`), e.g. for cache keys."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        if not self.projections:
+            data.pop("projections")
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelFingerprint:
@@ -73,6 +94,7 @@ class ModelFingerprint:
             hidden_size=int(data["hidden_size"]),
             num_layers=int(data["num_layers"]),
             digest=str(data.get("digest", "")),
+            projections=tuple((str(name), int(size)) for name, size in data.get("projections") or ()),
         )
 
 
@@ -101,6 +123,8 @@ def check_terms(
     num_layers: int | None = None,
     who: str,
     hint: str = "",
+    lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    projections: Mapping[str, int] | None = None,
 ) -> None:
     """The rules steering terms must follow to steer a model of `hidden_size` and `num_layers` decoder
     layers (None: any count): offsets of shape (hidden_size,) at layers 0..num_layers-1, low-rank terms
@@ -108,7 +132,9 @@ def check_terms(
     and against a model's fingerprint), `hooks.RowSteering` (a request's combination, against the
     loaded model) and the low-rank rows of `hooks.build_plan` are checked here and nowhere else.
     Raises `ProfileShapeError` (size), `ProfileLayerError` (layer index) or `ProfileFormatError`
-    (low-rank term); `hint` ends the first two."""
+    (low-rank term); `hint` ends the first two. LoRA terms (layer -> projection -> ``(a (R, hidden),
+    b (out, R))``) follow the same layer rule, name one of `LORA_PROJECTIONS`, and, where `projections`
+    (name -> output features of the model's projection) is given, have ``out`` equal to it."""
     sizes = sorted({tuple(t.shape) for t in offsets.values()})
     if offsets and sizes != [(hidden_size,)]:
         found = ", ".join("x".join(map(str, size)) or "scalar" for size in sizes)
@@ -132,6 +158,33 @@ def check_terms(
                 f"{who}: the low-rank term of layer {layer} has down {tuple(down.shape)} and up "
                 f"{tuple(up.shape)}; expected (rank, {hidden_size}) and ({hidden_size}, rank) with rank >= 1"
             )
+    for layer, terms in (lora or {}).items():
+        if layer not in offsets:
+            raise ProfileFormatError(
+                f"{who}: layer {layer!r} has a LoRA term but no offset (use a zero offset for a LoRA term alone)"
+            )
+        for name, (a, b) in terms.items():
+            if name not in LORA_PROJECTIONS:
+                raise ProfileFormatError(
+                    f"{who}: LoRA term on {name!r} at layer {layer}; use one of {LORA_PROJECTIONS}"
+                )
+            rank = a.shape[0] if a.ndim == 2 else 0
+            if not (rank >= 1 and tuple(a.shape) == (rank, hidden_size) and b.ndim == 2 and b.shape[1] == rank):
+                raise ProfileFormatError(
+                    f"{who}: the LoRA term of layer {layer} {name} has a {tuple(a.shape)} and b {tuple(b.shape)}; "
+                    f"expected (rank, {hidden_size}) and (out_features, rank) with rank >= 1"
+                )
+            if projections is not None:
+                expected = projections.get(name)
+                if expected is None:
+                    raise ProfileShapeError(
+                        f"{who} has a LoRA term on {name}, which the loaded model does not have{hint}"
+                    )
+                if b.shape[0] != expected:
+                    raise ProfileShapeError(
+                        f"{who}: the LoRA term of layer {layer} {name} outputs {b.shape[0]} features, but the "
+                        f"loaded model's {name} outputs {expected}{hint}"
+                    )
 
 
 def validate_name(name: str) -> str:
@@ -163,6 +216,7 @@ class Profile:
     created: float = field(default_factory=time.time)
     format_version: int = 1
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    lora: LoraTerms = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -192,6 +246,32 @@ class Profile:
         self.low_rank = self._clean_low_rank()
         if self.low_rank:
             self.format_version = max(self.format_version, 2)
+        self.lora = self._clean_lora()
+        if self.lora:
+            self.format_version = max(self.format_version, 3)
+
+    def _clean_lora(self) -> LoraTerms:
+        clean: LoraTerms = {}
+        for layer, terms in self.lora.items():
+            if not isinstance(terms, Mapping) or not terms:
+                raise ProfileFormatError(
+                    f"profile {self.name!r}: the LoRA terms of layer {layer} are not a projection map"
+                )
+            clean[layer] = {}
+            for name, pair in terms.items():
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ProfileFormatError(
+                        f"profile {self.name!r}: the LoRA term of layer {layer} {name} is not (a, b)"
+                    )
+                a, b = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in pair)
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ProfileValueError(
+                        f"profile {self.name!r}: the LoRA term of layer {layer} {name} contains NaN or Inf; "
+                        "refit the profile"
+                    )
+                clean[layer][str(name)] = (a, b)
+        check_terms(self.offsets, {}, hidden_size=self.hidden_size, who=f"profile {self.name!r}", lora=clean)
+        return {layer: dict(sorted(terms.items())) for layer, terms in sorted(clean.items())}
 
     def _clean_low_rank(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         clean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -224,8 +304,14 @@ class Profile:
         """layer -> rank of its low-rank term (layers without one are left out)."""
         return {layer: int(down.shape[0]) for layer, (down, _) in self.low_rank.items()}
 
+    def lora_ranks(self) -> dict[int, dict[str, int]]:
+        """layer -> projection -> rank of its LoRA term (layers without one are left out)."""
+        return {layer: {name: int(a.shape[0]) for name, (a, _) in terms.items()} for layer, terms in self.lora.items()}
+
     def renamed(self, name: str) -> Profile:
-        return dataclasses.replace(self, name=name, offsets=dict(self.offsets), low_rank=dict(self.low_rank))
+        return dataclasses.replace(
+            self, name=name, offsets=dict(self.offsets), low_rank=dict(self.low_rank), lora=dict(self.lora)
+        )
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -256,6 +342,7 @@ class Profile:
             "fingerprint": dataclasses.asdict(self.fingerprint) if self.fingerprint else None,
             "offset_norms": {str(k): v for k, v in self.norms().items()},
             "low_rank": {str(k): v for k, v in self.ranks().items()},
+            "lora": {str(k): v for k, v in self.lora_ranks().items()},
             "created": int(self.created),
             "format_version": self.format_version,
         })
@@ -271,6 +358,8 @@ class Profile:
             num_layers=model.num_layers,
             who=f"profile {self.name!r}",
             hint=": it was made for another model or has a wrong layer index; retrain it for this one",
+            lora=self.lora,
+            projections=dict(model.projections) if model.projections else None,
         )
         fp = self.fingerprint
         if fp is None:
@@ -300,6 +389,10 @@ class Profile:
         for layer, (down, up) in self.low_rank.items():
             tensors[f"down.{layer}"] = down
             tensors[f"up.{layer}"] = up
+        for layer, terms in self.lora.items():
+            for name, (a, b) in terms.items():
+                tensors[f"lora_a.{layer}.{name}"] = a
+                tensors[f"lora_b.{layer}.{name}"] = b
         return st_save(tensors, metadata=self.metadata())
 
     @classmethod
@@ -312,11 +405,22 @@ class Profile:
         if metadata.get("format") != FORMAT_NAME:
             raise ProfileFormatError(f"{source}: safetensors file without '{FORMAT_NAME}' metadata")
         parts: dict[str, dict[int, torch.Tensor]] = {"offset": {}, "down": {}, "up": {}}
+        lora_parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {"lora_a": {}, "lora_b": {}}
         for key, tensor in tensors.items():
+            lora_match = _LORA_KEY.match(key)
+            if lora_match:
+                if tensor.ndim != 2 or not tensor.is_floating_point():
+                    raise ProfileShapeError(
+                        f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} ({tensor.dtype}), "
+                        "expected 2-D floating point"
+                    )
+                lora_parts[lora_match.group(1)][(int(lora_match.group(2)), lora_match.group(3))] = tensor
+                continue
             match = _TENSOR_KEY.match(key)
             if not match:
                 raise ProfileFormatError(
-                    f"{source}: unexpected tensor {key!r} (expected offset.<layer>, down.<layer> or up.<layer>)"
+                    f"{source}: unexpected tensor {key!r} (expected offset.<layer>, down.<layer>, up.<layer>, "
+                    "lora_a.<layer>.<proj> or lora_b.<layer>.<proj>)"
                 )
             kind, layer = match.group(1), int(match.group(2))
             expected = 1 if kind == "offset" else 2
@@ -332,6 +436,15 @@ class Profile:
         if unpaired:
             raise ProfileFormatError(f"{source}: layers {unpaired} have only one of down.<layer> and up.<layer>")
         low_rank = {layer: (down, parts["up"][layer]) for layer, down in parts["down"].items()}
+        unpaired_lora = sorted(set(lora_parts["lora_a"]) ^ set(lora_parts["lora_b"]))
+        if unpaired_lora:
+            raise ProfileFormatError(
+                f"{source}: LoRA terms {[f'{layer}.{name}' for layer, name in unpaired_lora]} have only one of "
+                "lora_a and lora_b"
+            )
+        lora: LoraTerms = {}
+        for (layer, name), a in sorted(lora_parts["lora_a"].items()):
+            lora.setdefault(layer, {})[name] = (a, lora_parts["lora_b"][(layer, name)])
         try:
             version = int(metadata.get("format_version", "0"))
             if version > FORMAT_VERSION:
@@ -351,6 +464,7 @@ class Profile:
                 created=float(metadata.get("created", "0")),
                 format_version=version,
                 low_rank=low_rank,
+                lora=lora,
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProfileFormatError(f"{source}: malformed profile metadata ({exc})") from exc

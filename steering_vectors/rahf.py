@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .data import DEFAULT_BUDGET, Batch, Encoded, PreferencePair, TokenBudget, collate, encode, pad_id
 from .hooks import Steerer, SteeringPlan
-from .layers import find_decoder_layers, unwrap_model
-from .profile import ModelFingerprint, Profile, atomic_write
+from .layers import find_decoder_layers, hidden_size_of, unwrap_model
+from .profile import LORA_PROJECTIONS, LoraTerms, ModelFingerprint, Profile, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _train_adapter(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        progress.set_postfix(loss=f"{float(loss):.3f}")
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if checkpoint and (done % config.checkpoint_every == 0 or done == len(steps)):
             save_checkpoint(
@@ -839,6 +839,26 @@ def fit_lora(
     return wrapped, losses
 
 
+def lora_terms(model: nn.Module, adapter: str = "rahf") -> tuple[dict[int, torch.Tensor], LoraTerms]:
+    """A peft LoRA adapter as profile terms, so the server can apply it per row: per decoder layer and
+    attention projection ``(a, scaling * b)`` (peft adds ``scaling * B(A(x))`` with no dropout here), and a
+    zero offset at each of those layers. Layers whose ``b`` is all zero (never trained, e.g. past the
+    deepest target layer of the fit) are left out."""
+    hidden = hidden_size_of(model)
+    terms: LoraTerms = {}
+    for index, layer in enumerate(find_decoder_layers(model)):
+        attention = getattr(layer, "self_attn", None)
+        for name in LORA_PROJECTIONS:
+            module = getattr(attention, name, None)
+            if module is None or adapter not in getattr(module, "lora_A", {}):
+                continue
+            a = module.lora_A[adapter].weight.detach().float()
+            b = module.lora_B[adapter].weight.detach().float() * float(module.scaling[adapter])
+            if bool((b != 0).any()):
+                terms.setdefault(index, {})[name] = (a.clone(), b.clone())
+    return {layer: torch.zeros(hidden) for layer in terms}, terms
+
+
 def _fit_draws(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """The record indices of every step of a fit, drawn up front (seeded) so that a resumed run matches:
     shuffled passes over the records, `batch_size` per step."""
@@ -1084,7 +1104,7 @@ def fit_preference_offsets(
 
 # -- profiles ----------------------------------------------------------------------------------------
 
-FIT_METHODS = ("rahf", "mean", "caa", "pca", "pref")
+FIT_METHODS = ("rahf", "lora", "mean", "caa", "pca", "pref")
 RECORD_FITS = ("rahf", "mean", "caa", "pca")  # the fits that need steps 1 and 2 (patterns)
 
 
@@ -1099,11 +1119,13 @@ def make_profile(
     default_strength: float = 1.0,
     position_mode: str = "all",
     low_rank: LowRank | None = None,
+    lora: LoraTerms | None = None,
 ) -> Profile:
     return Profile(
         name=name,
         offsets=offsets,
         low_rank=dict(low_rank or {}),
+        lora=dict(lora or {}),
         description=description,
         fingerprint=fingerprint,
         default_strength=default_strength,

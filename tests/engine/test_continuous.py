@@ -324,6 +324,47 @@ def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, ma
     assert asyncio.run(together()) == single
 
 
+def lora_steering(seed: int, rank: int, scale: float = 0.5) -> RowSteering:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {"q_proj": TINY_HIDDEN, "v_proj": TINY_HIDDEN // 2}  # 2 key/value heads of 16
+    lora = {
+        layer: {name: (torch.randn(rank, TINY_HIDDEN, generator=generator),
+                       scale * torch.randn(out, rank, generator=generator)) for name, out in sizes.items()}
+        for layer in (0, 2)
+    }  # fmt: skip
+    zeros = {layer: torch.zeros(TINY_HIDDEN) for layer in lora}
+    return RowSteering(zeros, model=SHAPE, lora=lora)
+
+
+def test_lora_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_engine):
+    from steering_vectors.hooks import Steerer, build_plan
+
+    engine = make_engine(max_batch_size=8, prefill_chunk=4)
+    assert engine.fast_decode is not None  # its start-up probe includes LoRA terms on every projection
+    steer = lora_steering(1, rank=2)
+    # alone: the same greedy tokens as transformers' generate under the hooks with the same plan
+    plan = build_plan([dict(steer.offsets)], row_lora=[steer.lora])
+    with Steerer.attach(tiny_model).steering(plan):
+        expected = reference(tiny_model, PROMPTS[2], 12)
+    alone = run_alone(engine, PROMPTS[2], greedy(12), steer)
+    assert alone == expected and alone != reference(tiny_model, PROMPTS[2], 12)
+
+    cases = [
+        (PROMPTS[0], lora_steering(2, rank=1)),
+        (PROMPTS[1], low_rank_steering(3, rank=2)),
+        (PROMPTS[2], steer),
+        (PROMPTS[3], None),
+        (PROMPTS[0], lora_steering(4, rank=4, scale=1.0)),
+    ]
+    single = [run_alone(engine, p, greedy(10), s) for p, s in cases]
+
+    async def together() -> list[list[int]]:
+        requests = [GenerationRequest(f"r{i}", p, greedy(10), s) for i, (p, s) in enumerate(cases)]
+        return [tokens(events) for events in await asyncio.gather(*(collect(engine, r) for r in requests))]
+
+    assert asyncio.run(together()) == single
+
+
 def test_steering_is_validated_once_and_the_engine_refuses_steering_for_another_model(make_engine):
     from steering_vectors.errors import PlanError
 

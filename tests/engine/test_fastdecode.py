@@ -110,6 +110,21 @@ def test_lean_step_is_bit_identical_to_the_transformers_forward(kind, packed):
     assert torch.equal(lean_steered, steered)
     assert torch.equal(steered[1], unsteered[1])  # the unsteered row is untouched
     assert not torch.equal(steered[0], unsteered[0])
+    # per-row LoRA terms of q/k/v: added after the (fused) projection by the same function as the hooks
+    sizes = engine.steerer.projections
+    assert sorted(sizes) == ["k_proj", "q_proj", "v_proj"]
+
+    def term(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(rank, TINY_HIDDEN, generator=generator)
+        return a, 0.5 * torch.randn(sizes[name], rank, generator=generator)
+
+    row_lora = [{0: {"q_proj": term("q_proj", 2), "v_proj": term("v_proj", 2)}}, None,
+                {1: {"k_proj": term("k_proj", 3)}}, {layers - 1: {"v_proj": term("v_proj", 1)}}]  # fmt: skip
+    zeros = [{layer: torch.zeros(TINY_HIDDEN) for layer in terms} if terms else None for terms in row_lora]
+    loraed, lean_loraed = both_paths(engine, lengths, build_plan(zeros, row_lora=row_lora))
+    assert torch.equal(lean_loraed, loraed)
+    assert torch.equal(loraed[1], unsteered[1])
+    assert all(not torch.equal(loraed[i], unsteered[i]) for i in (0, 2, 3))
 
 
 def test_models_the_lean_step_does_not_take():

@@ -134,9 +134,13 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
         assert row["default_strength"] in (0.5, 1.0)
     assert by_row["pref"]["seeds"] == [0, 1] and "accuracy_gain_seeds" in by_row["pref"]
     assert by_row["dual-sft"]["switchable"] is False and by_row["dual-sft"]["parameters"] > 0
-    lora = by_row["rahf-dual-lora"]  # LoRA r 8 on q and v of the tiny model's 4 layers
-    assert lora["switchable"] is False and lora["parameters"] == by_row["dual-sft"]["parameters"] > 0
-    assert lora["method"] == "rahf-dual/lora" and lora["perplexity"] > 0 and "fit_s" in lora["stage_seconds"]
+    # LoRA r 8 on q and v, trained up to the deepest target layer (2): layers 0-2 of the tiny model's 4
+    lora = by_row["rahf-dual-lora"]
+    profile = Profile.load(out / "profiles" / "comparison-rahf-dual-lora-seed0.safetensors")
+    assert profile.method == "rahf-dual/lora" and profile.lora_ranks() == {
+        layer: {"q_proj": 8, "v_proj": 8} for layer in (0, 1, 2)}  # fmt: skip
+    assert lora["switchable"] is True and lora["parameters"] == 3 * (64 + 8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
+    assert lora["default_strength"] in (0.5, 1.0) and lora["matched"]["strength"] > 0
     assert by_row["prompt-good"]["perplexity"] is None
     text = (out / "report.md").read_text()
     assert "RAHF-Dual, offsets + rank 2" in text and "pref (not RAHF), offsets" in text

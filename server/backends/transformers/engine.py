@@ -236,7 +236,13 @@ class ContinuousEngine(Engine):
         hidden = self.steerer.hidden_size
         offsets = {0: torch.randn(hidden, generator=generator)}
         low_rank = {0: (torch.randn(2, hidden, generator=generator), torch.randn(hidden, 2, generator=generator))}
-        plan = build_plan([offsets, None], row_low_rank=[low_rank, None], dtype=self.dtype, device=self.device)
+        lora: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {0: {}}  # every projection, layer 0
+        for name, out in self.steerer.projections.items():
+            a, b = torch.randn(2, hidden, generator=generator), torch.randn(out, 2, generator=generator)
+            lora[0][name] = (0.1 * a, 0.1 * b)
+        plan = build_plan(
+            [offsets, None], row_low_rank=[low_rank, None], row_lora=[lora, None], dtype=self.dtype, device=self.device
+        )
         with torch.inference_mode():
             first = torch.zeros(2, dtype=torch.long, device=self.device)  # first token of each row
             cache.for_decode(2, first, 1)

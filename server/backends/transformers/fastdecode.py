@@ -15,7 +15,8 @@ attention interface lookup). This module runs one token per row through the deco
   installed transformers does it for one-token queries (the query heads of a group as a sequence, or
   the kv heads repeated in older versions: `compat.packs_gqa_for_one_token`);
 - steering added from the step's `SteeringPlan` after each steered layer by the library's `apply_plan`,
-  the same function the hooks call, so the hooks are not involved and the arithmetic is theirs.
+  and a plan's LoRA terms added to the q/k/v outputs by `apply_lora`, the same functions the hooks call,
+  so the hooks are not involved and the arithmetic is theirs.
 
 Only models whose modules have the Llama structure are taken (`LlamaDecodeStep.build` returns None
 otherwise), and the engine checks the step against the transformers forward once at start-up; the
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steering_vectors.hooks import SteeringPlan, apply_plan
+from steering_vectors.hooks import SteeringPlan, apply_lora, apply_plan
 
 from . import compat
 from .packed import GROUP, PackedLinear
@@ -169,9 +170,15 @@ class LlamaDecodeStep:
         kv_shape = (n, self.kv_heads, self.head_dim)
         half = self.head_dim // 2
         steered = plan.to(hidden.device).offsets if plan is not None else {}
+        lora_layers = {index for index, _ in plan.lora} if plan is not None else set()
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, shape, layer.in_norm, self.eps)
             q, k, v = layer.qkv(x)
+            if index in lora_layers:  # as the projection hooks: (n, 1, out)
+                x1 = x.unsqueeze(1)
+                q = apply_lora(q.unsqueeze(1), x1, plan, index, "q_proj")[:, 0]
+                k = apply_lora(k.unsqueeze(1), x1, plan, index, "k_proj")[:, 0]
+                v = apply_lora(v.unsqueeze(1), x1, plan, index, "v_proj")[:, 0]
             q, k = q.view(q_shape), k.view(kv_shape)
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
