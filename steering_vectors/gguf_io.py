@@ -48,6 +48,12 @@ def write_control_vector(profile: Profile, *, model_hint: str | None = None) -> 
             "which GGUF control vectors cannot carry (they hold one constant offset per layer); serve it from "
             "the safetensors file instead"
         )
+    if profile.lora:
+        raise ProfileFormatError(
+            f"profile {profile.name!r} has LoRA terms of attention projections at layers {sorted(profile.lora)}, "
+            "which GGUF control vectors cannot carry (they hold one constant offset per layer); serve it from "
+            "the safetensors file instead"
+        )
     hint = model_hint or (profile.fingerprint.architecture if profile.fingerprint else "llama")
     meta = profile.metadata()
     with tempfile.TemporaryDirectory() as tmp:

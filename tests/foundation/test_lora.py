@@ -179,3 +179,10 @@ def test_plans_pad_lora_ranks_and_refuse_terms_the_model_cannot_take() -> None:
     with pytest.raises(PlanError, match="rows"):
         build_plan([zeros], row_lora=[small, small])
     assert combine_lora([]) == {} and steerer.projections["v_proj"] == KV_OUT
+
+
+def test_gguf_export_refuses_lora_terms() -> None:
+    from steering_vectors.gguf_io import write_control_vector
+
+    with pytest.raises(ProfileFormatError, match="LoRA terms of attention projections at layers \\[1, 2\\]"):
+        write_control_vector(_profile())
