@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steering_vectors.hooks import Steerer, build_plan, combine_low_rank, combine_offsets
+from steering_vectors.hooks import Steerer, build_plan, combine_lora, combine_low_rank, combine_offsets
 from steering_vectors.models import LoadedModel
 from steering_vectors.profile import Profile
 
@@ -22,7 +22,11 @@ def greedy(
 ) -> list[int]:
     """Greedy tokens by full recomputation each step (no KV cache), steering every position."""
     steerer = Steerer.attach(loaded.model)
-    plan = build_plan([combine_offsets(steering)], row_low_rank=[combine_low_rank(steering)]) if steering else None
+    plan = None
+    if steering:
+        plan = build_plan(
+            [combine_offsets(steering)], row_low_rank=[combine_low_rank(steering)], row_lora=[combine_lora(steering)]
+        )
     eos = loaded.tokenizer.eos_token_id
     ids = list(prompt_ids)
     out: list[int] = []

@@ -237,3 +237,33 @@ def test_low_rank_profile_upload_listing_and_mixing(fresh, tiny_loaded, tiny_pro
     mixed = [{"profile": "lowrank", "strength": 0.5}, {"profile": "alpha", "strength": -0.5}]
     expected = greedy(tiny_loaded, ids, MAX, [(profile, 0.5), (tiny_profiles["alpha"], -0.5)])
     assert content(reply(fresh, steering=mixed)) == text_of(tiny_loaded, expected)
+
+
+def test_lora_profile_upload_listing_steering_and_mixing(fresh, tiny_loaded, tiny_profiles) -> None:
+    """A profile with per-row LoRA terms (format 3) is stored, listed with its ranks, steers as the hooks
+    do alone and mixed with an offset profile, and one whose projection sizes do not fit is refused."""
+    generator = torch.Generator().manual_seed(41)
+    sizes = dict(tiny_loaded.fingerprint.projections)
+    assert sizes == {"k_proj": 32, "q_proj": 64, "v_proj": 32}
+    lora = {2: {name: (torch.randn(2, 64, generator=generator), 0.5 * torch.randn(sizes[name], 2, generator=generator))
+                for name in ("q_proj", "v_proj")}}  # fmt: skip
+    profile = Profile("lora", {2: torch.zeros(64)}, fingerprint=tiny_loaded.fingerprint, lora=lora)
+    response = put(fresh, "lora", profile.to_bytes())
+    assert response.status_code == 201, response.text
+    assert response.json()["lora"] == {"2": {"q_proj": 2, "v_proj": 2}} and response.json()["format_version"] == 3
+    listed = {p["id"]: p for p in httpx.get(fresh.v1 + "/profiles").json()["data"]}
+    assert listed["lora"]["lora"] == {"2": {"q_proj": 2, "v_proj": 2}} and listed["alpha"]["lora"] == {}
+
+    ids = chat_ids(tiny_loaded, PROMPT)
+    alone = content(reply(fresh, f"{fresh.base}:lora"))
+    assert alone == text_of(tiny_loaded, greedy(tiny_loaded, ids, MAX, [(profile, 1.0)]))
+    assert alone != content(reply(fresh))
+    mixed = [{"profile": "lora", "strength": 2.0}, {"profile": "alpha", "strength": 0.5}]
+    expected = greedy(tiny_loaded, ids, MAX, [(profile, 2.0), (tiny_profiles["alpha"], 0.5)])
+    assert content(reply(fresh, steering=mixed)) == text_of(tiny_loaded, expected)
+
+    wrong = {2: {"v_proj": (torch.ones(2, 64), torch.ones(64, 2))}}  # q's output size on v
+    bad = Profile("lora", {2: torch.zeros(64)}, fingerprint=tiny_loaded.fingerprint, lora=wrong)
+    error = assert_envelope(put(fresh, "lora", bad.to_bytes()), 422, "body")
+    assert "v_proj outputs 64 features" in error["message"]
+    assert Profile.load(fresh.profile_dir / "lora.safetensors").lora_ranks() == {2: {"q_proj": 2, "v_proj": 2}}
