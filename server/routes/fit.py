@@ -180,7 +180,8 @@ async def fit_profile(name: str, body: FitRequest, request: Request, serving: Se
         raise to_api_error(exc, param="examples") from None
     except OSError as exc:
         raise store_error(exc, f"store profile {name!r}") from None
-    return JSONResponse(describe(stored), status_code=201 if created else 200)
+    # the digest of the file as stored (what /v1/profiles and X-Steering report), not of a re-serialisation
+    return JSONResponse(describe(stored, serving.registry.state().digest(name)), status_code=201 if created else 200)
 
 
 def _checked(work):  # noqa: ANN001, ANN202 - a small adapter: the library's input errors as 400s

@@ -126,6 +126,8 @@ def test_fitted_offsets_match_the_reference(live, tiny_loaded, shape, method) ->
     for i, layer in enumerate(layers):
         torch.testing.assert_close(stored.offsets[layer].double(), torch.from_numpy(expected[i]), atol=2e-5, rtol=1e-4)
     assert stored.fingerprint == tiny_loaded.fingerprint
+    file_digest = "sha256:" + hashlib.sha256((live.profile_dir / f"{name}.safetensors").read_bytes()).hexdigest()
+    assert summary["digest"] == file_digest == httpx.get(live.v1 + f"/profiles/{name}").json()["digest"]
 
 
 def test_default_layers_a_refit_replaces_and_the_profile_steers_at_once(live, tiny_loaded) -> None:
