@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .base import SamplingParams, TokenLogprob
@@ -51,17 +52,34 @@ def check_generator(generator: torch.Generator, logits: torch.Tensor) -> None:
 
 
 def constrain(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """float logits (V,) with -inf wherever `allowed` (bool (n,), from a `TokenConstraint`) is False, and
-    for every id >= n. ValueError when no token of the vocabulary is allowed."""
+    """A copy of float logits (V,) with -inf wherever `allowed` (bool (n,) on the CPU, from a
+    `TokenConstraint`) is False, and for every id >= n. ValueError when no token of the vocabulary is
+    allowed. On the CPU this is numpy's work (one thread): torch would split a 49k-entry row over its
+    intra-op threads, and on a busy machine each split waits for a core."""
     if allowed is None:
         return logits
     vocab = logits.shape[-1]
-    keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
     n = min(int(allowed.numel()), vocab)
+    if logits.device.type == "cpu":
+        keep = allowed.numpy()[:n]
+        if not keep.any():
+            raise ValueError("the row's constraint allows no token of the model's vocabulary")
+        values = logits.numpy()
+        out = np.full(vocab, -np.inf, dtype=values.dtype)
+        np.copyto(out[:n], values[:n], where=keep)
+        return torch.from_numpy(out)
+    keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
     keep[:n] = allowed[:n].to(logits.device)
     if not bool(keep.any()):
         raise ValueError("the row's constraint allows no token of the model's vocabulary")
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The best token of one row (V,) (numpy on the CPU, for the reason `constrain` gives)."""
+    if logits.device.type == "cpu":
+        return int(np.argmax(logits.numpy()))
+    return int(torch.argmax(logits))
 
 
 def apply_penalties(
@@ -157,18 +175,15 @@ def select_tokens(
     """`select_token` for every row of logits (B, V); plain greedy rows share one batched argmax. `allowed`:
     each row's constraint mask (None: unconstrained), applied to that row only."""
     masks: Sequence[torch.Tensor | None] = allowed if allowed is not None else [None] * len(params)
-    greedy = [i for i, p in enumerate(params) if is_plain_greedy(p)]
+    greedy = [i for i, p in enumerate(params) if is_plain_greedy(p) and masks[i] is None]
     choices: list[tuple[int, TokenLogprob | None]] = [(0, None)] * len(params)
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]
-        rows = rows.float()
-        constrained = [(j, masks[i]) for j, i in enumerate(greedy) if masks[i] is not None]
-        if constrained:
-            rows = rows.clone()  # rows may be a view of the caller's logits
-            for j, mask in constrained:
-                rows[j] = constrain(rows[j], mask)
-        for i, token in zip(greedy, torch.argmax(rows, dim=-1).tolist(), strict=True):
+        for i, token in zip(greedy, torch.argmax(rows.float(), dim=-1).tolist(), strict=True):
             choices[i] = (token, None)
+    for i, p in enumerate(params):  # constrained plain greedy rows: the best allowed token
+        if masks[i] is not None and is_plain_greedy(p):
+            choices[i] = (_argmax(constrain(logits[i].float(), masks[i])), None)
     if len(greedy) < len(params):
         for i, p in enumerate(params):
             if not is_plain_greedy(p):
