@@ -2,8 +2,10 @@
 against the transformers forward, side by side in one run, at several batch sizes, unsteered and with
 a different random offset per row at five layers. Both steps run on the same engine, cache and weights
 (packed as the server packs them), rounds interleaved; prints the median ms per step and the ratio.
-Then the cost of steering in the lean step: unsteered, offsets only, and offsets plus a rank-`--rank`
-low-rank term per layer (the input-dependent profile kind), rounds interleaved, with their ratios.
+Then the cost of steering in the lean step: unsteered, offsets only, offsets plus a rank-`--rank`
+low-rank term per layer (the input-dependent profile kind), and per-row LoRA terms of rank `--rank` on
+q_proj and v_proj of layers 0-18 (the shape of the `lora` fit's profiles), rounds interleaved, with their
+ratios.
 
     python bench/decode_step.py                          # rows 1, 8, 16; packed weights (auto)
     python bench/decode_step.py --rows 1 4 --quantize none --threads 1
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from steering_vectors.compare import cpu_name
+
+    print(f"CPU: {cpu_name()}")
     model = load_model(None, dtype="float32").model
     print(f"weights: {pack_model(model, args.quantize).summary()}")
     engine = ContinuousEngine(model, max_batch_size=max(args.rows), max_seq_len=args.context + 64)
@@ -150,14 +155,25 @@ def main(argv: list[str] | None = None) -> int:
              for layer in layers}
             for _ in range(rows)
         ]
+        sizes = engine.steerer.projections
+        lora = [
+            {layer: {name: (torch.randn(args.rank, hidden, generator=generator),
+                            torch.randn(sizes[name], args.rank, generator=generator) * 0.01)
+                     for name in ("q_proj", "v_proj")} for layer in range(19)}
+            for _ in range(rows)
+        ]
+        zeros = [{layer: torch.zeros(hidden) for layer in range(19)} for _ in range(rows)]
         plans = {"unsteered": None, "offsets": build_plan(steered),
-                 "low-rank": build_plan(steered, row_low_rank=low_rank)}
+                 "low-rank": build_plan(steered, row_low_rank=low_rank),
+                 "lora": build_plan(zeros, row_lora=lora)}
         cost = steering_cost(engine, ids, args.context, plans, args.rounds, args.steps)
         results[f"lean offsets/unsteered@{rows}"] = cost["offsets"] / cost["unsteered"]
         results[f"lean low-rank/offsets@{rows}"] = cost["low-rank"] / cost["offsets"]
+        results[f"lean lora/unsteered@{rows}"] = cost["lora"] / cost["unsteered"]
         print(
             f"rows {rows:>3} lean step: unsteered {cost['unsteered']:7.2f} ms  offsets {cost['offsets']:7.2f} ms  "
-            f"offsets + rank-{args.rank} terms {cost['low-rank']:7.2f} ms"
+            f"offsets + rank-{args.rank} terms {cost['low-rank']:7.2f} ms  "
+            f"LoRA r {args.rank} on q/v of layers 0-18 {cost['lora']:7.2f} ms"
         )
         if args.profile:
             profile_step(engine, model, ids, args.context)
