@@ -57,10 +57,10 @@ def rows_for(rank: int) -> list[Row]:
         Row("rahf-scit-rank", f"RAHF-SCIT, offsets + rank {rank}", "profile", "rahf", "scit", rank),
         Row("rahf-dual", "RAHF-Dual, offsets", "profile", "rahf", "dual", 0),
         Row("rahf-dual-rank", f"RAHF-Dual, offsets + rank {rank}", "profile", "rahf", "dual", rank),
+        Row("rahf-dual-lora", "RAHF-Dual, LoRA q/v r 8 per row (the paper's form)", "profile", "lora"),
         Row("pref", "pref (not RAHF), offsets", "profile", "pref", "dual", 0),
         Row("pref-rank", f"pref (not RAHF), offsets + rank {rank}", "profile", "pref", "dual", rank),
         Row("dual-sft", "Dual good adapter alone (SFT on chosen; not switchable)", "adapter", switchable=False),
-        Row("rahf-dual-lora", "RAHF-Dual, LoRA q/v r 8 per row (the paper's form)", "profile", "lora"),
     ]
 
 
