@@ -103,7 +103,7 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     _write_split(data, "train", 16)
     _write_split(data, "dev", 5)
     out, work = tmp_path / "comparison", tmp_path / "work"
-    rows = "unsteered,prompt-good,caa,rahf-dual-rank,pref,dual-sft,rahf-dual-lora"
+    rows = "unsteered,prompt-good,caa,rahf-dual-rank,rahf-dual-lora,pref,dual-sft"
     argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--rows", rows,
             "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3", "--calib-pairs", "2", "--gap-pairs", "2",
             "--fit-steps", "2", "--fit-batch", "4", "--pref-steps", "2", "--pref-batch", "2", "--rank", "2",
