@@ -83,22 +83,23 @@ class Timed(TokenConstraint):
 
 
 class StepClock:
-    """Wraps the engine's decode step: wall and process CPU seconds of every step while `on`."""
+    """Wraps the engine's decode step: the rows, wall and process CPU seconds of every step while `on`
+    (steps are compared between kinds at equal row counts: json rows finish at other steps than plain
+    ones, and a step of fewer rows is cheaper)."""
 
     def __init__(self, engine) -> None:
         self.step = engine._decode_step
         engine._decode_step = self
         self.on = False
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
+        self.steps: list[tuple[int, float, float]] = []  # (rows, wall s, CPU s)
 
     def __call__(self) -> None:
-        if not self.on or len(self.step.__self__._running) == 0:
+        rows = len(self.step.__self__._running)
+        if not self.on or rows == 0:
             return self.step()
         wall, cpu = time.perf_counter(), time.process_time()
         self.step()
-        self.cpu.append(time.process_time() - cpu)
-        self.wall.append(time.perf_counter() - wall)
+        self.steps.append((rows, time.perf_counter() - wall, time.process_time() - cpu))
 
 
 async def run_batch(engine, requests: list[GenerationRequest]) -> list[tuple[int, str | None]]:
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     try:
         for batch in args.batch:
-            wall: dict[str, list[float]] = {"plain": [], "json_object": []}
-            cpu: dict[str, list[float]] = {"plain": [], "json_object": []}
+            # rows in the step -> that step's seconds, per kind
+            wall: dict[str, dict[int, list[float]]] = {"plain": {}, "json_object": {}}
+            cpu: dict[str, dict[int, list[float]]] = {"plain": {}, "json_object": {}}
             grammar_share: list[float] = []
             tokens_seen: dict[str, int] = {"plain": 0, "json_object": 0}
             finished: dict[str, list[str | None]] = {"plain": [], "json_object": []}
@@ -172,28 +174,37 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         for i in range(batch)
                     ]
-                    clock.wall, clock.cpu, clock.on = [], [], round_ > 0
+                    clock.steps, clock.on = [], round_ > 0
                     rows = asyncio.run(run_batch(engine, requests))
                     clock.on = False
+                    time.sleep(0.05)  # the step that delivered the last event has recorded itself
                     if round_ == 0:
                         continue
-                    wall[kind].extend(clock.wall)
-                    cpu[kind].extend(clock.cpu)
+                    for rows_in_step, w, c in list(clock.steps):
+                        wall[kind].setdefault(rows_in_step, []).append(w)
+                        cpu[kind].setdefault(rows_in_step, []).append(c)
                     tokens_seen[kind] += sum(n for n, _ in rows)
                     finished[kind].extend(f for _, f in rows)
                     if kind == "json_object":
                         grammar_share.append(spent[0] / sum(n for n, _ in rows) * 1e6)
-            w = {kind: statistics.median(values) * 1000 for kind, values in wall.items()}
-            c = {kind: statistics.median(values) * 1000 for kind, values in cpu.items()}
             reasons = {r: finished["json_object"].count(r) for r in sorted(set(finished["json_object"]), key=str)}
             print(
-                f"batch {batch}: ms per decode step (median of {len(cpu['plain'])} / {len(cpu['json_object'])} "
-                f"steps) plain {c['plain']:.2f} CPU / {w['plain']:.2f} wall, json_object {c['json_object']:.2f} "
-                f"CPU / {w['json_object']:.2f} wall; ratio json_object/plain {c['json_object'] / c['plain']:.3f} "
-                f"CPU, {w['json_object'] / w['plain']:.3f} wall; grammar (mask + advance) "
-                f"{statistics.median(grammar_share):.0f} us per row-token; tokens plain {tokens_seen['plain']} / "
-                f"json_object {tokens_seen['json_object']}; json_object finish reasons {reasons}"
+                f"batch {batch}: grammar (mask + advance) {statistics.median(grammar_share):.0f} us per row-token; "
+                f"tokens plain {tokens_seen['plain']} / json_object {tokens_seen['json_object']}; json_object "
+                f"finish reasons {reasons}"
             )
+            for k in sorted(set(cpu["plain"]) & set(cpu["json_object"]), reverse=True):
+                steps = (len(cpu["plain"][k]), len(cpu["json_object"][k]))
+                if min(steps) < 3:
+                    continue
+                c = {kind: statistics.median(cpu[kind][k]) * 1000 for kind in cpu}
+                w = {kind: statistics.median(wall[kind][k]) * 1000 for kind in wall}
+                print(
+                    f"  steps of {k} row(s) (median of {steps[0]} / {steps[1]}): plain {c['plain']:.2f} ms CPU / "
+                    f"{w['plain']:.2f} ms wall, json_object {c['json_object']:.2f} / {w['json_object']:.2f}; "
+                    f"ratio json_object/plain {c['json_object'] / c['plain']:.3f} CPU, "
+                    f"{w['json_object'] / w['plain']:.3f} wall"
+                )
     finally:
         engine.shutdown(timeout=5)
     return 0

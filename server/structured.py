@@ -177,7 +177,10 @@ class Grammars:
     def compile(self, response_format: Any) -> Any:
         """The compiled matcher of a response format (cached); ResponseFormatError when it cannot be."""
         schema, strict = schema_for(response_format)
-        key = json.dumps([schema, strict], sort_keys=True, separators=(",", ":"))
+        try:
+            key = json.dumps([schema, strict], sort_keys=True, separators=(",", ":"))
+        except RecursionError:
+            raise ResponseFormatError("the schema is nested too deeply") from None
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is not None:
@@ -203,6 +206,8 @@ class Grammars:
             )
         except (ValueError, TypeError) as exc:
             return ResponseFormatError(f"the schema is not usable: {exc}")
+        except RecursionError:
+            return ResponseFormatError("the schema is nested too deeply")
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             return ResponseFormatError(f"the schema is not usable: {matcher.get_error()}")

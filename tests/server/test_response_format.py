@@ -221,6 +221,13 @@ def test_json_object_and_lenient_schemas(client, model_name) -> None:
     assert "uniqueItems" in refused.value.body["message"]
 
 
+def nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 BAD_FORMATS = [
     ({"type": "xml"}, "type must be one of 'text', 'json_object', 'json_schema', not 'xml'"),
     ({}, "type is required"),
@@ -238,6 +245,7 @@ BAD_FORMATS = [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "("}}},
      "regex parse error"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}, "strict": True}}, "not"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": nested(200)}}, "recursion limit"),
 ]
 
 
@@ -249,6 +257,14 @@ def test_bad_response_formats_are_400(server, model_name, response_format, messa
         response = httpx.post(server.v1 + "/chat/completions", json={**body, "stream": stream}, timeout=60)
         error = assert_envelope(response, 400, "response_format")
         assert message in error["message"], error
+
+
+def test_schemas_nested_beyond_python_s_recursion_limit_are_refused(tiny_loaded) -> None:
+    from server.structured import ResponseFormatError
+
+    grammars = Grammars(tiny_loaded.tokenizer, {2, 5})
+    with pytest.raises(ResponseFormatError, match="nested too deeply"):
+        grammars.compile(Format("json_schema", nested(5000)).parsed)
 
 
 def test_completions_take_no_response_format(server, model_name) -> None:
