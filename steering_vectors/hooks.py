@@ -132,7 +132,7 @@ class Steerer:
             layer.register_forward_hook(self._make_hook(index)) for index, layer in enumerate(self.layers)
         ]
         self._projection_handles: list[Any] = []
-        self.projections = _projection_sizes(self.layers)
+        self.projections = projection_sizes(self.layers)
 
     def _install_projection_hooks(self) -> None:
         for index, layer in enumerate(self.layers):
@@ -212,7 +212,10 @@ class Steerer:
         return hook
 
 
-def _projection_sizes(layers: Sequence[nn.Module]) -> dict[str, int]:
+def projection_sizes(layers: Sequence[nn.Module]) -> dict[str, int]:
+    """Output features of the attention projections LoRA terms may steer (`profile.LORA_PROJECTIONS`), as
+    the first of the decoder `layers` has them; projections it does not have (or names differently) are
+    left out."""
     attention = getattr(layers[0], "self_attn", None)
     sizes = {}
     for name in LORA_PROJECTIONS:

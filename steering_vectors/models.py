@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import DeviceError, ModelNotFoundError
 from .layers import find_decoder_layers, hidden_size_of, unwrap_model
-from .profile import LORA_PROJECTIONS, ModelFingerprint
+from .profile import ModelFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,7 @@ def model_fingerprint(model: nn.Module, tokenizer: object | None = None) -> Mode
 
 
 def projection_sizes(model: nn.Module) -> dict[str, int]:
-    """Output features of the attention projections LoRA terms may steer (`profile.LORA_PROJECTIONS`), as
-    the first decoder layer has them; projections the model does not have (or names differently) are
-    left out."""
-    attention = getattr(find_decoder_layers(unwrap_model(model))[0], "self_attn", None)
-    sizes = {}
-    for name in LORA_PROJECTIONS:
-        module = getattr(attention, name, None)
-        features = getattr(module, "out_features", None)
-        if isinstance(features, int):
-            sizes[name] = features
-    return sizes
+    """`hooks.projection_sizes` of the model's decoder layers."""
+    from .hooks import projection_sizes as of_layers
+
+    return of_layers(find_decoder_layers(unwrap_model(model)))

@@ -148,21 +148,14 @@ def check_terms(
                 f"{who} steers layers {bad}, but the loaded model has layers 0..{num_layers - 1}{hint}"
             )
     for layer, (down, up) in low_rank.items():
-        if layer not in offsets:
-            raise ProfileFormatError(
-                f"{who}: layer {layer!r} has a low-rank term but no offset (use a zero offset for a low-rank "
-                "term alone)"
-            )
+        _require_offset(offsets, layer, who, "low-rank")
         if not low_rank_term_rank(down, up, hidden_size):
             raise ProfileFormatError(
                 f"{who}: the low-rank term of layer {layer} has down {tuple(down.shape)} and up "
                 f"{tuple(up.shape)}; expected (rank, {hidden_size}) and ({hidden_size}, rank) with rank >= 1"
             )
     for layer, terms in (lora or {}).items():
-        if layer not in offsets:
-            raise ProfileFormatError(
-                f"{who}: layer {layer!r} has a LoRA term but no offset (use a zero offset for a LoRA term alone)"
-            )
+        _require_offset(offsets, layer, who, "LoRA")
         for name, (a, b) in terms.items():
             if name not in LORA_PROJECTIONS:
                 raise ProfileFormatError(
@@ -185,6 +178,14 @@ def check_terms(
                         f"{who}: the LoRA term of layer {layer} {name} outputs {b.shape[0]} features, but the "
                         f"loaded model's {name} outputs {expected}{hint}"
                     )
+
+
+def _require_offset(offsets: Mapping[int, torch.Tensor], layer: int, who: str, kind: str) -> None:
+    """Terms of `kind` sit only at layers with an offset (a zero offset for a term alone)."""
+    if layer not in offsets:
+        raise ProfileFormatError(
+            f"{who}: layer {layer!r} has a {kind} term but no offset (use a zero offset for a {kind} term alone)"
+        )
 
 
 def validate_name(name: str) -> str:

@@ -11,7 +11,6 @@ import torch
 
 from server.backends.base import EngineError, GenerationRequest, SamplingParams, TokenConstraint
 from server.backends.sampling import constrain, select_tokens
-from server.backends.transformers.engine import ContinuousEngine
 
 from .test_continuous import PROMPTS, collect, greedy, run_alone, steering, tokens
 
@@ -45,21 +44,6 @@ class Allowed(TokenConstraint):
 
 def forced(sequence: list[int]) -> Allowed:
     return Allowed([{t} for t in sequence], len(sequence))
-
-
-@pytest.fixture
-def make_engine(tiny_model):
-    engines: list[ContinuousEngine] = []
-
-    def make(**kwargs: object) -> ContinuousEngine:
-        engine = ContinuousEngine(tiny_model, **kwargs)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=5)
 
 
 def test_constrain_masks_a_row_and_refuses_an_empty_mask() -> None:

@@ -43,21 +43,6 @@ def steering(seed: int, mode: str = "all", scale: float = 4.0) -> RowSteering:
     return RowSteering(offsets, model=SHAPE, position_mode=mode)
 
 
-@pytest.fixture
-def make_engine(tiny_model):
-    engines: list[ContinuousEngine] = []
-
-    def make(**kwargs: object) -> ContinuousEngine:
-        engine = ContinuousEngine(tiny_model, **kwargs)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=5)
-
-
 async def collect(engine: ContinuousEngine, request: GenerationRequest) -> list[EngineEvent]:
     return [event async for event in engine.generate(request)]
 
