@@ -4,14 +4,19 @@
 #
 #   bash bench/gpu_check.sh prepare     # here, with a package registry: wheels + model config into .gpu/
 #   bash bench/gpu_check.sh run [gpu_check.py flags]   # on the GPU host (default --device cuda)
+#   bash bench/gpu_check.sh train [gpu_train.py flags] # on the GPU host: one profile's whole `rahf train`
+#   bash bench/gpu_check.sh all --out DIR              # on the GPU host: run, then train, one call
 #
 # `prepare` puts into .gpu/ (ignored by git through .git/info/exclude, about 10 MB): Python 3.12 wheels of
 # what the GPU hosts lack (fastapi, starlette, pydantic and pydantic-core, pydantic-settings,
 # python-dotenv, typing-inspection, annotated-types, uvicorn, sse-starlette, gguf, python-multipart,
-# opentelemetry-api, which fastapi needs) and
+# opentelemetry-api, which fastapi needs; matplotlib and its dependencies, which `rahf train` needs), a copy
+# of ../shared/data/hh_harmless (2 MB) for `train`, and
 # the embedded model's config and tokenizer (the weights stay here: the model is built there from the
-# config with random weights). Then run it there in one call of the device tool, carrying .gpu:
-#   command: bash bench/gpu_check.sh run --out $OUT      carry: [".gpu"]      timeout_s: 540
+# config with random weights). Then run it there with the device tool, carrying .gpu, in one call
+#   command: bash bench/gpu_check.sh all --out $OUT      carry: [".gpu"]      timeout_s: 590
+# or, when less device time is left, in two (the machine stays warm 30 s between calls):
+#   bash bench/gpu_check.sh train --out $OUT   (timeout_s 300), then   bash bench/gpu_check.sh run --out $OUT
 # `run` installs the wheels into /tmp/site when the server's packages are missing, and needs torch and transformers
 # already installed. A dry run on the CPU:
 #   bash bench/gpu_check.sh run --device cpu --shape tiny --concurrency 1 8 --batches 1 8 --max-tokens 16
@@ -19,7 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=(fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
-        annotated-types uvicorn sse-starlette gguf python-multipart opentelemetry-api)
+        annotated-types uvicorn sse-starlette gguf python-multipart opentelemetry-api
+        matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil tzdata)
 
 prepare() {
   local py=${PYTHON}
@@ -33,6 +39,7 @@ prepare() {
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/wheels "${specs[@]}"
+  rm -rf .gpu/data && mkdir -p .gpu/data && cp -r ../shared/data/hh_harmless .gpu/data/
   "$py" - <<'PY'
 import shutil
 from pathlib import Path
@@ -48,8 +55,9 @@ PY
   du -sh .gpu; ls .gpu/wheels .gpu/model
 }
 
-run() {
-  if ! "$PYTHON" -c "import fastapi, pydantic_settings, uvicorn, sse_starlette, multipart" 2> /dev/null \
+setup() {
+  if ! "$PYTHON" -c "import fastapi, pydantic_settings, uvicorn, sse_starlette, multipart, gguf, matplotlib" \
+      2> /dev/null \
       && compgen -G ".gpu/wheels/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .gpu/wheels/*.whl
@@ -61,11 +69,23 @@ run() {
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
   "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__)"
+}
+
+run() {
+  setup
   "$PYTHON" bench/gpu_check.py "$@"
+}
+
+train() {
+  setup
+  "$PYTHON" bench/gpu_train.py "$@"
 }
 
 case "${1:-}" in
   prepare) shift; prepare "$@" ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash bench/gpu_check.sh prepare | run [gpu_check.py flags]" >&2; exit 2 ;;
+  train) shift; train "$@" ;;
+  all) shift; status=0; run "$@" || status=$?; train "$@" || status=$?; exit $status ;;
+  *) echo "usage: bash bench/gpu_check.sh prepare | run [gpu_check.py flags] | train [gpu_train.py flags]" \
+       "| all --out DIR" >&2; exit 2 ;;
 esac
