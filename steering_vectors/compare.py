@@ -228,6 +228,15 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f} %"
 
 
+def _strength(row: dict[str, Any], grid: list[float]) -> str:
+    """A row's default strength for the table; one below the grid (every grid strength broke the fluency
+    cap, so calibration bisected below it) says so."""
+    strength = row.get("default_strength")
+    if strength is None:
+        return "–"
+    return f"{strength:.3g}" + (" (below grid)" if grid and strength < min(grid) else "")
+
+
 def write_comparison(report: dict[str, Any], out: Path) -> Path:
     import matplotlib
 
@@ -281,7 +290,7 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
         at_matched = f"{_pct(matched['accuracy'])} ({matched['strength']:.3g})" if matched else "–"
         wall = r.get("train_s")
         lines.append(
-            f"| {r['label']} | {'yes' if r['switchable'] else 'no'} | {r.get('default_strength', '–')} | "
+            f"| {r['label']} | {'yes' if r['switchable'] else 'no'} | {_strength(r, report['strengths'])} | "
             f"{_pct(r['accuracy'])} | {gain} | {r['margin']:.4f} | {_pct(r['perplexity_rise'], True)}"
             f"{'' if r['perplexity_rise'] is None else ' %'} | {at_matched} | {r['parameters']:,} | {r['pairs']} | "
             f"{'–' if not wall else f'{wall / 60:.1f} min'} |"

@@ -151,3 +151,13 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     assert main(argv) == 0
     capsys.readouterr()
     assert {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")} == stamps
+
+
+def test_report_shows_default_strengths_to_three_digits_and_marks_those_below_the_grid() -> None:
+    from steering_vectors.compare import _strength
+
+    grid = [0.5, 1.0, 2.0]
+    assert _strength({"default_strength": 1.0}, grid) == "1"
+    assert _strength({"default_strength": 0.5}, grid) == "0.5"
+    assert _strength({"default_strength": 0.1796875}, grid) == "0.18 (below grid)"
+    assert _strength({"row": "unsteered"}, grid) == "–"
