@@ -310,6 +310,22 @@ def generate(
     return replies
 
 
+def repeated_ngram_share(replies: Sequence[Sequence[int]], n: int = 4) -> float:
+    """Share of the replies' token n-grams that repeat an earlier n-gram of the same reply, pooled over
+    `replies` (token id lists): 0 when no reply repeats itself; a reply looping on one sentence tends to 1.
+    Likelihood scores do not see such loops; this is what a report shows of them."""
+    repeated = total = 0
+    for ids in replies:
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        repeated += len(grams) - len(set(grams))
+        total += len(grams)
+    return repeated / total if total else 0.0
+
+
+def _reply_repetition(tokenizer: Any, replies: Sequence[str]) -> float:
+    return repeated_ngram_share([tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies])
+
+
 # -- calibration and reports ------------------------------------------------------------------------
 
 
@@ -442,6 +458,11 @@ def evaluate_profiles(
             max_new_tokens=max_new_tokens,
             bf16=bf16,
         )
+    results["repetition"] = {
+        name: _reply_repetition(tokenizer, replies)
+        for name, replies in results["generations"].items()
+        if name != "prompts"
+    }
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -510,6 +531,10 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str, command: st
             reply = generations[name][i].replace("\n", " ")
             lines.append(f"- **{name}**: {reply}")
         lines.append("")
+    repetition = results.get("repetition")
+    if repetition:
+        shares = ", ".join(f"{name} {value:.3f}" for name, value in repetition.items())
+        lines += [f"Share of repeated token 4-grams in these replies (loops; 0 = none): {shares}.", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

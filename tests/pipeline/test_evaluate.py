@@ -63,10 +63,43 @@ def test_write_report(tmp_path: Path) -> None:
         "baseline": {"accuracy": 0.5, "margin": 0.0, "perplexity": 10.0},
         "profiles": {"p": {"fit": "rahf", "grid": [row], "default": row, "accepted": True}},
         "generations": {"prompts": ["q"], "unsteered": ["a"], "p": ["b"]},
+        "repetition": {"unsteered": 0.0, "p": 0.25},
     }
     path = write_report(results, tmp_path, "T", command="rahf eval x")
     text = path.read_text()
+    assert "Share of repeated token 4-grams in these replies (loops; 0 = none): unsteered 0.000, p 0.250." in text
     assert "| p | rahf | 1 | 75.0 % | +25.0 | 0.1000 | 11.00 | +10.0 % | yes |" in text
     assert "- **p**: b" in text
     assert json.loads((tmp_path / "report.json").read_text())["baseline"]["accuracy"] == 0.5
     assert (tmp_path / "strength.png").stat().st_size > 1000
+
+
+def test_repeated_ngram_share_counts_repeats_within_each_reply() -> None:
+    from steering_vectors.evaluate import repeated_ngram_share
+
+    # 1 2 3 4 1 2 3 4: five 4-grams, (1, 2, 3, 4) twice -> one repeat
+    assert repeated_ngram_share([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)
+    # the same 4-gram in two different replies is no repeat; pooled over both replies: 1 of 5 + 1 grams
+    assert repeated_ngram_share([[1, 2, 3, 4, 1, 2, 3, 4], [1, 2, 3, 4]]) == pytest.approx(1 / 6)
+    assert repeated_ngram_share([[7] * 10], n=2) == pytest.approx(8 / 9)
+    assert repeated_ngram_share([[1, 2, 3], []]) == 0.0  # no 4-gram at all
+    assert repeated_ngram_share([list(range(20))]) == 0.0
+
+
+def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
+    from steering_vectors.evaluate import evaluate_profiles, generate, repeated_ngram_share
+
+    hidden = tiny.model.config.hidden_size
+    generator = torch.Generator().manual_seed(3)
+    profile = Profile(name="p", offsets={1: torch.randn(hidden, generator=generator)}, default_strength=2.0)
+    prompts = ["hi", "tell me more"]
+    results = evaluate_profiles(tiny.model, tiny.tokenizer, PAIRS, [profile], [1.0], budget=BUDGET,
+                                prompts=prompts, max_new_tokens=12)  # fmt: skip
+    assert results["baseline"]["accuracy"] == score_pairs(tiny.model, tiny.tokenizer, PAIRS, budget=BUDGET).accuracy
+    assert [r["strength"] for r in results["profiles"]["p"]["grid"]] == [1.0, 2.0]  # the default joins the grid
+    steered = generate(tiny.model, tiny.tokenizer, prompts, profile, 2.0, max_new_tokens=12)
+    assert results["generations"]["p"] == steered
+    tokens = {name: [tiny.tokenizer(r, add_special_tokens=False)["input_ids"] for r in results["generations"][name]]
+              for name in ("unsteered", "p")}  # fmt: skip
+    assert results["repetition"] == {name: repeated_ngram_share(ids) for name, ids in tokens.items()}
+    assert all(0.0 <= value <= 1.0 for value in results["repetition"].values())
