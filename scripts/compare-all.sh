@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The honest-scale comparison of docs/training.md, every row, on one or both preference sets. Each row and
+# stage is cached in the work folder (~/.cache/rahf/runs), so a rerun computes only what is missing and an
+# interrupted run resumes from its last checkpoint.
+#
+#   bash scripts/compare-all.sh [hh_harmless|alpaca_helpful|all]   # default: all, one set after the other
+#   SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless            # also seeds 1 and 2 of the shipped row
+#   DRY=1 bash scripts/compare-all.sh                              # print the commands only
+#
+# The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
+# alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAHF=${RAHF:-.venv/bin/rahf}
+ROWS=unsteered,prompt-good,mean,caa,pca,rahf-scit,rahf-scit-rank,rahf-dual,rahf-dual-rank,rahf-dual-lora,pref,pref-rank,dual-sft
+declare -A SHIPPED=([hh_harmless]=rahf-dual-lora [alpaca_helpful]=rahf-dual)
+
+one() {
+  local set=$1
+  local command=("$RAHF" compare --data "../shared/data/$set" --out "profiles/comparison/$set"
+    --title "$set: every method on the same pairs" --method dual --alpha 1 --fit-init shift --eval-pairs 1000
+    --calib-pairs 48 --strengths 0.5,1,2 --threads "${THREADS:-1}" --bf16 off --rows "${ROWS_OVERRIDE:-$ROWS}"
+    --seeds "${SEEDS:-0}" --seed-rows "${SHIPPED[$set]}")
+  echo "${command[*]}"
+  [ -n "${DRY:-}" ] || "${command[@]}"
+}
+
+case "${1:-all}" in
+  hh_harmless|alpaca_helpful) one "$1" ;;
+  all) one hh_harmless; one alpaca_helpful ;;
+  *) echo "usage: bash scripts/compare-all.sh [hh_harmless|alpaca_helpful|all]" >&2; exit 2 ;;
+esac
