@@ -41,6 +41,7 @@ MODEL_FILES = (
 )
 KINDS = ("greedy", "seeded", "steered", "heterogeneous")
 PROFILES = 8
+RAHF = [sys.executable, "-c", "import sys; from steering_vectors.cli import main; sys.exit(main())"]  # the CLI
 
 
 def model_source(given: str | None) -> Path:
@@ -79,6 +80,25 @@ def build_model(args: argparse.Namespace, work: Path):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {dtype}, on {args.device} "
           f"(config and tokenizer from {source})", flush=True)
     return model, target
+
+
+def fresh_model(args: argparse.Namespace):
+    """Empty `args.work` (and make `args.out`), then `build_model` into it: (model, model dir, work, out)."""
+    work, out = Path(args.work), Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model, model_dir = build_model(args, work)
+    return model, model_dir, work, out
+
+
+def environment(device: str) -> dict:
+    """The device, GPU name and library versions, for a report."""
+    import torch
+    import transformers
+
+    return {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def write_profiles(directory: Path, num_layers: int, hidden: int) -> None:
@@ -221,11 +241,7 @@ def main() -> int:
     import torch
     from transformers import AutoTokenizer
 
-    work, out = Path(args.work), Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model, model_dir = build_model(args, work)
+    model, model_dir, work, out = fresh_model(args)
     config = model.config
     write_profiles(work / "profiles", config.num_hidden_layers, config.hidden_size)
     generate = time_generate(model, AutoTokenizer.from_pretrained(model_dir), args.batches, args.max_tokens,
@@ -236,8 +252,7 @@ def main() -> int:
 
     port = free_port()
     command = [
-        sys.executable, "-c", "import sys; from steering_vectors.cli import main; sys.exit(main())",
-        "serve", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+        *RAHF, "serve", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
         "--profile-dir", str(work / "profiles"), "--port", str(port), "--no-digest-check",
         "--max-batch-size", str(max(args.concurrency)), "--max-queue", "256",
         "--max-tokens-limit", str(max(args.max_tokens, 256)), "--log-level", "info", "--plain-logs",
@@ -285,10 +300,8 @@ def main() -> int:
     goal = ratios.get("heterogeneous@32/generate@32")
     print(f"goal heterogeneous@32 >= generate@32: {goal} ({'met' if goal and goal >= 1 else 'not met'})")
     print(f"requests: {sum(r['concurrency'] for r in levels)}, errors: {errors}")
-    report = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "max_tokens": args.max_tokens, "ready": ready, "generate": generate, "levels": levels,
-              "ratios": ratios, "errors": errors}
+    report = {**environment(args.device), "max_tokens": args.max_tokens, "ready": ready, "generate": generate,
+              "levels": levels, "ratios": ratios, "errors": errors}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     return 1 if errors else 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_check import build_model  # noqa: E402
+from gpu_check import RAHF, environment, fresh_model  # noqa: E402
 
 GOAL_S = 3600.0
 
@@ -58,11 +57,7 @@ def main() -> int:
 
     import torch
 
-    work, out = Path(args.work), Path(args.out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model, model_dir = build_model(args, work)
+    model, model_dir, work, out = fresh_model(args)
     layers = model.config.num_hidden_layers
     del model
     if args.device.startswith("cuda"):
@@ -71,14 +66,13 @@ def main() -> int:
     target_layers = "6,9,12,15,18" if layers > 18 else ",".join(str(i) for i in range(1, layers))
     data = args.data or default_data()
     command = [
-        sys.executable, "-c", "import sys; from steering_vectors.cli import main; sys.exit(main())",
-        "train", "--data", str(data), "--name", "gpu-train", "--out", str(work / "profiles"),
+        *RAHF, "train", "--data", str(data), "--name", "gpu-train", "--out", str(work / "profiles"),
         "--model", str(model_dir), "--device", args.device, "--work-dir", str(work / "runs"),
         "--method", "dual", "--alpha", "1", "--fit-init", "shift", "--layers", target_layers,
         "--max-pairs", args.max_pairs, "--calib-pairs", args.calib_pairs, "--gap-pairs", args.gap_pairs,
         "--fit-steps", args.fit_steps, "--strengths", args.strengths, "--bf16", args.bf16, "--fit", args.fit,
     ]
-    print("command:", " ".join(command[3:]), flush=True)
+    print("command:", " ".join(command[len(RAHF):]), flush=True)
     log_path = out / "gpu_train.log"
     started = time.perf_counter()
     with log_path.open("w") as log:
@@ -99,11 +93,8 @@ def main() -> int:
         print(f"one profile ({fit}): {seconds / 60:.1f} min (step 1 + step 2 + fit + its share of calibration); "
               f"goal 60 min: {'met' if seconds <= GOAL_S else 'not met'}", flush=True)
     print(f"whole command: {wall / 60:.1f} min for {len(fits)} forms", flush=True)
-    report = {"device": args.device,
-              "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "command": command[3:], "timings": timings, "per_profile_s": per_profile, "wall_s": wall,
-              "instruct_gap": summary.get("instruct_gap")}
+    report = {**environment(args.device), "command": command[len(RAHF):], "timings": timings,
+              "per_profile_s": per_profile, "wall_s": wall, "instruct_gap": summary.get("instruct_gap")}
     (out / "gpu_train.json").write_text(json.dumps(report, indent=2, default=str))
     return 0
 
