@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,13 @@ def repeated_ngram_share(replies: Sequence[Sequence[int]], n: int = 4) -> float:
         repeated += len(grams) - len(set(grams))
         total += len(grams)
     return repeated / total if total else 0.0
+
+
+def loops(ids: Sequence[int], n: int = 4, times: int = 3) -> bool:
+    """Whether one reply (token ids) has some token n-gram `times` or more times: a reply stuck on a phrase.
+    Unlike `repeated_ngram_share`, one long reply that repeats a phrase once does not count."""
+    grams = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
 
 
 def _reply_repetition(tokenizer: Any, replies: Sequence[str]) -> float:

@@ -86,6 +86,18 @@ def test_repeated_ngram_share_counts_repeats_within_each_reply() -> None:
     assert repeated_ngram_share([list(range(20))]) == 0.0
 
 
+def test_loops_needs_one_ngram_three_times_in_one_reply() -> None:
+    from steering_vectors.evaluate import loops
+
+    assert loops([1, 2, 3, 4] * 3)  # (1, 2, 3, 4) three times
+    assert not loops([1, 2, 3, 4] * 2 + [9])  # twice is a repeat, not a loop
+    assert not loops([1, 2, 3])  # no 4-gram at all
+    assert not loops(list(range(50)))
+    assert loops([5] * 6)  # (5, 5, 5, 5) at offsets 0, 1, 2
+    assert not loops([5] * 5)  # only twice
+    assert loops([1, 2, 1, 2, 1, 2], n=2, times=3) and not loops([1, 2, 1, 2, 1, 2], n=2, times=4)
+
+
 def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
     from steering_vectors.evaluate import evaluate_profiles, generate, repeated_ngram_share
 
