@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         None, ge=2, description="context window: prompt plus generated tokens (default: the model's, at most 2048)"
     )
     default_max_tokens: int = Field(256, ge=1)
+    default_repetition_penalty: float = Field(
+        1.0, ge=0.01, le=100.0,
+        description="repetition_penalty of requests that set none (1: off); 1.15 stops the loops of the default "
+        "model's greedy replies (docs/bench-repetition.md)",
+    )  # fmt: skip
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")
     max_batch_size: int = Field(16, ge=1, description="rows one engine step runs together (concurrency)")

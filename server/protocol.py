@@ -260,6 +260,7 @@ class _GenerationRequest(_Strict):
         logprobs: bool,
         top_logprobs: int,
         prompt_logprobs: bool,
+        default_repetition_penalty: float,
     ) -> SamplingParams:
         # Choice i of a seeded request uses seed + i, so the n choices differ but each is reproducible.
         seed = None if self.seed is None else self.seed + index
@@ -273,7 +274,9 @@ class _GenerationRequest(_Strict):
             frequency_penalty=self.frequency_penalty,
             top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=(
+                default_repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+            ),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -303,7 +306,10 @@ class ChatCompletionRequest(_GenerationRequest):
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
 
-    def sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int) -> SamplingParams:
+    def sampling_params(
+        self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int, default_repetition_penalty: float = 1.0
+    ) -> SamplingParams:
+        """This choice's sampling; `default_repetition_penalty` (the server's setting) where the request sets none."""
         return self._sampling(
             max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids,
@@ -311,6 +317,7 @@ class ChatCompletionRequest(_GenerationRequest):
             logprobs=self.logprobs,
             top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
             prompt_logprobs=False,
+            default_repetition_penalty=default_repetition_penalty,
         )
 
 
@@ -340,7 +347,10 @@ class CompletionRequest(_GenerationRequest):
             return [list(self.prompt)]  # type: ignore[arg-type]
         return list(self.prompt)  # type: ignore[arg-type]
 
-    def sampling_params(self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int) -> SamplingParams:
+    def sampling_params(
+        self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int, default_repetition_penalty: float = 1.0
+    ) -> SamplingParams:
+        """This choice's sampling; `default_repetition_penalty` (the server's setting) where the request sets none."""
         wants = self.logprobs is not None
         return self._sampling(
             max_new_tokens=max_new_tokens,
@@ -349,6 +359,7 @@ class CompletionRequest(_GenerationRequest):
             logprobs=wants,
             top_logprobs=self.logprobs or 0,
             prompt_logprobs=wants and self.echo,
+            default_repetition_penalty=default_repetition_penalty,
         )
 
 

@@ -23,7 +23,7 @@ from steering_vectors.errors import PlanError
 from steering_vectors.hooks import RowSteering
 from steering_vectors.profile import ModelFingerprint, Profile
 
-from .backends.base import Engine, GenerationRequest, TokenConstraint, TokenLogprob
+from .backends.base import Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
 from .config import Settings
 from .errors import bad_request, not_found
 from .protocol import (
@@ -428,6 +428,13 @@ class Serving:
         except ResponseFormatError as exc:
             raise bad_request(f"response_format: {exc}", "response_format") from None
 
+    def _sampling(
+        self, request: ChatCompletionRequest | CompletionRequest, max_new: int, index: int
+    ) -> SamplingParams:
+        """Choice `index`'s sampling: the request's, with the server's default repetition penalty where it
+        sets none."""
+        return request.sampling_params(max_new, self.stop_token_ids, index, self.settings.default_repetition_penalty)
+
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         self._check_n(request.n)
         prompt_ids = self.chat_prompt(request)
@@ -440,7 +447,7 @@ class Serving:
             GenerationRequest(
                 request_id=f"{rid}-{i}",
                 prompt_ids=prompt_ids,
-                sampling=request.sampling_params(max_new, self.stop_token_ids, i),
+                sampling=self._sampling(request, max_new, i),
                 steering=steering,
                 constraint=constraints[i],
             )
@@ -487,7 +494,7 @@ class Serving:
                     GenerationRequest(
                         request_id=f"{rid}-{p * request.n + i}",
                         prompt_ids=ids,
-                        sampling=request.sampling_params(max_new, self.stop_token_ids, i),
+                        sampling=self._sampling(request, max_new, i),
                         steering=steering,
                     )
                 )

@@ -220,3 +220,54 @@ def test_sampling_parameters_out_of_range_are_400(short, field, value) -> None:
     response = post(short, "/v1/completions", body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
+
+
+# -- the server's default repetition penalty ----------------------------------------------------------
+
+
+def test_the_servers_default_repetition_penalty_applies_where_a_request_sets_none(tiny_loaded) -> None:
+    """`--default-repetition-penalty`: requests without `repetition_penalty` decode with it (chat and
+    completions), a request's own value wins (1 turns it off), and prompt scoring (echo) is untouched."""
+    prompt_ids = chat_ids(tiny_loaded, PROMPT)
+    plain = text_of(tiny_loaded, greedy(tiny_loaded, prompt_ids, 16))
+    penalised = text_of(tiny_loaded, _penalised_greedy(tiny_loaded, prompt_ids, 16, 1.8))
+    assert penalised != plain  # the penalty changes this output: the test can tell
+    completion_ids = tiny_loaded.tokenizer(PROMPT, add_special_tokens=True)["input_ids"]
+    completion_penalised = text_of(tiny_loaded, _penalised_greedy(tiny_loaded, completion_ids, 8, 1.8))
+    assert completion_penalised != text_of(tiny_loaded, greedy(tiny_loaded, completion_ids, 8))
+    echo = {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
+    with live_server(tiny_loaded, Settings(default_repetition_penalty=1.8)) as live:
+        model = httpx.get(live.v1 + "/models").json()["data"][0]["id"]
+        chat = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0}
+        texts = [
+            post(live, "/v1/chat/completions", {**chat, **extra}).json()["choices"][0]["message"]["content"]
+            for extra in ({}, {"repetition_penalty": None}, {"repetition_penalty": 1.0}, {"repetition_penalty": 1.8})
+        ]
+        plain_completion = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        completion = post(live, "/v1/completions", plain_completion)
+        scored = post(live, "/v1/completions", {"model": model, **echo}).json()["choices"][0]["logprobs"]
+    assert texts == [penalised, penalised, plain, penalised]
+    assert completion.json()["choices"][0]["text"] == completion_penalised
+    with live_server(tiny_loaded, Settings()) as live:
+        model = httpx.get(live.v1 + "/models").json()["data"][0]["id"]
+        assert post(live, "/v1/completions", {"model": model, **echo}).json()["choices"][0]["logprobs"] == scored
+
+
+@pytest.mark.parametrize("value", [0, -1, 101])
+def test_a_default_repetition_penalty_out_of_range_is_refused_at_start(value) -> None:
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="default_repetition_penalty"):
+        Settings(default_repetition_penalty=value)
+
+
+def test_the_default_repetition_penalty_flag_reaches_the_settings() -> None:
+    import argparse
+
+    from server.cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--default-repetition-penalty", "1.15"])
+    assert settings_from_args(args).default_repetition_penalty == 1.15
+    assert settings_from_args(parser.parse_args(["serve"])).default_repetition_penalty == 1.0
