@@ -217,6 +217,8 @@ async function compare() {
     seed: Number($("seed").value) || 0,
     stream: true,
   };
+  const penalty = $("repetition-penalty").value.trim();
+  if (penalty !== "") request.repetition_penalty = Number(penalty); // empty: the server's default
   const chosen = steering();
   $("compare").disabled = true;
   status(chosen.length ? "streaming both replies…" : "no profile chosen: both replies are unsteered");

@@ -99,6 +99,23 @@ def test_compare_and_build_in_the_page(live, browser) -> None:
         assert reply.get_attribute("textContent"), reply.get_attribute("id")
     assert plain.get_attribute("textContent") != steered.get_attribute("textContent")
 
+    # a repetition penalty typed into the page goes with both requests: the unsteered reply is then the
+    # API's reply to the same body with that penalty (which differs from the reply without it)
+    import httpx
+
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    model = httpx.get(live.v1 + "/models", headers=headers).json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": 12, "temperature": 0,
+            "seed": 0}  # fmt: skip
+    api = [httpx.post(live.v1 + "/chat/completions", json={**body, **extra}, headers=headers, timeout=60)
+           .json()["choices"][0]["message"]["content"] for extra in ({}, {"repetition_penalty": 1.8})]  # fmt: skip
+    assert api[0] == plain.get_attribute("textContent") and api[1] != api[0]
+    penalty = browser.find_element(By.ID, "repetition-penalty")
+    penalty.send_keys("1.8")
+    browser.find_element(By.ID, "compare").click()
+    wait(browser, lambda d: plain.get_attribute("data-done") == "true" and plain.get_attribute("textContent") == api[1])
+    penalty.clear()
+
     # build a profile from the examples in the page and see it listed, ticked, with its details
     name = browser.find_element(By.ID, "fit-name")
     name.clear()
