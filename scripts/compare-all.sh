@@ -6,6 +6,7 @@
 #   bash scripts/compare-all.sh [hh_harmless|alpaca_helpful|all]   # default: all, one set after the other
 #   SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless            # also seeds 1 and 2 of the shipped row
 #   DRY=1 bash scripts/compare-all.sh                              # print the commands only
+#   CACHED=1 bash scripts/compare-all.sh                           # report what runs finished; compute nothing
 #
 # The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
 # alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.
@@ -20,7 +21,7 @@ one() {
   local command=("$RAHF" compare --data "../shared/data/$set" --out "profiles/comparison/$set"
     --title "$set: every method on the same pairs" --method dual --alpha 1 --fit-init shift --eval-pairs 1000
     --calib-pairs 48 --strengths 0.5,1,2 --threads "${THREADS:-1}" --bf16 off --rows "${ROWS_OVERRIDE:-$ROWS}"
-    --seeds "${SEEDS:-0}" --seed-rows "${SHIPPED[$set]}")
+    --seeds "${SEEDS:-0}" --seed-rows "${SHIPPED[$set]}" ${CACHED:+--cached-only})
   echo "${command[*]}"
   [ -n "${DRY:-}" ] || "${command[@]}"
 }

@@ -135,9 +135,13 @@ class Comparison:
             "perplexity_rise": None if ppl is None else ppl / self.base_ppl - 1.0,
         }
 
+    def cached(self, row: Row, seed: int) -> dict[str, Any] | None:
+        """The row's result if a run already computed it, else None."""
+        return read_json(self.folder / f"{row.key}-seed{seed}.json") or None
+
     def result(self, row: Row, seed: int) -> dict[str, Any]:
         path = self.folder / f"{row.key}-seed{seed}.json"
-        cached = read_json(path)
+        cached = self.cached(row, seed)
         if cached:
             return cached
         started = time.perf_counter()
@@ -314,6 +318,9 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
                 f"after {after.get('mean_gap', float('nan')):+.4f} ({_pct(after.get('accuracy'))}), "
                 f"n = {after.get('n')}"
             )
+    if report.get("pending"):
+        lines += ["", "Not computed yet (this report was written with `--cached-only` from the rows runs had "
+                  f"finished): {', '.join(report['pending'])}."]  # fmt: skip
     lines += ["", "![accuracy against perplexity](comparison.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -331,6 +338,8 @@ def register(sub: argparse._SubParsersAction, add_run_options: Any, parse_floats
     compare.add_argument("--seed-rows", default="rahf-dual-rank,pref-rank", help="rows run with every seed")
     compare.add_argument("--eval-pairs", type=parse_count, default=1000, help="dev pairs (seeded sample)")
     compare.add_argument("--threads", type=parse_count, default=None)
+    compare.add_argument("--cached-only", action="store_true",
+                         help="compute no row: report the rows earlier runs finished and list the others as pending")
     compare.set_defaults(handler=run_compare)
 
 
@@ -375,15 +384,17 @@ def run_compare(args: argparse.Namespace) -> int:
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
     comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, _command_line())
     started = time.perf_counter()
-    summaries = []
+    summaries: list[dict[str, Any]] = []
+    pending: list[str] = []
     order = {r.key: i for i, r in enumerate(rows_for(args.rank))}
-    for row in rows:
-        results = [comparison.result(row, seed) for seed in (seeds if row.key in seed_rows else seeds[:1])]
-        summaries.append(summarise(results))
+    # the command that computes every row (with --cached-only it reports only those earlier runs finished)
+    command = _command_line().replace(" --cached-only", "")
+
+    def write() -> Path:
         summaries.sort(key=lambda r: order[r["row"]])  # the report lists rows in one fixed order
         report = {
             "title": args.title or f"Steering methods on {Path(args.data).name}",
-            "command": _command_line(),
+            "command": command,
             "rows": summaries,
             "dev_pairs": len(dev),
             "train_pairs": base.max_pairs,
@@ -401,8 +412,26 @@ def run_compare(args: argparse.Namespace) -> int:
             "settings": dataclasses.asdict(base),
             "seconds_this_run": time.perf_counter() - started,
             "stage_folder": comparison.folder.name,
+            "pending": pending,
         }
-        path = write_comparison(report, args.out)  # after every row, so a partial comparison is readable
-    print(json.dumps({"report": str(path), "rows": [r["row"] for r in summaries]}, indent=2))
+        return write_comparison(report, args.out)
+
+    for row in rows:
+        wanted = seeds if row.key in seed_rows else seeds[:1]
+        if args.cached_only:  # only what runs have computed so far; the rest is listed as pending
+            found = {seed: comparison.cached(row, seed) for seed in wanted}
+            pending.extend(f"{row.key} (seed {seed})" for seed, result in found.items() if result is None)
+            results = [result for result in found.values() if result is not None]
+            if not results:
+                continue
+        else:
+            results = [comparison.result(row, seed) for seed in wanted]
+        summaries.append(summarise(results))
+        if not args.cached_only:
+            write()  # after every row, so a partial comparison is readable
+    if not summaries:
+        raise SystemExit("rahf compare: error: --cached-only: no row of this comparison is computed yet")
+    path = write()
+    print(json.dumps({"report": str(path), "rows": [r["row"] for r in summaries], "pending": pending}, indent=2))
     return 0
 

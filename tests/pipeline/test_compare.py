@@ -152,6 +152,24 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     capsys.readouterr()
     assert {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")} == stamps
 
+    # --cached-only computes nothing: rows and seeds no run finished are listed as pending
+    partial = tmp_path / "partial"
+    cached_argv = [*argv, "--rows", f"{rows},mean", "--seeds", "0,1,2", "--out", str(partial), "--cached-only"]
+    assert main(cached_argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pending"] == ["pref (seed 2)", "mean (seed 0)"]
+    assert {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")} == stamps
+    assert not (partial / "profiles").exists()
+    cached = json.loads((partial / "report.json").read_text())
+    assert [r["row"] for r in cached["rows"]] == rows.split(",")
+    assert {r["row"]: r["accuracy"] for r in cached["rows"]} == {r["row"]: r["accuracy"] for r in report["rows"]}
+    assert next(r for r in cached["rows"] if r["row"] == "pref")["seeds"] == [0, 1]
+    text = (partial / "report.md").read_text()
+    assert "Not computed yet (this report was written with `--cached-only`" in text
+    assert "pref (seed 2), mean (seed 0)." in text and "--cached-only" not in text.split("```")[1]
+    with pytest.raises(SystemExit, match="no row of this comparison is computed yet"):
+        main([*cached_argv, "--work-dir", str(tmp_path / "empty")])
+
 
 def test_report_shows_default_strengths_to_three_digits_and_marks_those_below_the_grid() -> None:
     from steering_vectors.compare import _strength
