@@ -12,6 +12,8 @@ reader can see whether a penalty that stops a loop also changes what the profile
 
 Prompts: the six of `rahf eval`'s report, a lock-picking request, and the first `--dev-prompts` single-turn
 prompts of `--data`'s dev split. Output: `--out` (default bench/results/repetition/) report.md + report.json.
+
+    python bench/repetition.py --sampler-cost                     # what the penalty costs the sampler per step
 """
 
 from __future__ import annotations
@@ -82,6 +84,36 @@ def ask(
     return response.json()["choices"][0]["message"]["content"]
 
 
+def sampler_cost(rows: int = 8, rounds: int = 200) -> None:
+    """What a repetition penalty costs the sampler, side by side: plain greedy rows take one batched argmax,
+    penalised rows the per-row path (default model's vocabulary, 60 prompt + 100 generated tokens a row)."""
+    import torch
+
+    from server.backends.base import SamplingParams
+    from server.backends.sampling import select_tokens
+    from steering_vectors.compare import cpu_name
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 49152
+    logits = torch.randn(rows, vocab, generator=generator)
+    prompts = [torch.randint(0, vocab, (60,), generator=generator).tolist() for _ in range(rows)]
+    outputs = [torch.randint(0, vocab, (100,), generator=generator).tolist() for _ in range(rows)]
+    settings = {"greedy": 1.0, "greedy, repetition_penalty 1.15": 1.15}
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(rounds):  # interleaved, so drift hits both alike
+        for name, penalty in settings.items():
+            params = [SamplingParams(max_new_tokens=1, temperature=0.0, repetition_penalty=penalty)] * rows
+            started = time.perf_counter()
+            select_tokens(logits, params, [None] * rows, outputs, prompts)
+            times[name].append(time.perf_counter() - started)
+    medians = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+    print(f"sampler, {rows} rows, {cpu_name()}:")
+    for name, ms in medians.items():
+        print(f"  {name}: {ms:.3f} ms per step (median of {rounds})")
+    penalised, plain = medians["greedy, repetition_penalty 1.15"], medians["greedy"]
+    print(f"  ratio {penalised / plain:.2f}x, {penalised - plain:.3f} ms more per step")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -100,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (0: its default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "repetition")
+    parser.add_argument(
+        "--sampler-cost", action="store_true", help="only time the sampler with and without the penalty (no server)"
+    )
     args = parser.parse_args(argv)
+    if args.sampler_cost:
+        sampler_cost()
+        return 0
     penalties = args.penalties or [parse_penalty(p) for p in ("none", "rep1.15", "rep1.3", "freq0.5")]
     steers = [parse_steer(s) for s in args.steer]
 
@@ -154,8 +192,15 @@ def write_report(args: argparse.Namespace, prompts: list[str], results: list[dic
 
     (args.out / "report.json").write_text(
         json.dumps(
-            {"prompts": prompts, "max_tokens": args.max_tokens, "cpu": cpu_name().split(",")[0],
-             "server_threads": args.threads or None, "results": results}, indent=2)  # fmt: skip
+            {
+                "prompts": prompts,
+                "max_tokens": args.max_tokens,
+                "cpu": cpu_name().split(",")[0],
+                "server_threads": args.threads or None,
+                "results": results,
+            },
+            indent=2,
+        )  # fmt: skip
     )
     label = lambda r: f"{r['steer']}, " + (", ".join(f"{k} {v:g}" for k, v in r["penalty"].items()) or "no penalty")  # noqa: E731
     lines = [
