@@ -8,6 +8,12 @@
 #   DRY=1 bash scripts/compare-all.sh                              # print the commands only
 #   CACHED=1 bash scripts/compare-all.sh                           # report what runs finished; compute nothing
 #
+# One process uses one core (--threads 1). To use two, run two processes on different rows, each with its
+# own report folder, then merge their finished rows into the real report:
+#   ROWS_OVERRIDE=unsteered,rahf-scit,rahf-scit-rank OUT=/tmp/cmp-scit bash scripts/compare-all.sh hh_harmless &
+#   ROWS_OVERRIDE=rahf-dual-lora SEEDS=0,1,2 OUT=/tmp/cmp-seeds bash scripts/compare-all.sh hh_harmless &
+#   CACHED=1 SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless  # later: every finished row, one report
+#
 # The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
 # alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.
 set -euo pipefail
@@ -18,7 +24,7 @@ declare -A SHIPPED=([hh_harmless]=rahf-dual-lora [alpaca_helpful]=rahf-dual)
 
 one() {
   local set=$1
-  local command=("$RAHF" compare --data "../shared/data/$set" --out "profiles/comparison/$set"
+  local command=("$RAHF" compare --data "../shared/data/$set" --out "${OUT:-profiles/comparison/$set}"
     --title "$set: every method on the same pairs" --method dual --alpha 1 --fit-init shift --eval-pairs 1000
     --calib-pairs 48 --strengths 0.5,1,2 --threads "${THREADS:-1}" --bf16 off --rows "${ROWS_OVERRIDE:-$ROWS}"
     --seeds "${SEEDS:-0}" --seed-rows "${SHIPPED[$set]}" ${CACHED:+--cached-only})
