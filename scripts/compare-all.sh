@@ -13,6 +13,7 @@
 #   ROWS_OVERRIDE=unsteered,rahf-scit,rahf-scit-rank OUT=/tmp/cmp-scit bash scripts/compare-all.sh hh_harmless &
 #   ROWS_OVERRIDE=rahf-dual-lora SEEDS=0,1,2 OUT=/tmp/cmp-seeds bash scripts/compare-all.sh hh_harmless &
 #   CACHED=1 SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless  # later: every finished row, one report
+# (the rows' profile files stay in each OUT/profiles; copy them into profiles/comparison/<set>/profiles)
 #
 # The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
 # alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.
