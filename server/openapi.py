@@ -406,7 +406,8 @@ def _common(props: dict[str, Any], settings: Settings) -> None:
     props["repetition_penalty"] = {
         "type": ["number", "null"], "minimum": REPETITION_PENALTY[0], "maximum": REPETITION_PENALTY[1],
         "description": "over prompt and generated tokens: positive logits divided by it, negative ones "
-                       "multiplied; 1: off (vLLM's extension)"}
+                       "multiplied; 1: off; absent or null: the server's default "
+                       f"({settings.default_repetition_penalty:g}) (vLLM's extension)"}
     props["stop"] = {"anyOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},

@@ -8,6 +8,7 @@ tests/server/test_faults.py::test_a_client_that_leaves_a_non_streaming_request_f
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -246,6 +247,8 @@ def test_the_servers_default_repetition_penalty_applies_where_a_request_sets_non
         plain_completion = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         completion = post(live, "/v1/completions", plain_completion)
         scored = post(live, "/v1/completions", {"model": model, **echo}).json()["choices"][0]["logprobs"]
+        described = json.dumps(httpx.get(live.url + "/openapi.json").json())
+    assert "absent or null: the server's default (1.8)" in described
     assert texts == [penalised, penalised, plain, penalised]
     assert completion.json()["choices"][0]["text"] == completion_penalised
     with live_server(tiny_loaded, Settings()) as live:
