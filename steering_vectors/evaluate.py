@@ -330,10 +330,6 @@ def loops(ids: Sequence[int], n: int = 4, times: int = 3) -> bool:
     return bool(grams) and max(grams.values()) >= times
 
 
-def _reply_repetition(tokenizer: Any, replies: Sequence[str]) -> float:
-    return repeated_ngram_share([tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies])
-
-
 # -- calibration and reports ------------------------------------------------------------------------
 
 
@@ -466,11 +462,13 @@ def evaluate_profiles(
             max_new_tokens=max_new_tokens,
             bf16=bf16,
         )
-    results["repetition"] = {
-        name: _reply_repetition(tokenizer, replies)
+    replies_ids = {
+        name: [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
         for name, replies in results["generations"].items()
         if name != "prompts"
     }
+    results["repetition"] = {name: repeated_ngram_share(ids) for name, ids in replies_ids.items()}
+    results["looping"] = {name: sum(loops(i) for i in ids) for name, ids in replies_ids.items()}
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -543,6 +541,11 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str, command: st
     if repetition:
         shares = ", ".join(f"{name} {value:.3f}" for name, value in repetition.items())
         lines += [f"Share of repeated token 4-grams in these replies (loops; 0 = none): {shares}.", ""]
+    looping = results.get("looping")
+    if looping:
+        counts = ", ".join(f"{name} {count}" for name, count in looping.items())
+        total = len(generations["prompts"])
+        lines += [f"Replies with some token 4-gram three or more times (looping), of {total}: {counts}.", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -64,10 +64,12 @@ def test_write_report(tmp_path: Path) -> None:
         "profiles": {"p": {"fit": "rahf", "grid": [row], "default": row, "accepted": True}},
         "generations": {"prompts": ["q"], "unsteered": ["a"], "p": ["b"]},
         "repetition": {"unsteered": 0.0, "p": 0.25},
+        "looping": {"unsteered": 0, "p": 1},
     }
     path = write_report(results, tmp_path, "T", command="rahf eval x")
     text = path.read_text()
     assert "Share of repeated token 4-grams in these replies (loops; 0 = none): unsteered 0.000, p 0.250." in text
+    assert "Replies with some token 4-gram three or more times (looping), of 1: unsteered 0, p 1." in text
     assert "| p | rahf | 1 | 75.0 % | +25.0 | 0.1000 | 11.00 | +10.0 % | yes |" in text
     assert "- **p**: b" in text
     assert json.loads((tmp_path / "report.json").read_text())["baseline"]["accuracy"] == 0.5
@@ -99,7 +101,7 @@ def test_loops_needs_one_ngram_three_times_in_one_reply() -> None:
 
 
 def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
-    from steering_vectors.evaluate import evaluate_profiles, generate, repeated_ngram_share
+    from steering_vectors.evaluate import evaluate_profiles, generate, loops, repeated_ngram_share
 
     hidden = tiny.model.config.hidden_size
     generator = torch.Generator().manual_seed(3)
@@ -114,4 +116,5 @@ def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
     tokens = {name: [tiny.tokenizer(r, add_special_tokens=False)["input_ids"] for r in results["generations"][name]]
               for name in ("unsteered", "p")}  # fmt: skip
     assert results["repetition"] == {name: repeated_ngram_share(ids) for name, ids in tokens.items()}
+    assert results["looping"] == {name: sum(loops(i) for i in ids) for name, ids in tokens.items()}
     assert all(0.0 <= value <= 1.0 for value in results["repetition"].values())
