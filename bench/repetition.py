@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         server = Server("rahf", [rahf, "serve", "--port", str(port), "--profile-dir", str(args.profile_dir),
                                  "--read-only-profiles", "--no-profile-watch", "--log-level", "warning",
-                                 "--max-tokens-limit", str(max(args.max_tokens, 16))],
+                                 "--max-tokens-limit", str(max(args.max_tokens, 16)),
+                                 "--default-repetition-penalty", "1"],  # "none" means none
                         f"http://127.0.0.1:{port}/readyz", Path(work), env)  # fmt: skip
         try:
             server.wait_ready(600)
