@@ -290,8 +290,11 @@ def generate(
     *,
     max_new_tokens: int = 48,
     bf16: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
-    """Greedy replies to single-turn prompts, steered at every position (prompt and generated)."""
+    """Greedy replies to single-turn prompts, steered at every position (prompt and generated).
+    `repetition_penalty` (1: off) as the server applies it: over prompt and generated tokens, a positive
+    logit divided by it, a negative one multiplied (transformers' processor does the same)."""
     replies = []
     flat = _everywhere(profile)
     for prompt in prompts:
@@ -305,6 +308,7 @@ def generate(
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                repetition_penalty=repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id,
             )
         replies.append(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip())
@@ -399,6 +403,7 @@ def evaluate_profiles(
     bf16: bool = False,
     prompts: Sequence[str] = GENERATION_PROMPTS,
     max_new_tokens: int = 32,
+    repetition_penalty: float = 1.0,
     text: str | None = None,
 ) -> dict[str, Any]:
     """Every number of the evaluation: baseline, then each profile over `strengths` and its default."""
@@ -414,8 +419,10 @@ def evaluate_profiles(
         "profiles": {},
         "generations": {
             "prompts": list(prompts),
-            "unsteered": generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16),
+            "unsteered": generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, bf16=bf16,
+                                  repetition_penalty=repetition_penalty),
         },
+        "generation": {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty},
     }
     for profile in profiles:
         grid = sorted(set(float(s) for s in strengths) | {float(profile.default_strength)})
@@ -461,6 +468,7 @@ def evaluate_profiles(
             profile.default_strength,
             max_new_tokens=max_new_tokens,
             bf16=bf16,
+            repetition_penalty=repetition_penalty,
         )
     replies_ids = {
         name: [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
@@ -529,7 +537,11 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str, command: st
                 f"| {name} | {r['strength']:g} | {100 * r['accuracy']:.1f} % | {r['margin']:.4f} | "
                 f"{r['perplexity']:.2f} |"
             )
+    settings = results.get("generation")
     lines += ["", "## Greedy generations (default strength, steering at every position)", ""]
+    if settings:
+        lines += [f"Up to {settings['max_new_tokens']} new tokens; repetition_penalty "
+                  f"{settings['repetition_penalty']:g}{' (off)' if settings['repetition_penalty'] == 1 else ''}.", ""]
     generations = results["generations"]
     for i, prompt in enumerate(generations["prompts"]):
         lines += [f"### {prompt}", ""]

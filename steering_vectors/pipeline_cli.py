@@ -66,6 +66,23 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 _count, _count0 = _at_least(1), _at_least(0)
 
 
+def _penalty(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.01 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a repetition penalty from 0.01 to 100 (1: off), got {text!r}")
+    return value
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gen-tokens", type=_count, default=96,
+                        help="new tokens of each side-by-side generation (default 96: long enough to show loops)")
+    parser.add_argument("--gen-repetition-penalty", type=_penalty, default=1.0,
+                        help="repetition_penalty of those generations, as the server applies it (default 1: off)")
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -217,6 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--eval", action="store_true", help="evaluate on the dev split afterwards")
     train.add_argument("--eval-pairs", type=_count, default=1000, help="dev pairs (seeded sample) for --eval")
     train.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
+    _add_generation_options(train)
     train.add_argument("--threads", type=_count, default=None)
     train.set_defaults(handler=run_train)
 
@@ -238,6 +256,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--response-tokens", type=_count, default=256, help="reply tokens scored per reply")
     ev.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast")
     ev.add_argument("--gen-prompts", type=_count0, default=3, help="fixed prompts for side-by-side generations")
+    _add_generation_options(ev)
     ev.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     ev.add_argument("--threads", type=_count, default=None)
     ev.set_defaults(handler=run_eval)
@@ -324,7 +343,8 @@ def run_train(args: argparse.Namespace) -> int:
         profiles = [Profile.load(path) for path, _ in written]
         results_eval = evaluate_profiles(
             loaded.model, loaded.tokenizer, dev, profiles, args.strengths, budget=config.eval_budget, bf16=bf16,
-            prompts=GENERATION_PROMPTS[: args.gen_prompts],
+            prompts=GENERATION_PROMPTS[: args.gen_prompts], max_new_tokens=args.gen_tokens,
+            repetition_penalty=args.gen_repetition_penalty,
         )
         timings["eval_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
@@ -357,7 +377,8 @@ def run_eval(args: argparse.Namespace) -> int:
     bf16 = resolve_bf16(args.bf16, args.device)
     results = evaluate_profiles(
         loaded.model, loaded.tokenizer, pairs, profiles, args.strengths, budget=budget, bf16=bf16,
-        prompts=GENERATION_PROMPTS[: args.gen_prompts],
+        prompts=GENERATION_PROMPTS[: args.gen_prompts], max_new_tokens=args.gen_tokens,
+        repetition_penalty=args.gen_repetition_penalty,
     )
     results["command"] = _command_line()
     report = write_report(results, args.out, args.title, command=_command_line())

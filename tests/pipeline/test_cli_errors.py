@@ -46,6 +46,9 @@ def train(data: Path, out: Path, *extra: str, model: Path | None = None) -> list
         (("--layers", "a,b"), "argument --layers: expected comma-separated layer indices >= 0, got 'a,b'"),
         (("--strengths", "1,x"), "argument --strengths: expected comma-separated finite numbers, got '1,x'"),
         (("--name", "../up"), "argument --name: invalid profile name '../up'"),
+        (("--gen-repetition-penalty", "0"),
+         "argument --gen-repetition-penalty: expected a repetition penalty from 0.01 to 100 (1: off), got '0'"),
+        (("--gen-tokens", "0"), "argument --gen-tokens: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_flags_are_refused_by_the_parser(good_data, tmp_path, capsys, extra, message) -> None:

@@ -65,10 +65,12 @@ def test_write_report(tmp_path: Path) -> None:
         "generations": {"prompts": ["q"], "unsteered": ["a"], "p": ["b"]},
         "repetition": {"unsteered": 0.0, "p": 0.25},
         "looping": {"unsteered": 0, "p": 1},
+        "generation": {"max_new_tokens": 96, "repetition_penalty": 1.15},
     }
     path = write_report(results, tmp_path, "T", command="rahf eval x")
     text = path.read_text()
     assert "Share of repeated token 4-grams in these replies (loops; 0 = none): unsteered 0.000, p 0.250." in text
+    assert "Up to 96 new tokens; repetition_penalty 1.15." in text
     assert "Replies with some token 4-gram three or more times (looping), of 1: unsteered 0, p 1." in text
     assert "| p | rahf | 1 | 75.0 % | +25.0 | 0.1000 | 11.00 | +10.0 % | yes |" in text
     assert "- **p**: b" in text
@@ -118,3 +120,28 @@ def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
     assert results["repetition"] == {name: repeated_ngram_share(ids) for name, ids in tokens.items()}
     assert results["looping"] == {name: sum(loops(i) for i in ids) for name, ids in tokens.items()}
     assert all(0.0 <= value <= 1.0 for value in results["repetition"].values())
+
+
+def test_generation_with_a_repetition_penalty_is_the_servers_rule(tiny) -> None:
+    """`generate(..., repetition_penalty=p)` picks, at each step, the best token after dividing positive and
+    multiplying negative logits of every token seen so far (prompt included) by p: the server's rule."""
+    from steering_vectors.evaluate import generate
+
+    model, tok = tiny.model, tiny.tokenizer
+    prompt = "tell me more"
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            seen = torch.tensor(sorted(set(ids)))
+            logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.8, logits[seen] * 1.8)
+            token = int(torch.argmax(logits))
+            if token == tok.eos_token_id:
+                break
+            out.append(token)
+            ids.append(token)
+    penalised = generate(model, tok, [prompt], max_new_tokens=12, repetition_penalty=1.8)
+    assert penalised == [tok.decode(out, skip_special_tokens=True).strip()]
+    assert penalised != generate(model, tok, [prompt], max_new_tokens=12)  # the penalty changes this reply
