@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:  # `rahf profiles show F | head`: the reader left; end as a Unix tool does, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + 13  # killed by SIGPIPE
     except SteeringError as exc:  # bad data, model or profile: say what, no traceback
         print(f"rahf {args.command}: error: {exc}", file=sys.stderr)
         return 2

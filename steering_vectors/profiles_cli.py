@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .errors import SteeringError
@@ -71,8 +72,10 @@ def _guard(func):  # noqa: ANN001, ANN202 - turns library errors into one line a
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
+        except BrokenPipeError:
+            raise  # the reader of our output left (`| head`): cli.main ends quietly
         except (SteeringError, OSError) as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc}", file=sys.stderr)
             return 1
 
     return run
@@ -152,7 +155,7 @@ def _fit(args: argparse.Namespace) -> int:
     try:
         body = fit_request(args.examples, args)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.examples}: {exc}")
+        print(f"error: cannot read {args.examples}: {exc}", file=sys.stderr)
         return 1
     headers = {"Content-Type": "application/json"}
     key = os.environ.get("RAHF_ADMIN_KEY", "").strip()
@@ -167,12 +170,12 @@ def _fit(args: argparse.Namespace) -> int:
         try:
             error = json.loads(exc.read())["error"]
             where = f" ({error['param']})" if error.get("param") else ""
-            print(f"error: {exc.code}{where}: {error['message']}")
+            print(f"error: {exc.code}{where}: {error['message']}", file=sys.stderr)
         except (ValueError, KeyError, TypeError):
-            print(f"error: {exc.code} {exc.reason}")
+            print(f"error: {exc.code} {exc.reason}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        print(f"error: cannot reach {args.url}: {getattr(exc, 'reason', exc)}")
+        print(f"error: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
     return 0

@@ -138,3 +138,20 @@ def test_profiles_command_still_reads_good_files(capsys) -> None:
     path = Path(__file__).resolve().parents[2] / "profiles" / "harmless.safetensors"
     assert main(["profiles", "show", str(path)]) == 0
     assert Profile.load(path).name in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
+    """`rahf profiles show FILE | head`: when the pipe is closed, no traceback, and the status of a process
+    killed by SIGPIPE (141). The reader here has left before the command writes, so the write always fails."""
+    import os
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "profiles" / "harmless.safetensors"
+    script = (f"import sys; sys.argv = ['rahf', 'profiles', 'show', {str(path)!r}]; "
+              "from steering_vectors.cli import main; sys.exit(main())")  # fmt: skip
+    reader, writer = os.pipe()
+    os.close(reader)
+    process = subprocess.run([sys.executable, "-c", script], stdout=writer, stderr=subprocess.PIPE, timeout=120)
+    os.close(writer)
+    assert (process.returncode, process.stderr.decode()) == (141, "")

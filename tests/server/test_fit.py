@@ -273,6 +273,6 @@ def test_the_cli_fits_on_a_running_server(live, tmp_path, capsys, monkeypatch) -
     body = tmp_path / "instructions.json"
     body.write_text(json.dumps(body_for("instructions")))
     assert main(["profiles", "fit", "bad name!", str(body), "--url", live.url]) == 1
-    assert capsys.readouterr().out.startswith("error: 400 (name): invalid profile name")
+    assert capsys.readouterr().err.startswith("error: 400 (name): invalid profile name")
     assert main(["profiles", "fit", "x", str(body), "--url", live.url, "--layers", "9"]) == 1
-    assert capsys.readouterr().out.startswith("error: 400 (layers): layers: [9] outside")
+    assert capsys.readouterr().err.startswith("error: 400 (layers): layers: [9] outside")
