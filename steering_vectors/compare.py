@@ -289,7 +289,8 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
         gain = "–" if r["row"] == "unsteered" else gain
         seeds = r.get("accuracy_gain_seeds")
         if seeds:
-            gain += f"; {len(seeds['values'])} seeds: {_pct(seeds['mean'], True)} ± {100 * seeds['sd']:.1f}"
+            each = ", ".join(_pct(v, True) for v in seeds["values"])
+            gain += f"; {len(seeds['values'])} seeds: {_pct(seeds['mean'], True)} ± {100 * seeds['sd']:.1f} ({each})"
         matched = r.get("matched")
         at_matched = f"{_pct(matched['accuracy'])} ({matched['strength']:.3g})" if matched else "–"
         wall = r.get("train_s")

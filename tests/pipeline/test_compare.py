@@ -133,6 +133,9 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
         assert low <= row["accuracy_gain"] <= high and row["matched"]["strength"] > 0
         assert row["default_strength"] in (0.5, 1.0)
     assert by_row["pref"]["seeds"] == [0, 1] and "accuracy_gain_seeds" in by_row["pref"]
+    gains = by_row["pref"]["accuracy_gain_seeds"]["values"]
+    assert f"2 seeds: {100 * sum(gains) / 2:+.1f} ± " in (out / "report.md").read_text()
+    assert f"({100 * gains[0]:+.1f}, {100 * gains[1]:+.1f})" in (out / "report.md").read_text()
     assert by_row["dual-sft"]["switchable"] is False and by_row["dual-sft"]["parameters"] > 0
     # LoRA r 8 on q and v, trained up to the deepest target layer (2): layers 0-2 of the tiny model's 4
     lora = by_row["rahf-dual-lora"]
