@@ -10,12 +10,13 @@ about the command line (see `pipeline_cli`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,28 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[None]:
+    """Hold the stage folder's lock (`folder/.lock`, an exclusive `flock`) while computing or resuming it, so
+    that two processes never write one stage's checkpoints at once: the second waits, then finds the stage
+    done (or further on) and goes on from there. The lock goes with the process (a killed holder frees it)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is being computed by another process; waiting for it", folder.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Stages:
@@ -169,28 +192,31 @@ def instruct_stage(
     from step 1) before and after. Returns the wrapped model and the stage's record (instruct.json)."""
     from .rahf import likelihood_gap, train_dual, train_scit
 
-    record_file = folder / "instruct.json"
-    record = read_json(record_file)
-    if gap_pairs and "gap_before" not in record:
-        if method == "dual":  # both adapters start as the base model (LoRA B = 0): no gap to measure
-            record["gap_before"] = {"mean_gap": 0.0, "accuracy": 0.0, "n": len(gap_pairs), "note": "adapters equal"}
-        else:
-            record["gap_before"] = likelihood_gap(
-                model, tokenizer, gap_pairs, method, budget=config.budget, bf16=config.bf16, instructed=False
+    with stage_lock(folder):
+        record_file = folder / "instruct.json"
+        record = read_json(record_file)
+        if gap_pairs and "gap_before" not in record:
+            if method == "dual":  # both adapters start as the base model (LoRA B = 0): no gap to measure
+                record["gap_before"] = {
+                    "mean_gap": 0.0, "accuracy": 0.0, "n": len(gap_pairs), "note": "adapters equal"
+                }
+            else:
+                record["gap_before"] = likelihood_gap(
+                    model, tokenizer, gap_pairs, method, budget=config.budget, bf16=config.bf16, instructed=False
+                )
+            write_json(record_file, record)
+        started = time.perf_counter()
+        trainer = train_scit if method == "scit" else train_dual
+        model, losses = trainer(model, tokenizer, split.pairs, config, folder)
+        if "seconds" not in record:
+            record["seconds"] = time.perf_counter() - started
+        record["losses"] = losses
+        if gap_pairs and "gap_after" not in record:
+            record["gap_after"] = likelihood_gap(
+                model, tokenizer, gap_pairs, method, budget=config.budget, bf16=config.bf16
             )
         write_json(record_file, record)
-    started = time.perf_counter()
-    trainer = train_scit if method == "scit" else train_dual
-    model, losses = trainer(model, tokenizer, split.pairs, config, folder)
-    if "seconds" not in record:
-        record["seconds"] = time.perf_counter() - started
-    record["losses"] = losses
-    if gap_pairs and "gap_after" not in record:
-        record["gap_after"] = likelihood_gap(
-            model, tokenizer, gap_pairs, method, budget=config.budget, bf16=config.bf16
-        )
-    write_json(record_file, record)
-    log.info("step 1 (%s): gap before %s, after %s", method, record.get("gap_before"), record.get("gap_after"))
+        log.info("step 1 (%s): gap before %s, after %s", method, record.get("gap_before"), record.get("gap_after"))
     return model, record
 
 
@@ -217,27 +243,28 @@ def patterns_stage(
     from .rahf import PatternStore, collect_patterns
 
     patterns_file = folder / "patterns.pt"
-    record = read_json(folder / "patterns.json")
-    if patterns_file.is_file():
-        store = PatternStore.load(patterns_file)
-        log.info("loaded %d pattern records from %s", len(store), patterns_file)
-        return store.all(), record
-    started = time.perf_counter()
-    store = collect_patterns(
-        model,
-        tokenizer,
-        pairs,
-        layers,
-        method=method,
-        budget=budget,
-        bf16=bf16,
-        spill_dir=folder / "spill",
-        base_means=True,
-        dtype=torch.float16,
-    )
-    store.save(patterns_file)
-    record = {"seconds": time.perf_counter() - started, "records": len(store)}
-    write_json(folder / "patterns.json", record)
+    with stage_lock(folder):
+        record = read_json(folder / "patterns.json")
+        if patterns_file.is_file():
+            store = PatternStore.load(patterns_file)
+            log.info("loaded %d pattern records from %s", len(store), patterns_file)
+            return store.all(), record
+        started = time.perf_counter()
+        store = collect_patterns(
+            model,
+            tokenizer,
+            pairs,
+            layers,
+            method=method,
+            budget=budget,
+            bf16=bf16,
+            spill_dir=folder / "spill",
+            base_means=True,
+            dtype=torch.float16,
+        )
+        store.save(patterns_file)
+        record = {"seconds": time.perf_counter() - started, "records": len(store)}
+        write_json(folder / "patterns.json", record)
     return store.all(), record
 
 
@@ -248,13 +275,14 @@ def fit_stage(
     folder: Path, fit: Any
 ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]], list[float], dict[str, Any]]:
     """Run `fit(checkpoint)` -> (offsets, low_rank, losses) resumably in `folder`; record its wall time."""
-    record = read_json(folder / "fit.json")
-    started = time.perf_counter()
-    offsets, low_rank, losses = fit(folder / "fit.ckpt")
-    if "seconds" not in record:
-        record["seconds"] = time.perf_counter() - started
-    record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
-    write_json(folder / "fit.json", record)
+    with stage_lock(folder):
+        record = read_json(folder / "fit.json")
+        started = time.perf_counter()
+        offsets, low_rank, losses = fit(folder / "fit.ckpt")
+        if "seconds" not in record:
+            record["seconds"] = time.perf_counter() - started
+        record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
+        write_json(folder / "fit.json", record)
     return offsets, low_rank, losses, record
 
 
@@ -501,15 +529,16 @@ class Run:
             "fit-lora", {"patterns": patterns_record["folder"], "alpha": c.alpha, "steps": c.fit_steps,
                          "batch_size": c.fit_batch, "seed": c.seed, "bf16": c.bf16, "lora": lora_settings},
         )  # fmt: skip
-        record = read_json(folder / "fit.json")
-        started = time.perf_counter()
-        model, losses = fit_lora(self.model, self.loaded.tokenizer, records, list(c.layers), config, lora,
-                                 folder / "fit.ckpt")  # fmt: skip
-        if "seconds" not in record:
-            record["seconds"] = time.perf_counter() - started
-        record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
-        record["lora"] = lora_settings
-        write_json(folder / "fit.json", record)
+        with stage_lock(folder):
+            record = read_json(folder / "fit.json")
+            started = time.perf_counter()
+            model, losses = fit_lora(self.model, self.loaded.tokenizer, records, list(c.layers), config, lora,
+                                     folder / "fit.ckpt")  # fmt: skip
+            if "seconds" not in record:
+                record["seconds"] = time.perf_counter() - started
+            record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
+            record["lora"] = lora_settings
+            write_json(folder / "fit.json", record)
         seconds = {
             "instruct_s": instruct_record.get("seconds", float("nan")),
             "collect_s": patterns_record.get("seconds", float("nan")),
