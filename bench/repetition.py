@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from steering_vectors.evaluate import GENERATION_PROMPTS, loops, repeated_ngram_share
+    from steering_vectors.evaluate import GENERATION_PROMPTS, reply_repetition
     from steering_vectors.models import ensure_embedded_cache
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_cache()[0])
@@ -169,17 +169,16 @@ def main(argv: list[str] | None = None) -> int:
                     for penalty in penalties:
                         started = time.perf_counter()
                         replies = [ask(client, url, model, p, steer, penalty, args.max_tokens) for p in prompts]
-                        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
+                        share, looping = reply_repetition(tokenizer, replies)
                         result = {
                             "steer": "none" if steer is None else f"{steer[0]}@{steer[1]:g}",
                             "penalty": penalty or {},
-                            "repeated_4gram_share": repeated_ngram_share(ids),
-                            "looping_replies": sum(loops(i) for i in ids),
+                            "repeated_4gram_share": share,
+                            "looping_replies": looping,
                             "replies": replies,
                             "seconds": time.perf_counter() - started,
                         }
                         results.append(result)
-                        share, looping = result["repeated_4gram_share"], result["looping_replies"]
                         print(f"{result['steer']:>16} {json.dumps(result['penalty']):>32}  rep4 {share:.3f}  "
                               f"looping {looping}/{len(prompts)}  ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
         finally:

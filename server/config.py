@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .protocol import REPETITION_PENALTY
+
 PositionMode = Literal["all", "generated"]
 
 
@@ -82,7 +84,7 @@ class Settings(BaseSettings):
     )
     default_max_tokens: int = Field(256, ge=1)
     default_repetition_penalty: float = Field(
-        1.0, ge=0.01, le=100.0,
+        1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1],
         description="repetition_penalty of requests that set none (1: off); 1.15 stops the loops of the default "
         "model's greedy replies (docs/bench-repetition.md)",
     )  # fmt: skip

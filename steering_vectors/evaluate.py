@@ -334,6 +334,12 @@ def loops(ids: Sequence[int], n: int = 4, times: int = 3) -> bool:
     return bool(grams) and max(grams.values()) >= times
 
 
+def reply_repetition(tokenizer: Any, replies: Sequence[str]) -> tuple[float, int]:
+    """(`repeated_ngram_share`, number of `loops`) of decoded replies, re-tokenised as a reader sees them."""
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
+    return repeated_ngram_share(ids), sum(loops(i) for i in ids)
+
+
 # -- calibration and reports ------------------------------------------------------------------------
 
 
@@ -470,13 +476,10 @@ def evaluate_profiles(
             bf16=bf16,
             repetition_penalty=repetition_penalty,
         )
-    replies_ids = {
-        name: [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-        for name, replies in results["generations"].items()
-        if name != "prompts"
-    }
-    results["repetition"] = {name: repeated_ngram_share(ids) for name, ids in replies_ids.items()}
-    results["looping"] = {name: sum(loops(i) for i in ids) for name, ids in replies_ids.items()}
+    stats = {name: reply_repetition(tokenizer, replies) for name, replies in results["generations"].items()
+             if name != "prompts"}  # fmt: skip
+    results["repetition"] = {name: share for name, (share, _) in stats.items()}
+    results["looping"] = {name: looping for name, (_, looping) in stats.items()}
     results["seconds"] = time.perf_counter() - started
     return results
 
