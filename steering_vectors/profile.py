@@ -394,7 +394,7 @@ class Profile:
             for name, (a, b) in terms.items():
                 tensors[f"lora_a.{layer}.{name}"] = a
                 tensors[f"lora_b.{layer}.{name}"] = b
-        return st_save(tensors, metadata=self.metadata())
+        return canonical_safetensors(st_save(tensors, metadata=self.metadata()))
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> Profile:
@@ -482,6 +482,25 @@ class Profile:
         except OSError as exc:
             raise ProfileFormatError(f"cannot read profile file {path}: {exc}") from exc
         return cls.from_bytes(data, source=str(path))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its header in one fixed order: metadata keys sorted, tensors by offset.
+
+    safetensors writes the metadata map in hash order, which changes from call to call, so the same profile
+    saved twice gave two files with different bytes, and so different digests: two replicas sent the same
+    upload served it under different digests. The header is JSON, so it is rewritten here (compact, padded
+    with spaces to a multiple of 8 bytes, as safetensors pads it); the tensor data after it is unchanged.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def _read_safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:

@@ -62,6 +62,32 @@ def test_safetensors_round_trip(tmp_path, fingerprint):
     assert path.stat().st_mode & 0o777 == 0o644  # readable by the server's user in a container
 
 
+def test_the_same_profile_is_always_the_same_bytes(fingerprint):
+    """safetensors writes its metadata map in hash order, new on every call: without a fixed header order the
+    same profile saved twice had two digests (two replicas given one upload disagreed on its version)."""
+    import hashlib
+    import json
+    import struct
+
+    from safetensors.torch import load as st_load
+
+    gen = torch.Generator().manual_seed(1)
+    profile = _profile(fingerprint, low_rank={1: (torch.randn(2, TINY_HIDDEN, generator=gen),
+                                                 torch.randn(TINY_HIDDEN, 2, generator=gen))})  # fmt: skip
+    saves = [profile.to_bytes() for _ in range(4)] + [Profile.from_bytes(profile.to_bytes()).to_bytes()]
+    assert len({hashlib.sha256(data).hexdigest() for data in saves}) == 1
+    data = saves[0]
+    (length,) = struct.unpack("<Q", data[:8])
+    assert length % 8 == 0  # padded as safetensors pads its header
+    header = json.loads(data[8 : 8 + length])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert [key for key in header if key != "__metadata__"] == sorted(
+        (key for key in header if key != "__metadata__"), key=lambda key: header[key]["data_offsets"])
+    tensors = st_load(data)  # still a plain safetensors file, tensor for tensor
+    assert set(tensors) == {"offset.1", "offset.3", "down.1", "up.1"}
+    assert torch.equal(tensors["up.1"], profile.low_rank[1][1]) and torch.equal(tensors["offset.3"], profile.offsets[3])
+
+
 def test_gguf_round_trip_keeps_tensors_and_metadata(fingerprint):
     profile = _profile(fingerprint)
     data = write_control_vector(profile)

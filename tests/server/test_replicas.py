@@ -18,7 +18,7 @@ import pytest
 
 from server.config import Settings
 from server.profile_watch import ProfileWatcher
-from server.registry import ProfileNotFoundError, ProfileRegistry, ProfileStoreReadOnlyError
+from server.registry import ProfileNotFoundError, ProfileRegistry, ProfileStoreReadOnlyError, parse_profile
 from steering_vectors.models import load_model
 from steering_vectors.profile import atomic_write
 
@@ -98,6 +98,25 @@ def test_rescan_follows_the_directory_and_its_bad_files(tiny_loaded, store):
     registry.rescan()
     assert registry.names() == ["beta"] and registry.skipped == []
     assert registry.state().digest("beta") == sha(store / "beta.safetensors")
+
+
+def test_replicas_with_their_own_stores_give_one_upload_one_digest(tiny_loaded, tmp_path):
+    """Replicas that do not share a directory (a volume each) and are sent the same upload store and name the
+    same bytes; so does the API's description of the profile before it is stored, and a GGUF upload."""
+    from server.routes.profiles import describe
+    from steering_vectors.gguf_io import write_control_vector
+
+    profile = make_profile(tiny_loaded, "alpha", seed=3)
+    for upload in (profile.to_bytes(), write_control_vector(profile)):
+        replicas = []
+        for replica in ("a", "b"):
+            (tmp_path / replica).mkdir(exist_ok=True)
+            replicas.append(ProfileRegistry(tmp_path / replica, tiny_loaded.fingerprint))
+            replicas[-1].put("alpha", upload)
+        files = [tmp_path / replica / "alpha.safetensors" for replica in ("a", "b")]
+        assert files[0].read_bytes() == files[1].read_bytes()
+        digests = {registry.state().digest("alpha") for registry in replicas}
+        assert digests == {sha(files[0])} == {describe(parse_profile(upload, name="alpha"))["digest"]}
 
 
 def test_a_safetensors_file_wins_over_a_gguf_file_of_the_same_name(tiny_loaded, store):
