@@ -13,8 +13,8 @@
 #   ROWS_OVERRIDE=unsteered,rahf-scit,rahf-scit-rank OUT=/tmp/cmp-scit/hh_harmless bash scripts/compare-all.sh hh_harmless &
 #   ROWS_OVERRIDE=rahf-dual-lora SEEDS=0,1,2 OUT=/tmp/cmp-seeds/hh_harmless bash scripts/compare-all.sh hh_harmless &
 #   CACHED=1 SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless  # later: every finished row, one report
-# (the rows' profile files stay in each OUT/profiles; copy them into profiles/comparison/<set>/profiles.
-# OUT's last folder names the profiles, <name>-<row>: keep it the set's name, as above)
+# (each row's profile is kept in the work folder too: the CACHED=1 report copies every finished row's file
+# into profiles/comparison/<set>/profiles, named <set>-<row>-seed<k>.safetensors)
 #
 # The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
 # alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .pipeline import FitResult, Run, RunConfig, Stages, read_json, write_json
+from .profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,20 @@ class Comparison:
             "perplexity_rise": None if ppl is None else ppl / self.base_ppl - 1.0,
         }
 
+    def _kept(self, row: Row, seed: int) -> Path:
+        return self.folder / f"{row.key}-seed{seed}.safetensors"
+
+    def publish(self, row: Row, seed: int) -> Path | None:
+        """Copy the row's calibrated profile from the work folder into `<out>/profiles`, named after `out`
+        (`<out name>-<row>-seed<seed>.safetensors`), so that every reported row's file is beside the report,
+        whichever run computed it. None for rows without a profile, or computed before profiles were kept."""
+        kept = self._kept(row, seed)
+        if not kept.is_file():
+            return None
+        profile = Profile.load(kept)
+        profile.name = f"{self.out.name}-{row.key}"
+        return profile.save(self.out / "profiles" / f"{profile.name}-seed{seed}.safetensors")
+
     def cached(self, row: Row, seed: int) -> dict[str, Any] | None:
         """The row's result if a run already computed it, else None."""
         return read_json(self.folder / f"{row.key}-seed{seed}.json") or None
@@ -187,7 +202,7 @@ class Comparison:
         run.calibrate(profile, self.strengths, self.base_ppl, self.text)
         calibrate_s = time.perf_counter() - started
         profile.provenance["comparison_row"] = row.key
-        profile.save(self.out / "profiles" / f"{profile.name}-seed{seed}.safetensors")
+        profile.save(self._kept(row, seed))  # the work folder keeps it; `publish` copies it into the report
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         strength = profile.default_strength
         ppl = perplexity(model, tokenizer, self.text, profile, strength, bf16=self.base.bf16)
@@ -427,6 +442,8 @@ def run_compare(args: argparse.Namespace) -> int:
                 continue
         else:
             results = [comparison.result(row, seed) for seed in wanted]
+        for result in results:
+            comparison.publish(row, result["seed"])
         summaries.append(summarise(results))
         if not args.cached_only:
             write()  # after every row, so a partial comparison is readable

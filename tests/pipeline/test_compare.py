@@ -162,7 +162,15 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     printed = json.loads(capsys.readouterr().out)
     assert printed["pending"] == ["pref (seed 2)", "mean (seed 0)"]
     assert {p: p.stat().st_mtime_ns for p in work.glob("compare-*/*.json")} == stamps
-    assert not (partial / "profiles").exists()
+    # ... but each reported row's calibrated profile is copied from the work folder, named after its report
+    published = sorted(f.name for f in (partial / "profiles").iterdir())
+    assert published == sorted(f.name.replace("comparison-", "partial-") for f in (out / "profiles").iterdir())
+    for name in published:
+        copy, original = Profile.load(partial / "profiles" / name), Profile.load(out / "profiles" / name.replace(
+            "partial-", "comparison-"))  # fmt: skip
+        assert copy.name == name.removesuffix(".safetensors").rpartition("-seed")[0]
+        assert copy.default_strength == original.default_strength and copy.provenance == original.provenance
+        assert all(torch.equal(copy.offsets[k], original.offsets[k]) for k in original.offsets)
     cached = json.loads((partial / "report.json").read_text())
     assert [r["row"] for r in cached["rows"]] == rows.split(",")
     assert {r["row"]: r["accuracy"] for r in cached["rows"]} == {r["row"]: r["accuracy"] for r in report["rows"]}
