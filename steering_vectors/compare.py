@@ -237,8 +237,37 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 mean = sum(values) / len(values)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
                 first[f"{key}_seeds"] = {"mean": mean, "sd": sd, "values": values}
+        keep = ("seed", "accuracy", "accuracy_gain", "gain_ci95", "perplexity_rise", "default_strength", "matched",
+                "instruct_gap")  # fmt: skip
+        first["per_seed"] = [{k: r.get(k) for k in keep} for r in results]
     first["seeds"] = [r["seed"] for r in results]
     return first
+
+
+def _seed_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One table per row run with several seeds: each seed's step-1 gap beside what its profile did."""
+    lines: list[str] = []
+    for r in rows:
+        if not r.get("per_seed"):
+            continue
+        lines += ["", f"{r['label']}, seed by seed (a seed draws another training sample; steps 1–3 repeated):", "",
+                  "| seed | step-1 gap after (share positive, n) | default strength | accuracy | Δ acc [95 % CI] | "
+                  "Δ ppl | acc. at +5 % ppl (strength) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for s in r["per_seed"]:
+            after = (s.get("instruct_gap") or {}).get("gap_after") or {}
+            gap = (f"{after['mean_gap']:+.3f} ({_pct(after.get('accuracy'))}, {after.get('n')})"
+                   if "mean_gap" in after else "–")  # fmt: skip
+            low, high = s["gain_ci95"]
+            matched = s.get("matched")
+            at_matched = f"{_pct(matched['accuracy'])} ({matched['strength']:.3g})" if matched else "–"
+            rise = "–" if s.get("perplexity_rise") is None else f"{_pct(s['perplexity_rise'], True)} %"
+            strength = "–" if s.get("default_strength") is None else f"{s['default_strength']:.3g}"
+            lines.append(
+                f"| {s['seed']} | {gap} | {strength} | {_pct(s['accuracy'])} | {_pct(s['accuracy_gain'], True)} "
+                f"[{_pct(low, True)}, {_pct(high, True)}] | {rise} | {at_matched} |"
+            )
+    return lines
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
@@ -334,6 +363,7 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
                 f"after {after.get('mean_gap', float('nan')):+.4f} ({_pct(after.get('accuracy'))}), "
                 f"n = {after.get('n')}"
             )
+    lines += _seed_lines(rows)
     if report.get("pending"):
         lines += ["", "Not computed yet (this report was written with `--cached-only` from the rows runs had "
                   f"finished): {', '.join(report['pending'])}."]  # fmt: skip

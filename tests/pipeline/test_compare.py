@@ -136,6 +136,19 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     gains = by_row["pref"]["accuracy_gain_seeds"]["values"]
     assert f"2 seeds: {100 * sum(gains) / 2:+.1f} ± " in (out / "report.md").read_text()
     assert f"({100 * gains[0]:+.1f}, {100 * gains[1]:+.1f})" in (out / "report.md").read_text()
+    # ... and a table of the seeds, one line each, with that seed's own interval and matched strength
+    per_seed = by_row["pref"]["per_seed"]
+    assert [s["seed"] for s in per_seed] == [0, 1] and [s["accuracy_gain"] for s in per_seed] == gains
+    lines = (out / "report.md").read_text().splitlines()
+    start = lines.index("pref (not RAHF), offsets, seed by seed (a seed draws another training sample; steps 1–3 "
+                        "repeated):")  # fmt: skip
+    for seed, s in enumerate(per_seed):
+        low, high = s["gain_ci95"]
+        assert lines[start + 4 + seed].startswith(
+            f"| {seed} | – | {s['default_strength']:.3g} | {100 * s['accuracy']:.1f} % | "
+            f"{100 * s['accuracy_gain']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] | "
+        ) and lines[start + 4 + seed].endswith(f"({s['matched']['strength']:.3g}) |")
+    assert lines[start + 6] == ""  # one line a seed
     assert by_row["dual-sft"]["switchable"] is False and by_row["dual-sft"]["parameters"] > 0
     # LoRA r 8 on q and v, trained up to the deepest target layer (2): layers 0-2 of the tiny model's 4
     lora = by_row["rahf-dual-lora"]
