@@ -15,8 +15,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,47 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def stage_lock(folder: Path) -> Iterator[None]:
+def stage_clock(folder: Path, every: float = 30.0) -> Iterator[Callable[[], float]]:
+    """The wall time spent computing a stage over every run that worked on it, as a callable.
+
+    A stage interrupted and resumed (a killed run, a session's end) used to record only the last run's time.
+    The clock adds the time earlier runs spent (`folder/elapsed.json`, rewritten every `every` seconds while
+    the stage is held and when it is let go, so a killed run loses at most that much of its time)."""
+    path = folder / "elapsed.json"
+    earlier = float(read_json(path).get("seconds", 0.0))
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return earlier + time.perf_counter() - started
+
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(every):
+            write_json(path, {"seconds": elapsed()})
+
+    keeper = threading.Thread(target=keep, name=f"clock {folder.name}", daemon=True)
+    keeper.start()
+    try:
+        yield elapsed
+    finally:
+        stop.set()
+        keeper.join()
+        write_json(path, {"seconds": elapsed()})
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[Callable[[], float]]:
     """Hold the stage folder's lock (`folder/.lock`, an exclusive `flock`) while computing or resuming it, so
     that two processes never write one stage's checkpoints at once: the second waits, then finds the stage
-    done (or further on) and goes on from there. The lock goes with the process (a killed holder frees it)."""
+    done (or further on) and goes on from there. The lock goes with the process (a killed holder frees it).
+
+    Yields the stage's `stage_clock` (started once the lock is held: waiting for it is not counted)."""
     try:
         import fcntl
     except ImportError:  # not on POSIX: no lock
-        yield
+        with stage_clock(folder) as clock:
+            yield clock
         return
     with open(folder / ".lock", "a+") as handle:
         try:
@@ -96,7 +130,8 @@ def stage_lock(folder: Path) -> Iterator[None]:
             log.warning("%s is being computed by another process; waiting for it", folder.name)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            with stage_clock(folder) as clock:
+                yield clock
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -192,7 +227,7 @@ def instruct_stage(
     from step 1) before and after. Returns the wrapped model and the stage's record (instruct.json)."""
     from .rahf import likelihood_gap, train_dual, train_scit
 
-    with stage_lock(folder):
+    with stage_lock(folder) as clock:
         record_file = folder / "instruct.json"
         record = read_json(record_file)
         if gap_pairs and "gap_before" not in record:
@@ -205,11 +240,10 @@ def instruct_stage(
                     model, tokenizer, gap_pairs, method, budget=config.budget, bf16=config.bf16, instructed=False
                 )
             write_json(record_file, record)
-        started = time.perf_counter()
         trainer = train_scit if method == "scit" else train_dual
         model, losses = trainer(model, tokenizer, split.pairs, config, folder)
         if "seconds" not in record:
-            record["seconds"] = time.perf_counter() - started
+            record["seconds"] = clock()  # every run's time on this stage, the gap before included
         record["losses"] = losses
         if gap_pairs and "gap_after" not in record:
             record["gap_after"] = likelihood_gap(
@@ -243,13 +277,12 @@ def patterns_stage(
     from .rahf import PatternStore, collect_patterns
 
     patterns_file = folder / "patterns.pt"
-    with stage_lock(folder):
+    with stage_lock(folder) as clock:
         record = read_json(folder / "patterns.json")
         if patterns_file.is_file():
             store = PatternStore.load(patterns_file)
             log.info("loaded %d pattern records from %s", len(store), patterns_file)
             return store.all(), record
-        started = time.perf_counter()
         store = collect_patterns(
             model,
             tokenizer,
@@ -263,7 +296,7 @@ def patterns_stage(
             dtype=torch.float16,
         )
         store.save(patterns_file)
-        record = {"seconds": time.perf_counter() - started, "records": len(store)}
+        record = {"seconds": clock(), "records": len(store)}
         write_json(folder / "patterns.json", record)
     return store.all(), record
 
@@ -275,12 +308,11 @@ def fit_stage(
     folder: Path, fit: Any
 ) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]], list[float], dict[str, Any]]:
     """Run `fit(checkpoint)` -> (offsets, low_rank, losses) resumably in `folder`; record its wall time."""
-    with stage_lock(folder):
+    with stage_lock(folder) as clock:
         record = read_json(folder / "fit.json")
-        started = time.perf_counter()
         offsets, low_rank, losses = fit(folder / "fit.ckpt")
         if "seconds" not in record:
-            record["seconds"] = time.perf_counter() - started
+            record["seconds"] = clock()
         record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
         write_json(folder / "fit.json", record)
     return offsets, low_rank, losses, record
@@ -529,13 +561,12 @@ class Run:
             "fit-lora", {"patterns": patterns_record["folder"], "alpha": c.alpha, "steps": c.fit_steps,
                          "batch_size": c.fit_batch, "seed": c.seed, "bf16": c.bf16, "lora": lora_settings},
         )  # fmt: skip
-        with stage_lock(folder):
+        with stage_lock(folder) as clock:
             record = read_json(folder / "fit.json")
-            started = time.perf_counter()
             model, losses = fit_lora(self.model, self.loaded.tokenizer, records, list(c.layers), config, lora,
                                      folder / "fit.ckpt")  # fmt: skip
             if "seconds" not in record:
-                record["seconds"] = time.perf_counter() - started
+                record["seconds"] = clock()
             record["loss_first_last"] = [losses[0], losses[-1]] if losses else None
             record["lora"] = lora_settings
             write_json(folder / "fit.json", record)

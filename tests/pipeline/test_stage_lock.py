@@ -69,3 +69,30 @@ def test_a_killed_holder_frees_the_stage(tmp_path: Path) -> None:
     started = time.monotonic()
     with stage_lock(tmp_path):
         assert time.monotonic() - started < 5
+
+
+def test_a_resumed_stage_records_the_time_of_every_run_that_worked_on_it(tmp_path: Path) -> None:
+    """A stage killed part-way and resumed records the time of both runs, not only the last one's: the
+    clock's running total is kept in `elapsed.json` while the stage is held, so it survives a kill."""
+    script = (
+        "import time; from pathlib import Path; from steering_vectors.pipeline import stage_clock\n"
+        f"with stage_clock(Path({str(tmp_path)!r}), every=0.05):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert first.stdout.readline().strip() == b"held"
+    time.sleep(1.0)
+    first.kill()  # no chance to write on the way out
+    first.wait(10)
+    kept = read_json(tmp_path / "elapsed.json")["seconds"]
+    assert 0.8 <= kept < 30
+
+    def fit(checkpoint: Path):
+        time.sleep(0.3)
+        return {0: torch.zeros(2)}, {}, [1.0]
+
+    fit_stage(tmp_path, fit)
+    record = read_json(tmp_path / "fit.json")
+    assert kept + 0.3 <= record["seconds"] < kept + 30
+    assert read_json(tmp_path / "elapsed.json")["seconds"] >= record["seconds"]
+    fit_stage(tmp_path, fit)  # a finished stage keeps the time it recorded
+    assert read_json(tmp_path / "fit.json")["seconds"] == record["seconds"]
