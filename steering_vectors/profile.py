@@ -492,20 +492,19 @@ def canonical_safetensors(data: bytes) -> bytes:
     upload served it under different digests. The header is JSON, so it is rewritten here (compact, padded
     with spaces to a multiple of 8 bytes, as safetensors pads it); the tensor data after it is unchanged.
     """
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
+    header, end = _safetensors_header(data, "<bytes>")
     ordered: dict[str, Any] = {}
     if "__metadata__" in header:
         ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
     ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+    return struct.pack("<Q", len(text)) + text + data[end:]
 
 
-def _read_safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:
-    # The safetensors header is an 8-byte little-endian length and a JSON object; its "__metadata__"
-    # entry is the string map. safetensors.torch.load returns tensors only, hence this small read.
+def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file (an 8-byte little-endian length, then a JSON object) and the offset
+    where the tensor data starts. safetensors.torch.load returns tensors only, hence this small read."""
     if len(data) < 8:
         raise ProfileFormatError(f"{source}: file too short to be safetensors ({len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -517,7 +516,12 @@ def _read_safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:
         raise ProfileFormatError(f"{source}: unreadable safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise ProfileFormatError(f"{source}: unreadable safetensors header")
-    metadata = header.get("__metadata__") or {}
+    return header, 8 + header_len
+
+
+def _read_safetensors_metadata(data: bytes, source: str) -> Mapping[str, str]:
+    # the "__metadata__" entry of the header is the string map
+    metadata = _safetensors_header(data, source)[0].get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise ProfileFormatError(f"{source}: safetensors metadata is not a string map")
     return metadata
