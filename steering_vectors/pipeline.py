@@ -111,17 +111,12 @@ def stage_clock(folder: Path, every: float = 30.0) -> Iterator[Callable[[], floa
 
 
 @contextlib.contextmanager
-def stage_lock(folder: Path) -> Iterator[Callable[[], float]]:
-    """Hold the stage folder's lock (`folder/.lock`, an exclusive `flock`) while computing or resuming it, so
-    that two processes never write one stage's checkpoints at once: the second waits, then finds the stage
-    done (or further on) and goes on from there. The lock goes with the process (a killed holder frees it).
-
-    Yields the stage's `stage_clock` (started once the lock is held: waiting for it is not counted)."""
+def _exclusive(folder: Path) -> Iterator[None]:
+    """An exclusive `flock` on `folder/.lock` for the block; waits for another holder. No-op off POSIX."""
     try:
         import fcntl
-    except ImportError:  # not on POSIX: no lock
-        with stage_clock(folder) as clock:
-            yield clock
+    except ImportError:
+        yield
         return
     with open(folder / ".lock", "a+") as handle:
         try:
@@ -130,10 +125,20 @@ def stage_lock(folder: Path) -> Iterator[Callable[[], float]]:
             log.warning("%s is being computed by another process; waiting for it", folder.name)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            with stage_clock(folder) as clock:
-                yield clock
+            yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[Callable[[], float]]:
+    """Hold the stage folder's lock (`folder/.lock`, an exclusive `flock`) while computing or resuming it, so
+    that two processes never write one stage's checkpoints at once: the second waits, then finds the stage
+    done (or further on) and goes on from there. The lock goes with the process (a killed holder frees it).
+
+    Yields the stage's `stage_clock` (started once the lock is held: waiting for it is not counted)."""
+    with _exclusive(folder), stage_clock(folder) as clock:
+        yield clock
 
 
 class Stages:
