@@ -16,13 +16,16 @@
 # (each row's profile is kept in the work folder too: the CACHED=1 report copies every finished row's file
 # into profiles/comparison/<set>/profiles, named <set>-<row>-seed<k>.safetensors)
 #
-# The shipped row of each set (the one run with every seed): hh_harmless rahf-dual-lora (`harmless`),
-# alpaca_helpful rahf-dual (`helpful`). Reports go to profiles/comparison/<set>/. Needs ../shared/data.
+# The rows run with every seed are the kinds each set ships: the RAHF row (hh_harmless rahf-dual-lora for
+# `harmless`, alpaca_helpful rahf-dual for `helpful`) and the pref row (hh_harmless pref-rank, the kind of
+# `harmless-pref`; alpaca_helpful pref, the kind of `helpful-pref`). The pref rows use the comparison's shared
+# settings, not the shipped -pref files' own (profiles/README.md). Reports go to profiles/comparison/<set>/.
+# Needs ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAHF=${RAHF:-.venv/bin/rahf}
 ROWS=unsteered,prompt-good,mean,caa,pca,rahf-scit,rahf-scit-rank,rahf-dual,rahf-dual-rank,rahf-dual-lora,pref,pref-rank,dual-sft
-declare -A SHIPPED=([hh_harmless]=rahf-dual-lora [alpaca_helpful]=rahf-dual)
+declare -A SHIPPED=([hh_harmless]=rahf-dual-lora,pref-rank [alpaca_helpful]=rahf-dual,pref)
 
 one() {
   local set=$1

@@ -140,8 +140,8 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     per_seed = by_row["pref"]["per_seed"]
     assert [s["seed"] for s in per_seed] == [0, 1] and [s["accuracy_gain"] for s in per_seed] == gains
     lines = (out / "report.md").read_text().splitlines()
-    start = lines.index("pref (not RAHF), offsets, seed by seed (a seed draws another training sample; steps 1–3 "
-                        "repeated):")  # fmt: skip
+    start = lines.index("pref (not RAHF), offsets, seed by seed (a seed draws another training sample; every "
+                        "training step is repeated):")  # fmt: skip
     for seed, s in enumerate(per_seed):
         low, high = s["gain_ci95"]
         assert lines[start + 4 + seed].startswith(
