@@ -88,6 +88,17 @@ def test_the_same_profile_is_always_the_same_bytes(fingerprint):
     assert torch.equal(tensors["up.1"], profile.low_rank[1][1]) and torch.equal(tensors["offset.3"], profile.offsets[3])
 
 
+def test_shipped_profiles_are_stored_in_the_fixed_byte_order():
+    """A shipped file's sha256 is the digest it is served under and the one a re-upload of it gets."""
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).parents[2] / "profiles").rglob("*.safetensors"))
+    assert len(shipped) >= 10  # the four top-level profiles, six baselines and the comparison's
+    for path in shipped:
+        data = path.read_bytes()
+        assert Profile.from_bytes(data).to_bytes() == data, path
+
+
 def test_gguf_round_trip_keeps_tensors_and_metadata(fingerprint):
     profile = _profile(fingerprint)
     data = write_control_vector(profile)
