@@ -25,14 +25,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAHF=${RAHF:-.venv/bin/rahf}
 ROWS=unsteered,prompt-good,mean,caa,pca,rahf-scit,rahf-scit-rank,rahf-dual,rahf-dual-rank,rahf-dual-lora,pref,pref-rank,dual-sft
-declare -A SHIPPED=([hh_harmless]=rahf-dual-lora,pref-rank [alpaca_helpful]=rahf-dual,pref)
+declare -A SEED_ROWS=([hh_harmless]=rahf-dual-lora,pref-rank [alpaca_helpful]=rahf-dual,pref)
 
 one() {
   local set=$1
   local command=("$RAHF" compare --data "../shared/data/$set" --out "${OUT:-profiles/comparison/$set}"
     --title "$set: every method on the same pairs" --method dual --alpha 1 --fit-init shift --eval-pairs 1000
     --calib-pairs 48 --strengths 0.5,1,2 --threads "${THREADS:-1}" --bf16 off --rows "${ROWS_OVERRIDE:-$ROWS}"
-    --seeds "${SEEDS:-0}" --seed-rows "${SHIPPED[$set]}" ${CACHED:+--cached-only})
+    --seeds "${SEEDS:-0}" --seed-rows "${SEED_ROWS[$set]}" ${CACHED:+--cached-only})
   echo "${command[*]}"
   [ -n "${DRY:-}" ] || "${command[@]}"
 }

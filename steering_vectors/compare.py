@@ -250,7 +250,8 @@ def _seed_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if not r.get("per_seed"):
             continue
-        lines += ["", f"{r['label']}, seed by seed (a seed draws another training sample; every training step is repeated):", "",
+        lines += ["", f"{r['label']}, seed by seed (a seed draws another training sample; every training step "
+                      "is repeated):", "",
                   "| seed | step-1 gap after (share positive, n) | default strength | accuracy | Δ acc [95 % CI] | "
                   "Δ ppl | acc. at +5 % ppl (strength) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
