@@ -14,7 +14,9 @@
 #   ROWS_OVERRIDE=rahf-dual-lora SEEDS=0,1,2 OUT=/tmp/cmp-seeds/hh_harmless bash scripts/compare-all.sh hh_harmless &
 #   CACHED=1 SEEDS=0,1,2 bash scripts/compare-all.sh hh_harmless  # later: every finished row, one report
 # (each row's profile is kept in the work folder too: the CACHED=1 report copies every finished row's file
-# into profiles/comparison/<set>/profiles, named <set>-<row>-seed<k>.safetensors)
+# into profiles/comparison/<set>/profiles, named <set>-<row>-seed<k>.safetensors; a row this machine's work
+# folder lacks, but the committed report of the same settings holds, is carried over from that report as it was,
+# so rows finished on another machine are kept)
 #
 # The rows run with every seed are the kinds each set ships: the RAHF row (hh_harmless rahf-dual-lora for
 # `harmless`, alpaca_helpful rahf-dual for `helpful`) and the pref row (hh_harmless pref-rank, the kind of

@@ -365,6 +365,9 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
                 f"n = {after.get('n')}"
             )
     lines += _seed_lines(rows)
+    if report.get("carried_over"):
+        lines += ["", "Carried over from this folder's earlier report (computed with the same settings in a work "
+                  f"folder this run did not have): {', '.join(report['carried_over'])}."]  # fmt: skip
     if report.get("pending"):
         lines += ["", "Not computed yet (this report was written with `--cached-only` from the rows runs had "
                   f"finished): {', '.join(report['pending'])}."]  # fmt: skip
@@ -386,8 +389,20 @@ def register(sub: argparse._SubParsersAction, add_run_options: Any, parse_floats
     compare.add_argument("--eval-pairs", type=parse_count, default=1000, help="dev pairs (seeded sample)")
     compare.add_argument("--threads", type=parse_count, default=None)
     compare.add_argument("--cached-only", action="store_true",
-                         help="compute no row: report the rows earlier runs finished and list the others as pending")
+                         help="compute no row: report the rows earlier runs finished (in the work folder, or in "
+                              "--out's report of the same comparison) and list the others as pending")
     compare.set_defaults(handler=run_compare)
+
+
+def earlier_rows(out: Path, stage_folder: str) -> dict[str, dict[str, Any]]:
+    """The row summaries of the report already in `out`, when it was made from the same comparison (same
+    settings, dev pairs and strengths: the same stage folder name); else none. `--cached-only` carries them
+    over for rows this machine's work folder holds less of, so that a report finished over several machines
+    keeps every row."""
+    report = read_json(out / "report.json")
+    if not report or report.get("stage_folder") != stage_folder:
+        return {}
+    return {r["row"]: r for r in report.get("rows", []) if "row" in r and "seeds" in r}
 
 
 def cpu_name() -> str:
@@ -433,6 +448,7 @@ def run_compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     summaries: list[dict[str, Any]] = []
     pending: list[str] = []
+    carried: list[str] = []
     order = {r.key: i for i, r in enumerate(rows_for(args.rank))}
     # the command that computes every row (with --cached-only it reports only those earlier runs finished)
     command = _command_line().replace(" --cached-only", "")
@@ -460,15 +476,25 @@ def run_compare(args: argparse.Namespace) -> int:
             "seconds_this_run": time.perf_counter() - started,
             "stage_folder": comparison.folder.name,
             "pending": pending,
+            "carried_over": carried,
         }
         return write_comparison(report, args.out)
 
+    earlier = earlier_rows(args.out, comparison.folder.name) if args.cached_only else {}
     for row in rows:
         wanted = seeds if row.key in seed_rows else seeds[:1]
         if args.cached_only:  # only what runs have computed so far; the rest is listed as pending
             found = {seed: comparison.cached(row, seed) for seed in wanted}
-            pending.extend(f"{row.key} (seed {seed})" for seed, result in found.items() if result is None)
             results = [result for result in found.values() if result is not None]
+            kept = earlier.get(row.key)
+            if kept and set(kept["seeds"]) <= set(wanted) and len(kept["seeds"]) > len(results):
+                # the report already in --out holds more of this row than this work folder does: a run on
+                # another machine computed it with the same settings, so its summary is carried over as it was
+                summaries.append(kept)
+                carried.append(row.key)
+                pending.extend(f"{row.key} (seed {seed})" for seed in wanted if seed not in kept["seeds"])
+                continue
+            pending.extend(f"{row.key} (seed {seed})" for seed, result in found.items() if result is None)
             if not results:
                 continue
         else:

@@ -192,7 +192,21 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     assert "Not computed yet (this report was written with `--cached-only`" in text
     assert "pref (seed 2), mean (seed 0)." in text and "--cached-only" not in text.split("```")[1]
     with pytest.raises(SystemExit, match="no row of this comparison is computed yet"):
-        main([*cached_argv, "--work-dir", str(tmp_path / "empty")])
+        main([*cached_argv, "--work-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "nothing")])
+
+    # on a machine whose work folder lacks the rows (a fresh one), --cached-only keeps the rows of the report
+    # already in --out, as they were, when that report came from the same comparison; it says so
+    before = json.loads((partial / "report.json").read_text())
+    assert main([*cached_argv, "--work-dir", str(tmp_path / "empty")]) == 0
+    assert json.loads(capsys.readouterr().out)["pending"] == ["pref (seed 2)", "mean (seed 0)"]
+    after = json.loads((partial / "report.json").read_text())
+    assert after["rows"] == before["rows"] and after["carried_over"] == rows.split(",")
+    assert f"the same settings in a work folder this run did not have): {rows.replace(',', ', ')}." in (
+        partial / "report.md").read_text()  # fmt: skip
+    # ... but not from a report of other settings (another strength grid): nothing is computed, nothing kept
+    with pytest.raises(SystemExit, match="no row of this comparison is computed yet"):
+        main([*cached_argv, "--work-dir", str(tmp_path / "empty"), "--strengths", "0.5,1,3"])
+    assert json.loads((partial / "report.json").read_text()) == after
 
 
 def test_report_shows_default_strengths_to_three_digits_and_marks_those_below_the_grid() -> None:
