@@ -71,7 +71,8 @@ async function loadProfiles() {
 async function load() {
   try {
     await loadModel();
-    await Promise.all([loadBounds(), loadProfiles()]);
+    await loadBounds();  // before the profiles: a slider made from the list must get the server's bounds
+    await loadProfiles();
     status(state.profiles.length + " profiles loaded");
   } catch (e) {
     status(e.status === 401 ? "This server needs an API key: enter it above." : "Cannot load: " + e.message, true);
