@@ -45,6 +45,15 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--strength-max", "strength_max", {"type": float}),
     ("--shutdown-timeout", "shutdown_timeout_s", {"type": float}),
     ("--log-level", "log_level", {}),
+    # the vllm backend (--backend vllm)
+    ("--tensor-parallel-size", "vllm_tensor_parallel_size", {"type": int, "help": "vLLM: GPUs per model"}),
+    ("--pipeline-parallel-size", "vllm_pipeline_parallel_size", {"type": int, "help": "vLLM: pipeline stages"}),
+    ("--gpu-memory-utilization", "vllm_gpu_memory_utilization", {"type": float,
+                                                                 "help": "vLLM: share of GPU memory (default 0.9)"}),
+    ("--max-profiles", "vllm_max_profiles", {"type": int,
+                                             "help": "vLLM: profile slots per worker (default 16)"}),
+    ("--kv-cache-gib", "vllm_kv_cache_gib", {"type": float, "help": "vLLM on CPUs: KV cache GiB (default 2)"}),
+    ("--vllm-engine-args", "vllm_engine_args", {"help": "vLLM: other engine arguments as a JSON object"}),
 ]
 
 
@@ -65,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="no file events: rescan the profile directory on the timer only")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false", default=None,
                         help="decode through the transformers forward instead of the lean Llama step")
+    parser.add_argument("--no-enforce-eager", dest="vllm_enforce_eager", action="store_false", default=None,
+                        help="vLLM: allow CUDA graphs / torch.compile (experimental: see docs/engine.md)")
     parser.add_argument("--plain-logs", dest="log_json", action="store_false", default=None,
                         help="human-readable logs instead of JSON lines")
     parser.set_defaults(handler=_serve)
@@ -73,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
 
-    switches = ["check_digest", "fast_decode", "log_json", "profile_uploads", "profile_watch"]
+    switches = ["check_digest", "fast_decode", "log_json", "profile_uploads", "profile_watch", "vllm_enforce_eager"]
     dests = [dest for _, dest, _ in _FLAGS] + switches
     overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)

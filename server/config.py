@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -64,6 +64,24 @@ class Settings(BaseSettings):
         True, description="lean decode step for Llama-family models (checked against transformers at start)"
     )
 
+    # the vllm backend (--backend vllm; docs/engine.md, "The vLLM backend"); max_model_len, max_batch_size (vLLM's
+    # max_num_seqs) and dtype above apply to it too
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split over (tensor parallel)")
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: pipeline stages (layers split over GPUs)")
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM: share of each GPU's memory for weights, activations and KV cache"
+    )
+    vllm_enforce_eager: bool = Field(
+        True, description="vLLM: eager mode, no CUDA graphs / torch.compile (the steering hooks need it for now)"
+    )
+    vllm_max_profiles: int = Field(
+        16, ge=1, le=256, description="vLLM: profile slots on every worker (profiles used at once by running requests)"
+    )
+    vllm_kv_cache_gib: float = Field(2.0, gt=0, description="vLLM on CPUs: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_engine_args: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="vLLM: other engine arguments, a JSON object (EngineArgs field names)"
+    )
+
     # network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -104,6 +122,20 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("vllm_engine_args", mode="before")
+    @classmethod
+    def _engine_args(cls, value: object) -> object:
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"vllm_engine_args is not a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("vllm_engine_args must be a JSON object of vLLM engine arguments")
+        return value
 
     @field_validator("backend")
     @classmethod

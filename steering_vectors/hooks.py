@@ -286,13 +286,15 @@ class RowSteering:
     offsets: layer -> (H,) (see `combine_offsets`); low_rank: layer -> (down (R, H), up (H, R)) (see
     `combine_low_rank`), only at layers with an offset; lora: layer -> projection -> (a (R, H), b (out, R))
     (see `combine_lora`), only at layers with an offset; position_mode: "all" or "generated";
-    applied: (profile name, strength) pairs, for reporting. `model` is anything with `num_layers` and
+    applied: (profile name, strength) pairs, for reporting; sources: the (profile, strength) entries the
+    combination was made from (`from_profiles`; empty otherwise), for engines that keep profiles apart and
+    take strengths per request (the vLLM backend's slot tables). `model` is anything with `num_layers` and
     `hidden_size` (a `ModelFingerprint`, a `Steerer`), and `projections` (the output sizes LoRA terms are
     checked against; a fingerprint's pairs or a steerer's map). Tensors are kept as float32 on the CPU;
     plans move them where the model is. Raises `PlanError` when the steering does not fit the model.
     """
 
-    __slots__ = ("offsets", "low_rank", "lora", "position_mode", "applied", "num_layers", "hidden_size")
+    __slots__ = ("offsets", "low_rank", "lora", "position_mode", "applied", "num_layers", "hidden_size", "sources")
 
     def __init__(
         self,
@@ -303,6 +305,7 @@ class RowSteering:
         position_mode: str = "all",
         applied: Sequence[tuple[str, float]] = (),
         lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+        sources: Sequence[tuple[Profile, float]] = (),
     ) -> None:
         if position_mode not in POSITION_MODES:
             raise PlanError(f"position mode {position_mode!r} is not one of {POSITION_MODES}")
@@ -331,6 +334,7 @@ class RowSteering:
             raise PlanError(str(exc)) from None
         self.position_mode = position_mode
         self.applied = tuple((str(name), float(strength)) for name, strength in applied)
+        self.sources = tuple((profile, float(strength)) for profile, strength in sources)
 
     @classmethod
     def from_profiles(
@@ -350,6 +354,7 @@ class RowSteering:
             position_mode=position_mode,
             applied=[(profile.name, strength) for profile, strength in entries],
             lora=combine_lora(entries),
+            sources=entries,
         )
 
     def fits(self, model: Any) -> bool:

@@ -241,3 +241,48 @@ def projection_sizes(model: nn.Module) -> dict[str, int]:
     from .hooks import projection_sizes as of_layers
 
     return of_layers(find_decoder_layers(unwrap_model(model)))
+
+
+def directory_fingerprint(path: str | os.PathLike[str], tokenizer: object | None = None) -> ModelFingerprint:
+    """`model_fingerprint` of the model saved in `path`, without loading it: the architecture is built on
+    the meta device (no memory) for its parameter names, sizes and layers, and the sampled weights are read
+    from the directory's safetensors files one tensor at a time. For engines that load the weights
+    themselves (the vLLM backend). Raises ModelNotFoundError when a parameter is not in the files."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = local_model_dir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    files = sorted(path.glob("*.safetensors"))
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), file))
+    base = unwrap_model(skeleton)
+    digest = hashlib.sha256()
+    for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
+        file = where.get(name)
+        if file is None:
+            raise ModelNotFoundError(f"{path}: parameter {name} is not in the directory's safetensors files")
+        with safe_open(str(file), framework="pt") as handle:
+            flat = handle.get_tensor(name).reshape(-1)
+        if flat.numel() != param.numel():
+            raise ModelNotFoundError(f"{path}: {name} has {flat.numel()} values in the files, the model "
+                                     f"{param.numel()}")
+        count = min(256, flat.numel())
+        index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
+        digest.update(name.encode())
+        digest.update(flat[index].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    if tokenizer is not None:
+        vocab: dict[str, int] = getattr(tokenizer, "get_vocab", dict)()
+        digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+        digest.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    return ModelFingerprint(
+        architecture=str(getattr(base.config, "model_type", type(base).__name__)),
+        hidden_size=hidden_size_of(base),
+        num_layers=len(find_decoder_layers(base)),
+        digest=digest.hexdigest(),
+        projections=tuple(sorted(projection_sizes(base).items())),
+    )

@@ -14,7 +14,8 @@ TINY_LAYERS = 4
 TINY_HIDDEN = 64
 
 
-def make_tiny_llama(seed: int = 0, layers: int = TINY_LAYERS, hidden: int = TINY_HIDDEN):
+def make_tiny_llama(seed: int = 0, layers: int = TINY_LAYERS, hidden: int = TINY_HIDDEN, heads: int = 4,
+                    kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -23,8 +24,8 @@ def make_tiny_llama(seed: int = 0, layers: int = TINY_LAYERS, hidden: int = TINY
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
@@ -41,12 +42,13 @@ def tiny_model():
     return make_tiny_llama()
 
 
-def save_tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """A complete local model directory (weights, config, a small word-level tokenizer with a chat template)."""
+def save_tiny_model_dir(path: Path, seed: int = 0, **shape: int) -> Path:
+    """A complete local model directory (weights, config, a small word-level tokenizer with a chat template);
+    `shape`: `make_tiny_llama`'s size arguments (layers, hidden, heads, kv_heads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = make_tiny_llama(seed)
+    model = make_tiny_llama(seed, **shape)
     model.save_pretrained(path)
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
     chars = ["\n"] + [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0xE0, 0x100)]

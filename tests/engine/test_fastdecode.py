@@ -91,9 +91,10 @@ def test_lean_step_is_bit_identical_to_the_transformers_forward(kind, packed):
     assert step is not None and engine.fast_decode_error == 0.0
     layers = model.config.num_hidden_layers
     # q/k/v and gate/up are fused only when packed, and only where this CPU's int4 kernel gives the
-    # fused product bit for bit (AVX2-only CPUs do; AVX-512 ones do not, and the projections are then
-    # called one by one). Either way the step must be exact, which is what the rest asserts.
-    assert step.fused in ((0, 2 * layers) if packed else (0,))
+    # fused product bit for bit, group by group (AVX2-only CPUs: all of them; AVX-512 ones: none, or on
+    # some (an AMD EPYC with avx512_bf16) the q/k/v products but not gate/up, 4 of 8). Either way the step
+    # must be exact, which is what the rest asserts.
+    assert 0 <= step.fused <= 2 * layers if packed else step.fused == 0
     assert step.max_rows == (8 if packed else None)
     lengths = [7, 4, 4, 1]
     history(engine, lengths)
