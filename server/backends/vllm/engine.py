@@ -148,6 +148,7 @@ class VllmEngine(Engine):
         self._wake = threading.Condition(self._lock)
         self._inbox: list[_Sequence] = []
         self._cancels: list[_Sequence] = []
+        self._chores: list[tuple[Any, threading.Event, list[Any]]] = []
         self._seqs: dict[str, _Sequence] = {}
         self._in_flight = 0
         self._accepting = True
@@ -158,6 +159,10 @@ class VllmEngine(Engine):
     # -- the Engine interface -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread (again, after a `shutdown`: the vLLM engine itself lives as long as this
+        object, so one engine can serve several apps in turn, as the tests do)."""
+        with self._lock:
+            self._accepting, self._stopping = True, False
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="rahf-vllm-engine", daemon=True)
             self._thread.start()
@@ -206,6 +211,25 @@ class VllmEngine(Engine):
             return {"running": running, "waiting": self._in_flight - running,
                     "profile_slots_used": len(self.slots.slot_of)}
 
+    def on_workers(self, method: str, *args: Any, timeout: float = 60.0) -> list[Any]:
+        """`collective_rpc(method, args)` on every worker, between two steps (`between_steps`)."""
+        return self.between_steps(lambda: self.llm.collective_rpc(method, args=args), timeout=timeout)
+
+    def between_steps(self, work: Any, *, timeout: float = 60.0) -> Any:
+        """`work()` run by the engine thread between two steps (so it never races a forward); blocks the
+        calling thread (never the engine's) until it is done, and returns its result."""
+        done, result = threading.Event(), []
+        with self._lock:
+            if self._thread is None or self._stopping:
+                raise EngineShutdownError("the engine is not running")
+            self._chores.append((work, done, result))
+            self._wake.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError(f"{method} did not run within {timeout} s")
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
     # -- submission (event loop) --------------------------------------------------------------------
 
     def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Sequence:
@@ -243,14 +267,21 @@ class VllmEngine(Engine):
         busy = False
         while True:
             with self._lock:
-                while not (self._inbox or self._cancels or self._stopping or busy):
+                while not (self._inbox or self._cancels or self._chores or self._stopping or busy):
                     self._wake.wait()
+                chores, self._chores = self._chores, []
                 if self._stopping:
                     pending = list(self._seqs.values()) + self._inbox
                     self._inbox = []
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+            for work, done, result in chores:
+                try:
+                    result.append(work())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    result.append(exc)
+                done.set()
             for seq in cancels:
                 self._cancel(seq)
             for seq in inbox:
@@ -274,12 +305,20 @@ class VllmEngine(Engine):
                 self.steps += 1
                 for output in outputs:
                     seq = self._seqs.get(output.request_id)
-                    if seq is not None:
+                    if seq is None:
+                        continue
+                    try:
                         self._deliver(seq, output)
+                    except Exception as exc:  # noqa: BLE001 - this request fails alone
+                        log.exception("delivering request %s failed", seq.request.request_id)
+                        self._fail(seq, EngineError(f"reading the vLLM output failed: {exc}"))
             busy = bool(self._seqs)
         for seq in pending:
             if not seq.finished:
                 self._fail(seq, EngineShutdownError("the engine stopped"))
+        for _, done, result in chores:
+            result.append(EngineShutdownError("the engine stopped"))
+            done.set()
 
     def _add(self, seq: _Sequence) -> None:
         from vllm import SamplingParams as VllmSampling
@@ -358,7 +397,7 @@ class VllmEngine(Engine):
             event.finish_reason = "length" if seq.drop_tokens or reason != "stop" else "stop"
             self._finish(seq)
         if event.token_ids or event.finish_reason or event.prompt_logprobs:
-            seq.loop.call_soon_threadsafe(seq.events.put_nowait, event)
+            _post(seq, event)
 
     def _cancel(self, seq: _Sequence) -> None:
         if seq.added and not seq.finished:
@@ -384,7 +423,18 @@ class VllmEngine(Engine):
             except Exception:  # noqa: BLE001
                 pass
         self._finish(seq)
-        seq.loop.call_soon_threadsafe(seq.events.put_nowait, error)
+        _post(seq, error)
+
+
+def _post(seq: _Sequence, item: Any) -> None:
+    """Hand `item` to the request's queue on its event loop; a loop that has closed meanwhile (its client
+    went away) takes nothing."""
+    if seq.cancelled:
+        return
+    try:
+        seq.loop.call_soon_threadsafe(seq.events.put_nowait, item)
+    except RuntimeError:  # the loop is closed
+        log.debug("request %s: its event loop closed", seq.request.request_id)
 
 
 def _logprob(token: int, entry: dict[int, Any], top: int) -> TokenLogprob:
