@@ -225,7 +225,7 @@ class VllmEngine(Engine):
             self._chores.append((work, done, result))
             self._wake.notify_all()
         if not done.wait(timeout):
-            raise TimeoutError(f"{method} did not run within {timeout} s")
+            raise TimeoutError(f"work between engine steps did not finish within {timeout} s")
         if isinstance(result[0], BaseException):
             raise result[0]
         return result[0]
