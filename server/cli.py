@@ -74,8 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="no file events: rescan the profile directory on the timer only")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false", default=None,
                         help="decode through the transformers forward instead of the lean Llama step")
-    parser.add_argument("--no-enforce-eager", dest="vllm_enforce_eager", action="store_false", default=None,
-                        help="vLLM: allow CUDA graphs / torch.compile (experimental: see docs/engine.md)")
     parser.add_argument("--plain-logs", dest="log_json", action="store_false", default=None,
                         help="human-readable logs instead of JSON lines")
     parser.set_defaults(handler=_serve)
@@ -84,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
 
-    switches = ["check_digest", "fast_decode", "log_json", "profile_uploads", "profile_watch", "vllm_enforce_eager"]
+    switches = ["check_digest", "fast_decode", "log_json", "profile_uploads", "profile_watch"]
     dests = [dest for _, dest, _ in _FLAGS] + switches
     overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest, None) is not None}
     return Settings(**overrides)
@@ -106,6 +104,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"rahf serve: invalid settings:\n{exc}") from None
     check_model(settings.model)  # a missing model or device is a one-line error, not a failed start-up
     check_device(settings.device)
+    if settings.backend == "vllm":
+        from .backends.vllm import VllmMissingError, check_available
+
+        try:
+            check_available()
+        except VllmMissingError as exc:
+            raise SystemExit(f"rahf serve: {exc}") from None
     logs.configure(settings.log_level, json_lines=settings.log_json)
     keep_streams_open_on_shutdown()  # uvicorn's graceful shutdown, not sse-starlette, decides when streams end
     app = create_app(settings)

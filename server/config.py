@@ -71,9 +71,6 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vLLM: share of each GPU's memory for weights, activations and KV cache"
     )
-    vllm_enforce_eager: bool = Field(
-        True, description="vLLM: eager mode, no CUDA graphs / torch.compile (the steering hooks need it for now)"
-    )
     vllm_max_profiles: int = Field(
         16, ge=1, le=256, description="vLLM: profile slots on every worker (profiles used at once by running requests)"
     )

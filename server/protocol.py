@@ -215,6 +215,9 @@ class _GenerationRequest(_Strict):
     top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
+    # vLLM's extension: generate past the model's end-of-sequence tokens until max_tokens (benchmarks that need
+    # every reply of one length); stop strings still apply
+    ignore_eos: bool = False
     user: str | None = None
     steering: SteeringSpec = None
 
@@ -269,7 +272,7 @@ class _GenerationRequest(_Strict):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=seed,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=frozenset() if self.ignore_eos else stop_token_ids,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             top_k=max(0, self.top_k or 0),

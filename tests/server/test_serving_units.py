@@ -125,3 +125,14 @@ def test_a_vanishing_temperature_samples_greedily(temperature) -> None:
     assert token == 1 and logprob is not None and logprob.token_id == 1
     warm = dataclasses.replace(params, temperature=1e-30)  # tiny, but logits / temperature stay finite
     assert select_token(logits, warm, make_generator(1))[0] == 1
+
+
+def test_ignore_eos_drops_the_stop_token_ids_of_every_choice() -> None:
+    from server.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    stops = frozenset({2, 5})
+    assert ChatCompletionRequest(**chat).sampling_params(8, stops, 0).stop_token_ids == stops
+    assert ChatCompletionRequest(**chat, ignore_eos=True).sampling_params(8, stops, 1).stop_token_ids == frozenset()
+    assert CompletionRequest(model="m", prompt="x", ignore_eos=True).sampling_params(8, stops, 0).stop_token_ids == (
+        frozenset())

