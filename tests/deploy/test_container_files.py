@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s" / "rahf.yaml"
+K8S_VLLM = ROOT / "deploy" / "k8s" / "rahf-vllm.yaml"
 
 
 def _hadolint() -> str:
@@ -126,7 +127,7 @@ def _settings_fields() -> set[str]:
 def test_rahf_variables_are_settings():
     """Every RAHF_* variable the image or the manifest sets names a real server setting."""
     fields = _settings_fields() | {"cache_dir"}  # RAHF_CACHE_DIR is read by the model loader
-    texts = [DOCKERFILE.read_text(), K8S.read_text(), (ROOT / "deploy" / "README.md").read_text()]
+    texts = [DOCKERFILE.read_text(), K8S.read_text(), K8S_VLLM.read_text(), (ROOT / "deploy" / "README.md").read_text()]
     names = {m.lower() for text in texts for m in re.findall(r"\bRAHF_([A-Z0-9_]+)", text)}
     assert names, "no RAHF_ variables found"
     assert names <= fields, sorted(names - fields)
@@ -180,3 +181,31 @@ def test_kubernetes_manifest():
     # Non-root, and SIGTERM has time to drain before the kubelet kills the pod.
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["terminationGracePeriodSeconds"] > float(env["RAHF_SHUTDOWN_TIMEOUT_S"]) + 5
+
+
+def test_kubernetes_gpu_manifest():
+    """The vllm backend on GPU nodes: tensor parallel over as many GPUs as the pod asks for, the CPU manifest's
+    shared profile claim mounted read-only, a node selector and shared memory for the workers."""
+    yaml = pytest.importorskip("yaml")
+    docs = [d for d in yaml.safe_load_all(K8S_VLLM.read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAHF_BACKEND"] == "vllm"
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(env["RAHF_VLLM_TENSOR_PARALLEL_SIZE"]) == gpus == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    from server.config import Settings
+
+    settings = Settings(**{k.removeprefix("RAHF_").lower(): v for k, v in env.items() if k.startswith("RAHF_")})
+    assert settings.backend == "vllm" and settings.vllm_engine_args == {"max_num_batched_tokens": 8192}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["profiles"]["mountPath"] == env["RAHF_PROFILE_DIR"] and mounts["profiles"]["readOnly"] is True
+    cpu_claims = [d["metadata"]["name"] for d in yaml.safe_load_all(K8S.read_text()) if d and
+                  d["kind"] == "PersistentVolumeClaim"]
+    assert volumes["profiles"]["persistentVolumeClaim"]["claimName"] in cpu_claims
+    assert env["RAHF_MODEL"].startswith(mounts["models"]["mountPath"] + "/")
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and mounts["dshm"]["mountPath"] == "/dev/shm"
+    assert kinds["Service"]["spec"]["ports"][0]["targetPort"] == "http"

@@ -116,7 +116,13 @@ class SteeringTables:
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> A (S*R, H), B (local out, S*R)
         self.lora_rank = 0
         self.slot_layers: dict[int, set[int]] = {}  # slot -> layers it steers
-        self.slot_lora: dict[int, set[int]] = {}
+        self.slot_lora: dict[int, dict[int, int]] = {}  # slot -> layer -> its LoRA columns (ranks of q, k, v)
+        self.slot_low_rank: dict[int, dict[int, int]] = {}  # slot -> layer -> its low-rank rank
+        self.version = 0  # changes with every load and free: the gathered tables of `_use` are then stale
+        self._use: dict[str, dict[int, Any]] = {"offsets": {}, "low_rank": {}, "lora": {}}
+        self._use_key: tuple[Any, ...] | None = None
+        self._specs: dict[str, tuple[Any, RequestSteering | None]] = {}
+        self.step_W = self.W
         self._hooks: list[Any] = []
         self._lora_hooks: dict[int, Any] = {}
         self._qkv = {i: layer.self_attn.qkv_proj for i, layer in self.layers
@@ -158,6 +164,7 @@ class SteeringTables:
                 base = slot * self.low_rank_rank
                 tables[0][base:base + rank] = down.to(self.device, torch.float32)
                 tables[1][:, base:base + rank] = up.to(self.device, torch.float32)
+            self.slot_low_rank[slot] = {layer: down.shape[0] for layer, (down, _) in low.items()}
         lora = {layer: terms for layer, terms in profile.lora.items() if layer in held}
         if lora:
             missing = sorted(set(lora) - set(self._qkv))
@@ -167,7 +174,6 @@ class SteeringTables:
             for layer, terms in lora.items():
                 a_table, b_table = self.lora.get(layer) or self._zeros_lora(layer)
                 self.lora[layer] = (a_table, b_table)
-                base = slot * self.lora_rank
                 rows = self._qkv_rows[layer]
                 out = 0
                 for name in PROJECTIONS:
@@ -176,12 +182,13 @@ class SteeringTables:
                         a, b = terms[name]
                         rank = a.shape[0]
                         # one projection's ranks take their own columns: base + its offset within the slot
-                        col = base + out_rank_offset(terms, name)
+                        col = slot * self.lora_rank + out_rank_offset(terms, name)
                         a_table[col:col + rank] = a.to(self.device, torch.float32)
                         b_table[out:out + width, col:col + rank] = b[rows[name]].to(self.device, torch.float32)
                     out += width
                 self._ensure_lora_hook(layer)
-            self.slot_lora[slot] = set(lora)
+            self.slot_lora[slot] = {layer: sum(a.shape[0] for a, _ in terms.values()) for layer, terms in lora.items()}
+        self.version += 1
         return {"slot": slot, "layers": sorted(self.slot_layers[slot]), "lora_layers": sorted(lora)}
 
     def free(self, slot: int) -> None:
@@ -200,6 +207,8 @@ class SteeringTables:
                 b[:, base:base + self.lora_rank].zero_()
         self.slot_layers.pop(slot, None)
         self.slot_lora.pop(slot, None)
+        self.slot_low_rank.pop(slot, None)
+        self.version += 1
 
     def _zeros_low_rank(self) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.num_slots * self.low_rank_rank
@@ -244,7 +253,10 @@ class SteeringTables:
     # -- each step ------------------------------------------------------------------------------------
 
     def prepare(self, positions: torch.Tensor | None) -> None:
-        """Fill `W` for the batch the runner is about to run."""
+        """Fill the step's strength table for the batch the runner is about to run: `W` (rows, k), one column per
+        slot that some request of the batch uses with a non-zero strength (`active`), and the tables of those
+        slots only (`_use`; gathered again only when that set or a slot changes, as the transformers backend
+        rebuilds its plan only when the batch changes)."""
         runner = self.runner
         batch = runner.input_batch
         count = int(batch.num_reqs)
@@ -255,24 +267,31 @@ class SteeringTables:
         for i, req_id in enumerate(batch.req_ids[:count]):
             state = runner.requests.get(req_id)
             params = getattr(state, "sampling_params", None)
-            spec = RequestSteering.from_extra(getattr(params, "extra_args", None)) if params is not None else None
-            if spec is not None and any(spec.strengths):
+            spec = self._spec(req_id, params)
+            if spec is not None:
                 steered.append((i, spec, int(state.num_prompt_tokens)))
         if not steered:
             return
+        active = sorted({slot for _, spec, _ in steered for slot, v in zip(spec.slots, spec.strengths, strict=True)
+                         if v and slot in self.slot_layers})
+        if not active:
+            return
         starts = np.asarray(runner.query_start_loc.np[:count + 1], dtype=np.int64)
         tokens = int(starts[-1])
-        if tokens > self.max_tokens:
-            raise RuntimeError(f"a step of {tokens} tokens is longer than the steering table ({self.max_tokens})")
-        per_request = np.zeros((count, self.num_slots), dtype=np.float32)
+        rows = max(tokens, int(positions.shape[0]) if positions is not None else 0)
+        if rows > self.max_tokens:
+            raise RuntimeError(f"a step of {rows} tokens is longer than the steering table ({self.max_tokens})")
+        column = {slot: j for j, slot in enumerate(active)}
+        per_request = np.zeros((count, len(active)), dtype=np.float32)
         prompt_len = np.zeros(count, dtype=np.int64)  # generated mode: positions below it are not steered
         for i, spec, prompt in steered:
             for slot, strength in zip(spec.slots, spec.strengths, strict=True):
-                per_request[i, slot] += strength
+                if slot in column:
+                    per_request[i, column[slot]] += strength
             if spec.generated_only:
                 prompt_len[i] = prompt
         owner = np.repeat(np.arange(count), np.diff(starts))
-        W = self.W
+        W = self.W[:rows, : len(active)]
         W.zero_()
         W[:tokens] = torch.from_numpy(per_request[owner]).to(self.device, non_blocking=True)
         if prompt_len.any():
@@ -280,8 +299,54 @@ class SteeringTables:
                 raise RuntimeError("generated-position steering needs the step's positions")
             limit = torch.from_numpy(prompt_len[owner]).to(self.device, non_blocking=True)
             W[:tokens] *= (positions[:tokens].to(torch.int64) >= limit).unsqueeze(1).to(W.dtype)
+        key = (tuple(active), self.version)
+        if key != self._use_key:
+            self._use = self._gather(active)
+            self._use_key = key
+        self.step_W = W
         self.num_tokens = tokens
         self.active = True
+
+    def _spec(self, req_id: str, params: Any) -> RequestSteering | None:
+        """A request's steering, parsed once (cached by request id while it runs)."""
+        if params is None:
+            return None
+        cached = self._specs.get(req_id)
+        if cached is not None and cached[0] is params:
+            return cached[1]
+        spec = RequestSteering.from_extra(getattr(params, "extra_args", None))
+        if len(self._specs) > 4096:
+            self._specs.clear()
+        self._specs[req_id] = (params, spec)
+        return spec
+
+    def _gather(self, active: list[int]) -> dict[str, dict[int, Any]]:
+        """The tables of the `active` slots, per layer that one of them steers: offsets (k, H) in the order of
+        `active` (the columns of the step's W); low-rank and LoRA factors packed to the ranks those slots have
+        at that layer, with `owner` naming the W column each rank belongs to."""
+        index = torch.tensor(active, device=self.device)
+        layers = set().union(*(self.slot_layers.get(s, set()) for s in active))
+        use: dict[str, dict[int, Any]] = {"offsets": {}, "low_rank": {}, "lora": {}}
+        for layer in layers:
+            if layer in self.offsets:
+                use["offsets"][layer] = self.offsets[layer].index_select(0, index)
+        # low rank: down (rows, H), up (H, rows); LoRA: a (cols, H), b (out, cols): rows of the first, columns
+        # of the second
+        for kind, per_slot, width, tables in (
+            ("low_rank", self.slot_low_rank, self.low_rank_rank, self.low_rank),
+            ("lora", self.slot_lora, self.lora_rank, self.lora),
+        ):
+            for layer in set().union(*(per_slot.get(s, {}).keys() for s in active)):
+                picks, owner = [], []
+                for j, slot in enumerate(active):
+                    rank = per_slot.get(slot, {}).get(layer, 0)
+                    picks.extend(range(slot * width, slot * width + rank))
+                    owner.extend([j] * rank)
+                picks_t = torch.tensor(picks, device=self.device)
+                first, second = tables[layer]
+                use[kind][layer] = (first.index_select(0, picks_t), second.index_select(1, picks_t),
+                                    torch.tensor(owner, device=self.device))
+        return use
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
         self.prepare(kwargs.get("positions"))
@@ -290,45 +355,46 @@ class SteeringTables:
         finally:
             self.active = False
 
-    def delta(self, stream: torch.Tensor, layer: int) -> torch.Tensor | None:
-        """The steering of `layer` for the residual stream `stream` (tokens, H), float32; None: none."""
-        offsets = self.offsets.get(layer)
-        if offsets is None:
-            return None
-        W = self.W[: stream.shape[0]]
-        delta = W @ offsets
-        factors = self.low_rank.get(layer)
+    def steer(self, target: torch.Tensor, stream: torch.Tensor, layer: int) -> torch.Tensor:
+        """`target` (tokens, H) plus the steering of `layer` for the residual stream `stream`: ``W @ offsets``
+        and, where the layer has low-rank terms, ``((rmsnorm(stream) @ down.T) * W[:, owner]) @ up.T``. One
+        fused add-matmul per term; rows whose strengths are all zero get an exact zero added."""
+        W = self.step_W[: stream.shape[0]]
+        out = target if target.dtype == torch.float32 else target.float()
+        out = torch.addmm(out, W, self._use["offsets"][layer])
+        factors = self._use["low_rank"].get(layer)
         if factors is not None:
             x = stream.float()
             x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + LOW_RANK_EPS)
-            z = (x @ factors[0].T) * W.repeat_interleave(self.low_rank_rank, dim=1)
-            delta = delta + z @ factors[1].T
-        return delta
+            down, up, owner = factors
+            out = torch.addmm(out, (x @ down.T).mul_(W.index_select(1, owner)), up.T)
+        return out if out.dtype == target.dtype else out.to(target.dtype)
 
     def _layer_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.active or layer not in self.offsets:
+            if not self.active or layer not in self._use["offsets"]:
                 return None
             if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
                 hidden, residual = output
-                delta = self.delta(hidden + residual, layer)
-                return hidden, residual + delta.to(residual.dtype)
+                stream = hidden + residual if layer in self._use["low_rank"] else hidden
+                return hidden, self.steer(residual, stream, layer)
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self.delta(hidden, layer).to(hidden.dtype)
+            steered = self.steer(hidden, hidden, layer)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
 
     def _qkv_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.active or layer not in self.lora:
+            if not self.active or layer not in self._use["lora"]:
                 return None
             x = args[0]
             out, bias = output if isinstance(output, tuple) else (output, None)
-            a, b = self.lora[layer]
-            W = self.W[: x.shape[0]]
-            z = (x.float() @ a.T) * W.repeat_interleave(self.lora_rank, dim=1)
-            out = out + (z @ b.T).to(out.dtype)
+            a, b, owner = self._use["lora"][layer]
+            W = self.step_W[: x.shape[0]]
+            z = (x.float() @ a.T).mul_(W.index_select(1, owner))
+            steered = torch.addmm(out if out.dtype == torch.float32 else out.float(), z, b.T)
+            out = steered if steered.dtype == out.dtype else steered.to(out.dtype)
             return (out, bias) if isinstance(output, tuple) else out
 
         return hook
