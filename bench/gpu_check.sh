@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh run [gpu_check.py flags]   # on the GPU host (default --device cuda)
 #   bash bench/gpu_check.sh train [gpu_train.py flags] # on the GPU host: one profile's whole `rahf train`
 #   bash bench/gpu_check.sh all --out DIR              # on the GPU host: run, then train, one call
+#   bash bench/gpu_check.sh vllm --out DIR             # where vLLM is installed: bench/vllm_steering.py
 #
 # `prepare` puts into .gpu/ (ignored by git through .git/info/exclude, about 10 MB): Python 3.12 wheels of
 # what the GPU hosts lack (fastapi, starlette, pydantic and pydantic-core, pydantic-settings,
@@ -81,11 +82,46 @@ train() {
   "$PYTHON" bench/gpu_train.py "$@"
 }
 
+# The vllm backend's benchmark (bench/vllm_steering.py) on a random-weight model built from .gpu/model's config,
+# where vLLM is installed. It is not on the lent GPU hosts, and it cannot be carried there: a vLLM CUDA wheel is
+# ~400 MB and pins its own torch build (another ~1 GB), while a device call carries 64 MiB and files survive
+# between calls only while the machine stays warm (30 s). On a GPU host of one's own: pip install vllm, then
+#   bash bench/gpu_check.sh vllm --out DIR
+vllm_bench() {
+  setup
+  if ! "$PYTHON" -c "import vllm" 2> /dev/null; then
+    echo "vllm: not installed on this host; the vLLM benchmark is skipped (see the comment above vllm_bench)"
+    return 0
+  fi
+  local out=/tmp/rahf-vllm-bench
+  if [ "${1:-}" = "--out" ]; then out=$2; shift 2; fi
+  mkdir -p "$out"
+  "$PYTHON" - "$out/model" <<'PY'
+import shutil, sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+source, target = Path(".gpu/model"), Path(sys.argv[1])
+config = AutoConfig.from_pretrained(source)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(target)
+for item in source.iterdir():
+    if item.name != "config.json":
+        shutil.copy(item, target / item.name)
+PY
+  "$PYTHON" bench/vllm_steering.py --model "$out/model" --device cuda --dtype bfloat16 --no-digest-check \
+    --out "$out/bench-vllm.json" "$@"
+}
+
 case "${1:-}" in
   prepare) shift; prepare "$@" ;;
   run) shift; run "$@" ;;
   train) shift; train "$@" ;;
+  vllm) shift; vllm_bench "$@" ;;
   all) shift; status=0; run "$@" || status=$?; train "$@" || status=$?; exit $status ;;
   *) echo "usage: bash bench/gpu_check.sh prepare | run [gpu_check.py flags] | train [gpu_train.py flags]" \
-       "| all --out DIR" >&2; exit 2 ;;
+       "| vllm [--out DIR] [vllm_steering.py flags] | all --out DIR" >&2; exit 2 ;;
 esac

@@ -61,10 +61,25 @@ def cpu_name() -> str:
     return f"{model} ({isa}, {len(os.sched_getaffinity(0))} cores)"
 
 
+def gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    except Exception:  # noqa: BLE001 - no torch CUDA
+        pass
+    return "none"
+
+
 # -- in-process engine runs (child) -----------------------------------------------------------------------
 
 
-def load_profiles(fingerprint):
+def load_profiles(fingerprint, check_digest: bool = True):
+    """The shipped profiles (and baselines) that fit the model; for a model none fits (a random-weight model of
+    another shape on a GPU host), 12 seeded random profiles of its shape, named random-N."""
+    import torch
+
     from steering_vectors.profile import Profile
 
     files = [*sorted((ROOT / "profiles").glob("*.safetensors")),
@@ -73,11 +88,16 @@ def load_profiles(fingerprint):
     for path in files:
         profile = Profile.load(path)
         try:
-            profiles.append(profile.validate_for(fingerprint))
+            profiles.append(profile.validate_for(fingerprint, check_digest=check_digest))
         except Exception:  # noqa: BLE001 - made for another model: not used
             continue
     if not profiles:
-        raise SystemExit("no profile in profiles/ fits this model")
+        g = torch.Generator().manual_seed(0)
+        hidden, layers = fingerprint.hidden_size, fingerprint.num_layers
+        for i in range(12):
+            chosen = sorted(torch.randperm(layers, generator=g)[: max(1, layers // 5)].tolist())
+            profiles.append(Profile(name=f"random-{i}", fingerprint=fingerprint, offsets={
+                layer: torch.randn(hidden, generator=g) for layer in chosen}))
     return profiles
 
 
@@ -126,13 +146,13 @@ def child(args: argparse.Namespace) -> None:
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
     settings = Settings(backend=args.child, model=args.model, max_batch_size=max(concurrency), max_queue=256,
-                        max_model_len=1024, vllm_max_profiles=16, dtype="float32")
+                        max_model_len=1024, vllm_max_profiles=16, dtype=args.dtype, device=args.device)
     started = time.perf_counter()
     backend = create_backend(settings)
     backend.engine.start()
     start_s = time.perf_counter() - started
     tokenizer, fingerprint = backend.tokenizer, backend.fingerprint
-    profiles = load_profiles(fingerprint)
+    profiles = load_profiles(fingerprint, check_digest=not args.no_digest_check)
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                        tokenize=False), add_special_tokens=False)["input_ids"]
                for q in QUESTIONS]
@@ -212,7 +232,7 @@ def http_runs(args: argparse.Namespace, model_dir: str, concurrency: list[int]) 
            "PYTHONPATH": str(ROOT)}
     servers = {
         "plain vLLM (vllm serve)": ([str(Path(sys.executable).parent / "vllm"), "serve", model_dir, "--dtype",
-                                     "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs",
+                                     args.dtype, "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs",
                                      str(max(concurrency)), "--served-model-name", "m", "--seed", "0"], "/health"),
         "rahf serve --backend vllm": ([sys.executable, "-m", "steering_vectors.cli", "serve", "--backend", "vllm",
                                        "--model", model_dir, "--served-model-name", "m", "--max-model-len", "1024",
@@ -223,6 +243,9 @@ def http_runs(args: argparse.Namespace, model_dir: str, concurrency: list[int]) 
                                        str(max(concurrency)), "--max-queue", "256", "--profile-dir",
                                        str(ROOT / "profiles"), "--read-only-profiles"], "/readyz"),
     }
+    ours = ["--dtype", args.dtype, *(["--no-digest-check"] if args.no_digest_check else [])]
+    servers["rahf serve --backend vllm"][0].extend(ours)
+    servers["rahf serve (transformers)"][0].extend([*ours, "--device", args.device])
     results: dict[str, dict[str, float]] = {}
     for name, (command, ready) in servers.items():
         port = free_port()
@@ -257,6 +280,10 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP runs (plain vLLM's server)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers backend")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="the transformers backend's device (vLLM picks its own)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    parser.add_argument("--no-digest-check", action="store_true",
+                        help="use the shipped profiles on other weights of their shape (a random-weight model)")
     parser.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,12 +294,15 @@ def main() -> None:
 
     model_dir = args.model or str(ensure_embedded_cache()[0])
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    report = {"cpu": cpu_name(), "model": model_dir, "tokens": args.tokens, "rounds": args.rounds, "engines": {}}
+    report = {"cpu": cpu_name(), "gpu": gpu_name(), "dtype": args.dtype, "model": model_dir, "tokens": args.tokens,
+              "rounds": args.rounds, "engines": {}}
     for kind in ["vllm"] + ([] if args.no_transformers else ["transformers"]):
         out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
         subprocess.run([sys.executable, __file__, "--child", kind, "--json-out", out, "--model", model_dir,
                         "--concurrency", args.concurrency, "--tokens", str(args.tokens), "--rounds",
-                        str(args.rounds)], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                        str(args.rounds), "--device", args.device, "--dtype", args.dtype,
+                        *(["--no-digest-check"] if args.no_digest_check else [])],
+                       check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         report["engines"][kind] = json.loads(Path(out).read_text())
     if not args.no_http:
         report["http"] = http_runs(args, model_dir, concurrency)
@@ -282,8 +312,9 @@ def main() -> None:
 
 
 def print_report(report: dict, concurrency: list[int]) -> None:
-    print(f"\nCPU: {report['cpu']}; model {Path(report['model']).name}; {report['tokens']} new tokens per request, "
-          f"greedy, fp32; median of {report['rounds']} round(s)\n")
+    print(f"\nCPU: {report['cpu']}; GPU: {report['gpu']}; model {Path(report['model']).name}; "
+          f"{report['tokens']} new tokens per request, greedy, {report.get('dtype', 'float32')}; "
+          f"median of {report['rounds']} round(s)\n")
     head = "| engine, scenario | " + " | ".join(f"c={c}" for c in concurrency) + " |"
     print(head + "\n|" + "---|" * (len(concurrency) + 1))
     base = report["engines"]["vllm"]["results"]["unsteered"]
