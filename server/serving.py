@@ -35,7 +35,7 @@ from .protocol import (
     steering_entries,
 )
 from .registry import ProfileRegistry
-from .structured import Grammars, ResponseFormatError
+from .structured import Grammars, ResponseFormatError, schema_for
 
 # -- steering -----------------------------------------------------------------------------------------
 
@@ -409,7 +409,8 @@ class Serving:
         """Compile the request's response format in a worker thread (the first one also builds llguidance's
         tokenizer, about a second for a 49k vocabulary), so that `prepare_chat` finds it compiled and the
         event loop never waits for a grammar; errors are `prepare_chat`'s to report."""
-        if request.response_format is not None and self.engine.supports_constraints:
+        if request.response_format is not None and (self.engine.supports_constraints
+                                                    or self.engine.supports_json_schema):
             try:
                 await asyncio.to_thread(self.grammars.compile, request.response_format)
             except ResponseFormatError:
@@ -420,13 +421,23 @@ class Serving:
         fmt = request.response_format
         if fmt is None:
             return [None] * request.n
-        if not self.engine.supports_constraints:
+        if not self.engine.supports_constraints and not self.engine.supports_json_schema:
             raise bad_request(f"response_format {fmt.type!r} is not supported by this server's backend",
                               "response_format", code="unsupported_parameter")
         try:
+            if not self.engine.supports_constraints:  # the engine applies the schema itself: check it compiles
+                self.grammars.compile(fmt)
+                return [None] * request.n
             return [self.grammars.constraint(fmt) for _ in range(request.n)]
         except ResponseFormatError as exc:
             raise bad_request(f"response_format: {exc}", "response_format") from None
+
+    def _json_schema(self, request: ChatCompletionRequest) -> dict[str, Any] | None:
+        """The schema handed to an engine that applies response formats itself (`supports_json_schema`)."""
+        fmt = request.response_format
+        if fmt is None or self.engine.supports_constraints or not self.engine.supports_json_schema:
+            return None
+        return schema_for(fmt)[0]
 
     def _sampling(
         self, request: ChatCompletionRequest | CompletionRequest, max_new: int, index: int
@@ -442,6 +453,7 @@ class Serving:
         max_new = self._max_new_tokens(len(prompt_ids), requested, param, "messages")
         steering, digests = self._steering(request)
         constraints = self._constraints(request)
+        schema = self._json_schema(request)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [
             GenerationRequest(
@@ -450,6 +462,7 @@ class Serving:
                 sampling=self._sampling(request, max_new, i),
                 steering=steering,
                 constraint=constraints[i],
+                json_schema=schema,
             )
             for i in range(request.n)
         ]

@@ -106,6 +106,9 @@ class GenerationRequest:
     sampling: SamplingParams
     steering: RowSteering | None = None
     constraint: TokenConstraint | None = None  # only for engines whose supports_constraints is True
+    # only for engines whose supports_json_schema is True (and supports_constraints False): the reply must be an
+    # instance of this JSON schema; the serving layer has checked that it compiles
+    json_schema: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,9 @@ class Engine(abc.ABC):
     # whether `generate` honours `GenerationRequest.constraint`; the serving layer refuses a
     # `response_format` (400) for an engine that does not, rather than ignoring it
     supports_constraints: bool = False
+    # whether `generate` honours `GenerationRequest.json_schema` with a grammar of its own (the vLLM backend:
+    # vLLM's structured outputs); asked only when supports_constraints is False
+    supports_json_schema: bool = False
 
     @abc.abstractmethod
     def start(self) -> None:

@@ -77,8 +77,9 @@ def test_vllm_backend_on_the_default_model(served, plain_replies) -> None:
     assert base == "SmolLM2-135M-Instruct"
 
     def ask(question, model=base, **kwargs):
+        kwargs.setdefault("max_tokens", MAX)
         return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                              temperature=0, max_tokens=MAX, **kwargs)
+                                              temperature=0, **kwargs)
 
     replies = [ask(q).choices[0].message.content for q in QUESTIONS]
     assert replies == plain_replies  # unsteered = plain vLLM, token for token
@@ -93,6 +94,10 @@ def test_vllm_backend_on_the_default_model(served, plain_replies) -> None:
     harmless = ask(QUESTIONS[2], model=f"{base}:harmless@4")  # RAHF-Dual LoRA terms, served per request
     assert harmless.choices[0].message.content != replies[2]
     assert harmless.model_extra["steering"]["profiles"][0]["profile"] == "harmless"
+
+    fmt = {"type": "json_object"}
+    answer = ask("Give the capital of France as JSON with the key city.", response_format=fmt, max_tokens=96)
+    assert isinstance(json.loads(answer.choices[0].message.content), dict) and answer.choices[0].finish_reason == "stop"
 
     scored = client.completions.create(model=base, prompt="The capital of France is Paris.", max_tokens=0,
                                        echo=True, logprobs=1)

@@ -91,6 +91,10 @@ def engine_arguments(settings: Any, model_dir: str, max_model_len: int) -> dict[
         "gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
         "seed": 0,
         "disable_log_stats": True,
+        # response_format: vLLM's structured-output backend of choice (xgrammar; its llguidance backend cannot read
+        # every tokenizer the transformers backend's own llguidance tokenizer can), writing JSON without whitespace
+        # between tokens as the transformers backend does (small models fill whitespace-flexible JSON with newlines)
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         **FIXED_ARGUMENTS,
     }
     for key, value in settings.vllm_engine_args.items():
@@ -139,6 +143,10 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
     arguments = engine_arguments(settings, str(path), max_len)
     log.info("starting vLLM %s on %s (%s)", vllm.__version__, path, {k: v for k, v in arguments.items()
                                                                     if k not in ("model", "tokenizer")})
+    if isinstance(arguments.get("structured_outputs_config"), dict):
+        from vllm.config import StructuredOutputsConfig
+
+        arguments["structured_outputs_config"] = StructuredOutputsConfig(**arguments["structured_outputs_config"])
     llm = LLMEngine.from_engine_args(EngineArgs(**arguments))
     installed = llm.collective_rpc("rahf_install", args=(settings.vllm_max_profiles + 1,))
     try:

@@ -135,6 +135,8 @@ class SlotTable:
 class VllmEngine(Engine):
     """Runs generation requests on a vLLM `LLMEngine` with per-request steering (module docstring)."""
 
+    supports_json_schema = True  # response_format through vLLM's structured outputs
+
     def __init__(self, llm: Any, *, max_batch_size: int, max_queue: int, retry_after: float, max_context: int,
                  num_slots: int, fingerprint: Any) -> None:
         self.llm = llm
@@ -239,7 +241,7 @@ class VllmEngine(Engine):
         if prompt_len >= self._max_context:
             raise ValueError(f"the prompt has {prompt_len} tokens; this engine holds {self._max_context}")
         if request.constraint is not None:
-            raise ValueError("the vLLM backend takes no token constraints")
+            raise ValueError("the vLLM backend takes no token constraints (it applies json_schema itself)")
         steering = request.steering
         if steering is not None and not steering.fits(self.fingerprint):
             raise PlanError(
@@ -323,7 +325,7 @@ class VllmEngine(Engine):
     def _add(self, seq: _Sequence) -> None:
         from vllm import SamplingParams as VllmSampling
         from vllm.inputs.engine import tokens_input
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         request, params = seq.request, seq.request.sampling
         extra: dict[str, Any] | None = None
@@ -371,6 +373,9 @@ class VllmEngine(Engine):
             detokenize=False,  # the serving layer detokenises (UTF-8 hold-back, stop strings)
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra,
+            # the engine's structured_outputs_config writes JSON as the transformers backend does (__init__.py)
+            structured_outputs=(None if request.json_schema is None
+                                else StructuredOutputsParams(json=request.json_schema)),
         )
         self.llm.add_request(request.request_id, tokens_input(list(request.prompt_ids), cache_salt=salt), sampling)
         seq.added = True
