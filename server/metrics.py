@@ -55,6 +55,10 @@ class Metrics:
             "rahf_profile_requests", "Generation requests per steering profile", ["model_name", "profile"],
             registry=self.registry,
         ))
+        self.conditions = labelled(Counter(
+            "rahf_profile_conditions", "Conditional profiles decided on a request's prompt, by whether they fired",
+            ["model_name", "profile", "fired"], registry=self.registry,
+        ))
         self.queue = labelled(Gauge("rahf_engine_requests", "Engine requests by state", ["model_name", "state"],
                                     registry=self.registry))
         self.profiles_loaded = labelled(Gauge("rahf_profiles_loaded", "Profiles loaded", ["model_name"],

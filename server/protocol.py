@@ -103,6 +103,9 @@ class SteeringEntry(_Strict):
     profile: str = Field(min_length=1)
     strength: float | None = None  # None = the profile's default strength
     position: PositionMode | None = None
+    # a profile with a condition acts only when its probe on the prompt fires ("honour", the default); "ignore"
+    # applies it regardless, as a profile without one
+    condition: Literal["honour", "ignore"] = "honour"
 
 
 SteeringSpec = SteeringEntry | list[SteeringEntry] | None

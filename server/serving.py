@@ -23,7 +23,7 @@ from steering_vectors.errors import PlanError
 from steering_vectors.hooks import RowSteering
 from steering_vectors.profile import ModelFingerprint, Profile
 
-from .backends.base import Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
+from .backends.base import ConditionResult, Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
 from .config import Settings
 from .errors import bad_request, not_found
 from .protocol import (
@@ -40,19 +40,29 @@ from .structured import Grammars, ResponseFormatError, schema_for
 # -- steering -----------------------------------------------------------------------------------------
 
 
-def steering_info(steering: RowSteering | None, digests: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+def steering_info(
+    steering: RowSteering | None,
+    digests: Mapping[str, str] | None = None,
+    conditions: Mapping[str, ConditionResult] | None = None,
+) -> dict[str, Any] | None:
     """What the response reports about the steering it applied (with each profile file's digest, which
-    tells the version that served it)."""
+    tells the version that served it); a conditional profile also says whether its condition fired
+    (`applied`) and its probe's `score` (`conditions`: the engine's results, once the prompt is read)."""
     if steering is None:
         return None
     digests = digests or {}
-    return {
-        "profiles": [
-            {"profile": name, "strength": strength, **({"digest": digests[name]} if name in digests else {})}
-            for name, strength in steering.applied
-        ],
-        "position": steering.position_mode,
-    }
+    waiting = {profile.name for profile, _ in steering.conditional}
+    conditions = conditions or {}
+    entries = []
+    for name, strength in steering.applied:
+        entry: dict[str, Any] = {"profile": name, "strength": strength}
+        if name in digests:
+            entry["digest"] = digests[name]
+        if name in waiting:
+            result = conditions.get(name)
+            entry["condition"] = None if result is None else {"applied": result.applied, "score": result.score}
+        entries.append(entry)
+    return {"profiles": entries, "position": steering.position_mode}
 
 
 def steering_header(steering: RowSteering | None, digests: Mapping[str, str] | None = None) -> str:
@@ -83,6 +93,7 @@ class _Wanted:
     strength: float | None
     position: str | None
     param: str  # where the client named it, for error messages
+    condition: str = "honour"  # "ignore": a profile's condition is not read, the profile always acts
 
 
 def parse_model_alias(model: str, base: str) -> _Wanted | None:
@@ -127,12 +138,13 @@ def resolve_steering(
     entries = steering_entries(spec)
     for i, entry in enumerate(entries):
         param = "steering" if isinstance(spec, SteeringEntry) else f"steering[{i}]"
-        wanted.append(_Wanted(entry.profile, entry.strength, entry.position, param))
+        wanted.append(_Wanted(entry.profile, entry.strength, entry.position, param, entry.condition))
     if not wanted:
         return None
 
     low, high = strength_bounds
     chosen: list[tuple[Profile, float]] = []
+    conditional: list[tuple[Profile, float]] = []
     for item in wanted:
         profile = profiles.get(item.profile)
         if profile is None:
@@ -144,13 +156,19 @@ def resolve_steering(
             raise bad_request(f"strength {strength} is not a finite number", param)
         if not low <= strength <= high:
             raise bad_request(f"strength {strength:g} is outside the allowed range [{low:g}, {high:g}]", param)
-        chosen.append((profile, float(strength)))
+        if profile.condition is not None and item.condition == "honour":
+            conditional.append((profile, float(strength)))  # acts on generated tokens once its condition fires
+        else:
+            chosen.append((profile, float(strength)))
 
-    overrides = {item.position for item in wanted if item.position is not None}
+    unconditional_names = {profile.name for profile, _ in chosen}
+    overrides = {item.position for item in wanted if item.position is not None and item.profile in unconditional_names}
     if len(overrides) > 1:
         raise bad_request("steering entries ask for different token positions; use one", "steering")
     if overrides:
         position = overrides.pop()
+    elif not chosen:
+        position = "generated"  # conditional profiles only: they steer generated tokens
     else:
         modes = {profile.position_mode for profile, _ in chosen}
         if len(modes) > 1:
@@ -160,7 +178,7 @@ def resolve_steering(
             )
         position = modes.pop()
     try:
-        return RowSteering.from_profiles(chosen, model=fingerprint, position_mode=position)
+        return RowSteering.from_profiles(chosen, model=fingerprint, position_mode=position, conditional=conditional)
     except PlanError as exc:  # profiles are validated against the model when loaded: not expected
         raise bad_request(str(exc), "steering", code="invalid_steering") from None
 
@@ -239,6 +257,7 @@ class Update:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     token_count: int = 0
+    conditions: list[ConditionResult] | None = None
 
 
 async def _merge(streams: list[AsyncIterator[Update]]) -> AsyncIterator[Update]:
@@ -291,6 +310,8 @@ class Prepared:
     steering: RowSteering | None
     stop: list[str]
     digests: Mapping[str, str] = field(default_factory=dict)  # profile name -> the digest of the file used
+    # conditional profiles, as the engine decided them on the prompt (every choice reads the same prompt)
+    conditions: dict[str, ConditionResult] | None = None
 
     @property
     def steering_header(self) -> str:
@@ -298,7 +319,7 @@ class Prepared:
 
     @property
     def steering_info(self) -> dict[str, Any] | None:
-        return steering_info(self.steering, self.digests)
+        return steering_info(self.steering, self.digests, self.conditions)
 
 
 class Serving:
@@ -341,6 +362,11 @@ class Serving:
             strength_bounds=(self.settings.strength_min, self.settings.strength_max),
             fingerprint=self.registry.fingerprint,
         )
+        if steering is not None and steering.conditional and not self.engine.supports_conditions:
+            names = ", ".join(repr(profile.name) for profile, _ in steering.conditional)
+            raise bad_request(f"profile {names} has a condition, which this server's backend does not evaluate; "
+                              "set \"condition\": \"ignore\" in its steering entry to apply it always",
+                              "steering", code="unsupported_parameter")
         digests = {name: state.entries[name].digest for name, _ in steering.applied} if steering else {}
         if self.metrics is not None:
             for name, _ in steering.applied if steering else ():
@@ -524,7 +550,8 @@ class Serving:
         text = TextStream(self._decode, stop, request.sampling.stop_token_ids)
         async with aclosing(self.engine.generate(request)) as events:  # type: ignore[type-var]
             async for event in events:
-                update = Update(index=index, prompt_logprobs=event.prompt_logprobs, token_count=len(event.token_ids))
+                update = Update(index=index, prompt_logprobs=event.prompt_logprobs, token_count=len(event.token_ids),
+                                conditions=event.conditions)
                 update.text = text.add(event.token_ids)
                 if event.logprobs:
                     update.logprobs = list(event.logprobs)
@@ -547,6 +574,12 @@ class Serving:
         streams = [self._choice(i, r, prepared.stop) for i, r in enumerate(prepared.requests)]
         try:
             async for update in _merge(streams):
+                if update.conditions and prepared.conditions is None:
+                    prepared.conditions = {result.profile: result for result in update.conditions}
+                    if self.metrics is not None:
+                        for result in update.conditions:
+                            self.metrics.conditions.labels(profile=result.profile,
+                                                           fired=str(result.applied).lower()).inc()
                 if first and update.token_count:
                     first = False
                     if self.metrics is not None:

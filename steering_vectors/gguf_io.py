@@ -48,6 +48,11 @@ def write_control_vector(profile: Profile, *, model_hint: str | None = None) -> 
             "which GGUF control vectors cannot carry (they hold one constant offset per layer); serve it from "
             "the safetensors file instead"
         )
+    if profile.condition is not None:
+        raise ProfileFormatError(
+            f"profile {profile.name!r} has a condition (a probe at layer {profile.condition.layer} that decides "
+            "whether it acts); a GGUF control vector has no way to carry one: serve the safetensors file"
+        )
     if profile.lora:
         raise ProfileFormatError(
             f"profile {profile.name!r} has LoRA terms of attention projections at layers {sorted(profile.lora)}, "

@@ -294,7 +294,8 @@ class RowSteering:
     plans move them where the model is. Raises `PlanError` when the steering does not fit the model.
     """
 
-    __slots__ = ("offsets", "low_rank", "lora", "position_mode", "applied", "num_layers", "hidden_size", "sources")
+    __slots__ = ("offsets", "low_rank", "lora", "position_mode", "applied", "num_layers", "hidden_size", "sources",
+                 "conditional")
 
     def __init__(
         self,
@@ -306,6 +307,7 @@ class RowSteering:
         applied: Sequence[tuple[str, float]] = (),
         lora: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
         sources: Sequence[tuple[Profile, float]] = (),
+        conditional: Sequence[tuple[Profile, float]] = (),
     ) -> None:
         if position_mode not in POSITION_MODES:
             raise PlanError(f"position mode {position_mode!r} is not one of {POSITION_MODES}")
@@ -322,14 +324,25 @@ class RowSteering:
             }
             for layer, terms in (lora or {}).items()
         }
-        if not self.offsets:
+        self.conditional = tuple((profile, float(strength)) for profile, strength in conditional)
+        if not self.offsets and not self.conditional:
             raise PlanError("steering without offsets; use no steering instead")
+        for profile, _ in self.conditional:
+            if profile.condition is None:
+                raise PlanError(f"profile {profile.name!r} has no condition to wait for")
         projections = getattr(model, "projections", None)
         try:
             check_terms(
                 self.offsets, self.low_rank, hidden_size=self.hidden_size, num_layers=self.num_layers, who="steering",
                 lora=self.lora, projections=dict(projections) if projections else None,
             )
+            for profile, _ in self.conditional:
+                check_terms(profile.offsets, profile.low_rank, hidden_size=self.hidden_size,
+                            num_layers=self.num_layers, who=f"profile {profile.name!r}", lora=profile.lora,
+                            projections=dict(projections) if projections else None)
+                if not profile.condition.layer < self.num_layers:
+                    raise PlanError(f"profile {profile.name!r}: its condition reads layer {profile.condition.layer}; "
+                                    f"the model has layers 0..{self.num_layers - 1}")
         except ProfileError as exc:
             raise PlanError(str(exc)) from None
         self.position_mode = position_mode
@@ -338,12 +351,15 @@ class RowSteering:
 
     @classmethod
     def from_profiles(
-        cls, entries: Sequence[tuple[Profile, float]], *, model: Any, position_mode: str | None = None
+        cls, entries: Sequence[tuple[Profile, float]], *, model: Any, position_mode: str | None = None,
+        conditional: Sequence[tuple[Profile, float]] = (),
     ) -> RowSteering:
         """The weighted sum of `entries` (profile, strength); the position mode is `position_mode`, else
-        the profiles' common one (PlanError when they differ)."""
+        the profiles' common one (PlanError when they differ). `conditional`: entries whose profiles' conditions
+        decide, per request, whether they join the sum (`resolved`); until then they steer nothing, and once
+        they do, only generated tokens (the condition reads the prompt's states)."""
         if position_mode is None:
-            modes = {profile.position_mode for profile, _ in entries}
+            modes = {profile.position_mode for profile, _ in entries} or {"generated"}
             if len(modes) != 1:
                 raise PlanError("the profiles use different token-position modes; choose one")
             position_mode = modes.pop()
@@ -352,10 +368,28 @@ class RowSteering:
             model=model,
             low_rank=combine_low_rank(entries),
             position_mode=position_mode,
-            applied=[(profile.name, strength) for profile, strength in entries],
+            applied=[(profile.name, strength) for profile, strength in (*entries, *conditional)],
             lora=combine_lora(entries),
             sources=entries,
+            conditional=conditional,
         )
+
+    @property
+    def steers_prompt(self) -> bool:
+        """Whether the unconditional part has terms (the part a prompt's prefill applies)."""
+        return bool(self.offsets)
+
+    def resolved(self, fired: Sequence[bool]) -> RowSteering | None:
+        """This row's steering once its conditions are read: the unconditional entries plus the conditional
+        ones that fired (parallel to `conditional`); None when that leaves nothing."""
+        if len(fired) != len(self.conditional):
+            raise PlanError(f"{len(fired)} condition results for {len(self.conditional)} conditional profiles")
+        chosen = [*self.sources, *(entry for entry, hit in zip(self.conditional, fired, strict=True) if hit)]
+        if not chosen:
+            return None
+        resolved = RowSteering.from_profiles(chosen, model=self, position_mode=self.position_mode)
+        resolved.applied = self.applied
+        return resolved
 
     def fits(self, model: Any) -> bool:
         """Whether this steering was validated for a model of `model`'s shape."""

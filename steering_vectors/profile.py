@@ -19,6 +19,12 @@ File layout (format version 1, or 2 when the profile has low-rank terms):
   `hooks.lora_delta`). A layer with a LoRA term has an offset too (zero for a LoRA term alone). The
   projection's output size is checked against the loaded model (`ModelFingerprint.projections`).
   This library writes version 3 only for profiles with LoRA terms.
+- version 4 only, optional, one per profile: ``condition.<layer>`` ``(hidden_size,)``, the direction of a probe
+  on the prompt, and the metadata key ``condition`` (JSON: ``threshold``, ``comparison`` ``>`` or ``<``,
+  ``reads`` ``mean`` or ``last``): the profile acts on a request only when the cosine similarity between
+  that direction and the prompt's state after decoder layer ``<layer>`` (the mean over the prompt's tokens,
+  or the last prompt token's) compares so with the threshold (see `Condition`). Older readers refuse
+  version 4 rather than serve such a profile unconditionally.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
   ``provenance`` (JSON), ``created``.
@@ -54,12 +60,15 @@ from .errors import (
 
 FORMAT_NAME = "rahf-profile"
 # the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 PositionMode = Literal["all", "generated"]
 POSITION_MODES: tuple[str, ...] = ("all", "generated")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TENSOR_KEY = re.compile(r"^(offset|down|up)\.(\d+)$")
 _LORA_KEY = re.compile(r"^(lora_a|lora_b)\.(\d+)\.([a-z_]+)$")
+_CONDITION_KEY = re.compile(r"^condition\.(\d+)$")
+CONDITION_COMPARISONS = (">", "<")
+CONDITION_READS = ("mean", "last")
 LORA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # attention projections fed the normed layer input
 LoraTerms = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # layer -> projection -> (a (R, H), b (out, R))
 
@@ -188,6 +197,55 @@ def _require_offset(offsets: Mapping[int, torch.Tensor], layer: int, who: str, k
         )
 
 
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """A probe on the prompt that decides whether a profile acts on a request.
+
+    `score(state)` is the cosine similarity between `direction` and the prompt's state after decoder layer
+    `layer` (`reads`: the mean over the prompt's tokens, or the last prompt token's); the condition fires
+    when the score is above `threshold` (`comparison` ">") or below it ("<"). The serving engines evaluate it
+    from the states the prompt's prefill computes anyway, and a profile whose condition fires acts from the
+    first generated token on (docs/server.md, "Conditional steering")."""
+
+    layer: int
+    direction: torch.Tensor
+    threshold: float
+    comparison: str = ">"
+    reads: str = "mean"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise ProfileLayerError(f"condition layer {self.layer!r} is not a non-negative int")
+        direction = torch.as_tensor(self.direction).detach().to(torch.float32).reshape(-1).contiguous()
+        if direction.numel() == 0 or not bool(torch.isfinite(direction).all()) or float(direction.norm()) == 0.0:
+            raise ProfileValueError("the condition's direction must be finite and not zero")
+        object.__setattr__(self, "direction", direction)
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not math.isfinite(
+                self.threshold):
+            raise ProfileValueError(f"the condition's threshold {self.threshold!r} is not a finite number")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        if self.comparison not in CONDITION_COMPARISONS:
+            raise ProfileFormatError(f"the condition's comparison {self.comparison!r} is not one of "
+                                     f"{CONDITION_COMPARISONS}")
+        if self.reads not in CONDITION_READS:
+            raise ProfileFormatError(f"the condition reads {self.reads!r}; use one of {CONDITION_READS}")
+
+    def score(self, state: torch.Tensor) -> float:
+        """Cosine similarity of `state` (H,) with the direction."""
+        state = state.detach().reshape(-1).to(torch.float32)
+        return float(torch.nn.functional.cosine_similarity(state, self.direction.to(state.device), dim=0))
+
+    def fires(self, score: float) -> bool:
+        return score > self.threshold if self.comparison == ">" else score < self.threshold
+
+    def metadata(self) -> str:
+        return json.dumps({"threshold": self.threshold, "comparison": self.comparison, "reads": self.reads},
+                          sort_keys=True)
+
+    def summary(self) -> dict[str, Any]:
+        return {"layer": self.layer, "threshold": self.threshold, "comparison": self.comparison, "reads": self.reads}
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -218,6 +276,7 @@ class Profile:
     format_version: int = 1
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora: LoraTerms = field(default_factory=dict)
+    condition: Condition | None = None  # a probe on the prompt; the profile acts only when it fires
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -250,6 +309,15 @@ class Profile:
         self.lora = self._clean_lora()
         if self.lora:
             self.format_version = max(self.format_version, 3)
+        if self.condition is not None:
+            if not isinstance(self.condition, Condition):
+                raise ProfileFormatError(f"profile {self.name!r}: condition is not a Condition")
+            if self.condition.direction.numel() != sizes[0]:
+                raise ProfileShapeError(
+                    f"profile {self.name!r}: the condition's direction has {self.condition.direction.numel()} "
+                    f"values, its offsets {sizes[0]}"
+                )
+            self.format_version = max(self.format_version, 4)
 
     def _clean_lora(self) -> LoraTerms:
         clean: LoraTerms = {}
@@ -326,6 +394,7 @@ class Profile:
             "method": self.method,
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
             "created": repr(float(self.created)),
+            **({"condition": self.condition.metadata()} if self.condition is not None else {}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -344,6 +413,7 @@ class Profile:
             "offset_norms": {str(k): v for k, v in self.norms().items()},
             "low_rank": {str(k): v for k, v in self.ranks().items()},
             "lora": {str(k): v for k, v in self.lora_ranks().items()},
+            "condition": self.condition.summary() if self.condition is not None else None,
             "created": int(self.created),
             "format_version": self.format_version,
         })
@@ -362,6 +432,11 @@ class Profile:
             lora=self.lora,
             projections=dict(model.projections) if model.projections else None,
         )
+        if self.condition is not None and not self.condition.layer < model.num_layers:
+            raise ProfileLayerError(
+                f"profile {self.name!r}: its condition reads layer {self.condition.layer}, but the loaded model "
+                f"has layers 0..{model.num_layers - 1}: it was made for another model; retrain it for this one"
+            )
         fp = self.fingerprint
         if fp is None:
             return self
@@ -394,6 +469,8 @@ class Profile:
             for name, (a, b) in terms.items():
                 tensors[f"lora_a.{layer}.{name}"] = a
                 tensors[f"lora_b.{layer}.{name}"] = b
+        if self.condition is not None:
+            tensors[f"condition.{self.condition.layer}"] = self.condition.direction
         return canonical_safetensors(st_save(tensors, metadata=self.metadata()))
 
     @classmethod
@@ -407,7 +484,15 @@ class Profile:
             raise ProfileFormatError(f"{source}: safetensors file without '{FORMAT_NAME}' metadata")
         parts: dict[str, dict[int, torch.Tensor]] = {"offset": {}, "down": {}, "up": {}}
         lora_parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {"lora_a": {}, "lora_b": {}}
+        directions: dict[int, torch.Tensor] = {}
         for key, tensor in tensors.items():
+            condition_match = _CONDITION_KEY.match(key)
+            if condition_match:
+                if tensor.ndim != 1 or not tensor.is_floating_point():
+                    raise ProfileShapeError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} "
+                                            f"({tensor.dtype}), expected 1-D floating point")
+                directions[int(condition_match.group(1))] = tensor
+                continue
             lora_match = _LORA_KEY.match(key)
             if lora_match:
                 if tensor.ndim != 2 or not tensor.is_floating_point():
@@ -421,7 +506,7 @@ class Profile:
             if not match:
                 raise ProfileFormatError(
                     f"{source}: unexpected tensor {key!r} (expected offset.<layer>, down.<layer>, up.<layer>, "
-                    "lora_a.<layer>.<proj> or lora_b.<layer>.<proj>)"
+                    "lora_a.<layer>.<proj>, lora_b.<layer>.<proj> or condition.<layer>)"
                 )
             kind, layer = match.group(1), int(match.group(2))
             expected = 1 if kind == "offset" else 2
@@ -446,6 +531,13 @@ class Profile:
         lora: LoraTerms = {}
         for (layer, name), a in sorted(lora_parts["lora_a"].items()):
             lora.setdefault(layer, {})[name] = (a, lora_parts["lora_b"][(layer, name)])
+        if len(directions) > 1:
+            raise ProfileFormatError(
+                f"{source}: {len(directions)} condition.<layer> tensors; a profile has at most one")
+        if directions and "condition" not in metadata:
+            raise ProfileFormatError(f"{source}: a condition.<layer> tensor without the 'condition' metadata")
+        if "condition" in metadata and not directions:
+            raise ProfileFormatError(f"{source}: 'condition' metadata without a condition.<layer> tensor")
         try:
             version = int(metadata.get("format_version", "0"))
             if version > FORMAT_VERSION:
@@ -466,6 +558,7 @@ class Profile:
                 format_version=version,
                 low_rank=low_rank,
                 lora=lora,
+                condition=_read_condition(directions, metadata.get("condition"), source),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProfileFormatError(f"{source}: malformed profile metadata ({exc})") from exc
@@ -482,6 +575,17 @@ class Profile:
         except OSError as exc:
             raise ProfileFormatError(f"cannot read profile file {path}: {exc}") from exc
         return cls.from_bytes(data, source=str(path))
+
+
+def _read_condition(directions: dict[int, torch.Tensor], text: str | None, source: str) -> Condition | None:
+    if not directions:
+        return None
+    ((layer, direction),) = directions.items()
+    spec = json.loads(text or "")
+    if not isinstance(spec, dict) or set(spec) - {"threshold", "comparison", "reads"} or "threshold" not in spec:
+        raise ProfileFormatError(f"{source}: the 'condition' metadata is not {{threshold, comparison, reads}}")
+    return Condition(layer=layer, direction=direction, threshold=spec["threshold"],
+                     comparison=spec.get("comparison", ">"), reads=spec.get("reads", "mean"))
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -24,6 +24,7 @@ from steering_vectors.profile import ModelFingerprint
 
 __all__ = [
     "Backend",
+    "ConditionResult",
     "Engine",
     "EngineError",
     "EngineEvent",
@@ -118,6 +119,16 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) best first
 
 
+@dataclass(frozen=True)
+class ConditionResult:
+    """How one conditional profile of a request was decided: its probe's score on the prompt and whether it
+    fired (the profile then steers the request's generated tokens)."""
+
+    profile: str
+    applied: bool
+    score: float
+
+
 @dataclass
 class EngineEvent:
     """New tokens of one sequence since its previous event; the last event has a finish_reason."""
@@ -126,6 +137,9 @@ class EngineEvent:
     logprobs: list[TokenLogprob] | None = None  # parallel to token_ids when requested
     finish_reason: str | None = None  # "stop" | "length" | None while running
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only; None for token 0
+    # first event only, for a request whose steering has conditional profiles: one result per such profile,
+    # in the order of `RowSteering.conditional`
+    conditions: list[ConditionResult] | None = None
 
 
 class Engine(abc.ABC):
@@ -137,6 +151,9 @@ class Engine(abc.ABC):
     # whether `generate` honours `GenerationRequest.json_schema` with a grammar of its own (the vLLM backend:
     # vLLM's structured outputs); asked only when supports_constraints is False
     supports_json_schema: bool = False
+    # whether `generate` evaluates the conditions of `RowSteering.conditional` (from the prompt's prefill) and
+    # reports them in the first event; the serving layer refuses conditional profiles (400) for one that does not
+    supports_conditions: bool = False
 
     @abc.abstractmethod
     def start(self) -> None:

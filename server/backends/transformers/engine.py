@@ -40,7 +40,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,8 +50,10 @@ from torch import nn
 
 from steering_vectors.errors import PlanError
 from steering_vectors.hooks import RowSteering, Steerer, SteeringPlan, build_plan, plan_for_rows
+from steering_vectors.layers import find_decoder_layers
 
 from ..base import (
+    ConditionResult,
     Engine,
     EngineError,
     EngineEvent,
@@ -86,6 +89,10 @@ class _Sequence:
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     last_prompt_logits: torch.Tensor | None = None  # (V,) logits of the previous chunk's last token
+    # conditional profiles: per probe layer the running sum of the prompt's states and the last one (float32)
+    probe_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    probe_last: dict[int, torch.Tensor] = field(default_factory=dict)
+    conditions: list[ConditionResult] | None = None
     cancelled: bool = False
     finished: bool = False
 
@@ -94,6 +101,7 @@ class ContinuousEngine(Engine):
     """Continuous-batching engine with per-row steering over a preallocated slot KV cache."""
 
     supports_constraints = True
+    supports_conditions = True
 
     def __init__(
         self,
@@ -420,7 +428,7 @@ class ContinuousEngine(Engine):
         positions = torch.arange(start, start + length, device=self.device).unsqueeze(0)  # (1, T)
         self.cache.for_prefill(seq.row, start, length)
         plan = self._prefill_plan(seq, positions)
-        with self.steerer.steering(plan):
+        with self.steerer.steering(plan), self._probes(seq):
             hidden = self._forward(input_ids, positions, self._prefill_mask(start, length))  # (1, T, H)
         last = start + length == len(prompt)
         if want_prompt_logprobs:
@@ -439,7 +447,8 @@ class ContinuousEngine(Engine):
         group: list[_Sequence] = []
         free = self.max_batch_size - len(self._running)
         for seq in self._waiting:
-            if len(group) == free or seq.cancelled or seq.request.sampling.prompt_logprobs:
+            if len(group) == free or seq.cancelled or seq.request.sampling.prompt_logprobs or (
+                    seq.steering is not None and seq.steering.conditional):  # conditions read chunk by chunk
                 break
             if sum(len(s.request.prompt_ids) for s in group) + len(seq.request.prompt_ids) > budget:
                 break
@@ -489,9 +498,51 @@ class ContinuousEngine(Engine):
             self._join(seq, logits[i : i + 1])
         return int(lengths.sum())
 
+    @contextmanager
+    def _probes(self, seq: _Sequence) -> Iterator[None]:
+        """While a prefill chunk of `seq` runs: the states after each layer its conditions read (after that
+        layer's steering, i.e. as the prefill computes them) are added to the row's sums and kept as its last."""
+        steering = seq.steering
+        if steering is None or not steering.conditional:
+            yield
+            return
+        layers = find_decoder_layers(self.model)
+        handles = []
+        for layer in sorted({profile.condition.layer for profile, _ in steering.conditional}):
+            def record(module: nn.Module, args: Any, output: Any, layer: int = layer) -> None:
+                states = (output[0] if isinstance(output, tuple) else output)[0].float()  # (T, H)
+                total = states.sum(dim=0)
+                seq.probe_sums[layer] = seq.probe_sums[layer] + total if layer in seq.probe_sums else total
+                seq.probe_last[layer] = states[-1].clone()
+            handles.append(layers[layer].register_forward_hook(record))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _decide_conditions(self, seq: _Sequence) -> None:
+        """At the end of the prompt: score each conditional profile's probe, keep the ones that fire in the
+        row's steering for its generated tokens and record the results for the first event."""
+        steering = seq.steering
+        if steering is None or not steering.conditional:
+            return
+        prompt_len = len(seq.request.prompt_ids)
+        results, fired = [], []
+        for profile, _ in steering.conditional:
+            condition = profile.condition
+            state = (seq.probe_sums[condition.layer] / prompt_len if condition.reads == "mean"
+                     else seq.probe_last[condition.layer])
+            score = condition.score(state)
+            fired.append(condition.fires(score))
+            results.append(ConditionResult(profile=profile.name, applied=fired[-1], score=score))
+        seq.conditions = results
+        seq.steering = steering.resolved(fired)
+        seq.probe_sums, seq.probe_last = {}, {}
+
     def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
         steering = seq.steering
-        if steering is None:
+        if steering is None or not steering.steers_prompt:
             return None
         if steering.position_mode == "generated" and int(positions[0, -1]) < len(seq.request.prompt_ids):
             return None  # no prompt position is steered in this mode
@@ -520,10 +571,18 @@ class ContinuousEngine(Engine):
         seq.last_prompt_logits = logits[-1]
 
     def _join(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """The prompt is in the cache: pick the first token, then enter the batch unless already done."""
+        """The prompt is in the cache: read its conditions, pick the first token (from the prompt's last state,
+        which conditional profiles never steer), then enter the batch unless already done."""
+        try:
+            self._decide_conditions(seq)
+        except Exception as error:  # this request's conditions: it fails alone
+            log.exception("the conditions of request %s failed", seq.request.request_id)
+            self._fail(seq, error)
+            return
         if seq.max_new_tokens == 0:
             self._retire(seq)
-            self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs))
+            self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs,
+                                        conditions=seq.conditions))
             self._flush()
             return
         try:
@@ -534,6 +593,7 @@ class ContinuousEngine(Engine):
             self._fail(seq, error)
             return
         event.prompt_logprobs = seq.prompt_logprobs
+        event.conditions = seq.conditions
         seq.last_prompt_logits = None
         if seq.finished:
             self._retire(seq)
