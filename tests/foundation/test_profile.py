@@ -335,3 +335,86 @@ def test_profiles_list_shows_low_rank_terms(tmp_path, fingerprint, capsys):
     assert lines[0].startswith("bad.safetensors") and "INVALID" in lines[0]
     assert lines[1].split() == ["flat", "layers=[1,", "3]", "method=rahf", "strength=1.25"]
     assert lines[2].split() == ["rich", "layers=[1,", "3]", "method=rahf", "strength=1.25", "low-rank=3"]
+
+
+# -- conditions (format version 4) ------------------------------------------------------------------------
+
+
+def _conditional(**condition_kwargs) -> Profile:
+    from steering_vectors.profile import Condition
+
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"layer": 2, "direction": torch.randn(8, generator=g), "threshold": 0.25, **condition_kwargs}
+    return Profile(name="c", offsets={1: torch.randn(8, generator=g), 3: torch.randn(8, generator=g)},
+                   condition=Condition(**kwargs))
+
+
+def test_a_condition_round_trips_and_makes_version_4() -> None:
+    profile = _conditional(comparison="<", reads="last")
+    loaded = Profile.from_bytes(profile.to_bytes())
+    cond = loaded.condition
+    assert loaded.format_version == 4 and cond is not None
+    assert (cond.layer, cond.threshold, cond.comparison, cond.reads) == (2, 0.25, "<", "last")
+    assert torch.equal(cond.direction, profile.condition.direction)
+    assert loaded.to_bytes() == Profile.from_bytes(loaded.to_bytes()).to_bytes()
+    assert loaded.summary()["condition"] == {"layer": 2, "threshold": 0.25, "comparison": "<", "reads": "last"}
+    assert cond.fires(0.0) and not cond.fires(0.5)
+    assert cond.score(cond.direction * 3) == pytest.approx(1.0)
+
+
+def test_profiles_without_a_condition_keep_their_version() -> None:
+    plain = Profile(name="p", offsets={1: torch.ones(8)})
+    again = Profile.from_bytes(plain.to_bytes())
+    assert again.format_version == 1 and again.condition is None and again.summary()["condition"] is None
+    assert "condition" not in again.metadata()
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"direction": torch.zeros(8)}, "not zero"),
+    ({"direction": torch.full((8,), float("nan"))}, "finite"),
+    ({"threshold": float("inf")}, "finite number"),
+    ({"comparison": ">="}, "comparison"),
+    ({"reads": "first"}, "reads"),
+    ({"layer": -1}, "non-negative"),
+    ({"direction": torch.ones(5)}, "direction has 5 values"),
+])
+def test_bad_conditions_are_typed_errors(kwargs, error) -> None:
+    from steering_vectors.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=error):
+        _conditional(**kwargs)
+
+
+def test_malformed_condition_files_are_refused() -> None:
+    from steering_vectors.errors import ProfileFormatError
+
+    profile = _conditional()
+    meta = profile.metadata()
+    tensors = {"offset.1": profile.offsets[1], "condition.2": profile.condition.direction}
+    with pytest.raises(ProfileFormatError, match="without the 'condition' metadata"):
+        Profile.from_bytes(st_save(tensors, metadata={k: v for k, v in meta.items() if k != "condition"}))
+    with pytest.raises(ProfileFormatError, match="without a condition"):
+        Profile.from_bytes(st_save({"offset.1": profile.offsets[1]}, metadata=meta))
+    with pytest.raises(ProfileFormatError, match="at most one"):
+        Profile.from_bytes(st_save({**tensors, "condition.3": profile.condition.direction.clone()}, metadata=meta))
+    with pytest.raises(ProfileFormatError, match="malformed|threshold"):
+        Profile.from_bytes(st_save(tensors, metadata={**meta, "condition": '{"comparison": ">"}'}))
+
+
+def test_a_condition_past_the_models_layers_is_refused_and_gguf_cannot_carry_one() -> None:
+    from steering_vectors.errors import ProfileFormatError, ProfileLayerError
+
+    profile = _conditional(layer=6)
+    with pytest.raises(ProfileLayerError, match="condition reads layer 6"):
+        profile.validate_for(ModelFingerprint("llama", 8, 4))
+    profile.validate_for(ModelFingerprint("llama", 8, 7))
+    with pytest.raises(ProfileFormatError, match="condition"):
+        write_control_vector(profile)
+
+
+def test_the_shipped_profiles_load_unchanged() -> None:
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "profiles").glob("*.safetensors")):
+        profile = Profile.load(path)
+        assert (profile.format_version, profile.condition is None) in {(1, True), (2, True), (3, True), (4, False)}
