@@ -231,8 +231,10 @@ def http_runs(args: argparse.Namespace, model_dir: str, concurrency: list[int]) 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "2",
            "PYTHONPATH": str(ROOT)}
     servers = {
-        "plain vLLM (vllm serve)": ([str(Path(sys.executable).parent / "vllm"), "serve", model_dir, "--dtype",
-                                     args.dtype, "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs",
+        # `vllm serve` reads the version of a distribution named vllm, which vllm-cpu is not: the module entry
+        "plain vLLM (vllm serve)": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                     model_dir, "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "1024",
+                                     "--max-num-seqs",
                                      str(max(concurrency)), "--served-model-name", "m", "--seed", "0"], "/health"),
         "rahf serve --backend vllm": ([sys.executable, "-m", "steering_vectors.cli", "serve", "--backend", "vllm",
                                        "--model", model_dir, "--served-model-name", "m", "--max-model-len", "1024",
@@ -280,6 +282,8 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP runs (plain vLLM's server)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers backend")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--reuse-engines", type=Path, default=None,
+                        help="take the engine runs from this earlier report and run only the HTTP part")
     parser.add_argument("--device", default="cpu", help="the transformers backend's device (vLLM picks its own)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     parser.add_argument("--no-digest-check", action="store_true",
@@ -296,7 +300,9 @@ def main() -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     report = {"cpu": cpu_name(), "gpu": gpu_name(), "dtype": args.dtype, "model": model_dir, "tokens": args.tokens,
               "rounds": args.rounds, "engines": {}}
-    for kind in ["vllm"] + ([] if args.no_transformers else ["transformers"]):
+    if args.reuse_engines is not None:  # the engine runs of an earlier report (its HTTP runs are redone)
+        report["engines"] = json.loads(args.reuse_engines.read_text())["engines"]
+    for kind in [] if args.reuse_engines else ["vllm"] + ([] if args.no_transformers else ["transformers"]):
         out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
         subprocess.run([sys.executable, __file__, "--child", kind, "--json-out", out, "--model", model_dir,
                         "--concurrency", args.concurrency, "--tokens", str(args.tokens), "--rounds",
@@ -304,6 +310,8 @@ def main() -> None:
                         *(["--no-digest-check"] if args.no_digest_check else [])],
                        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         report["engines"][kind] = json.loads(Path(out).read_text())
+        if args.out:  # kept as it goes: a later failure loses nothing measured
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
     if not args.no_http:
         report["http"] = http_runs(args, model_dir, concurrency)
     print_report(report, concurrency)

@@ -21,9 +21,10 @@ File layout (format version 1, or 2 when the profile has low-rank terms):
   This library writes version 3 only for profiles with LoRA terms.
 - version 4 only, optional, one per profile: ``condition.<layer>`` ``(hidden_size,)``, the direction of a probe
   on the prompt, and the metadata key ``condition`` (JSON: ``threshold``, ``comparison`` ``>`` or ``<``,
-  ``reads`` ``mean`` or ``last``): the profile acts on a request only when the cosine similarity between
-  that direction and the prompt's state after decoder layer ``<layer>`` (the mean over the prompt's tokens,
-  or the last prompt token's) compares so with the threshold (see `Condition`). Older readers refuse
+  ``reads`` ``mean`` or ``last``, ``score`` ``cosine`` or ``linear``): the profile acts on a request only when
+  the cosine similarity (or dot product) between that direction and the prompt's state after decoder layer
+  ``<layer>`` (the mean over the prompt's tokens, or the last prompt token's) compares so with the threshold
+  (see `Condition`). Older readers refuse
   version 4 rather than serve such a profile unconditionally.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
@@ -69,6 +70,7 @@ _LORA_KEY = re.compile(r"^(lora_a|lora_b)\.(\d+)\.([a-z_]+)$")
 _CONDITION_KEY = re.compile(r"^condition\.(\d+)$")
 CONDITION_COMPARISONS = (">", "<")
 CONDITION_READS = ("mean", "last")
+CONDITION_SCORES = ("cosine", "linear")
 LORA_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # attention projections fed the normed layer input
 LoraTerms = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # layer -> projection -> (a (R, H), b (out, R))
 
@@ -201,9 +203,11 @@ def _require_offset(offsets: Mapping[int, torch.Tensor], layer: int, who: str, k
 class Condition:
     """A probe on the prompt that decides whether a profile acts on a request.
 
-    `score(state)` is the cosine similarity between `direction` and the prompt's state after decoder layer
-    `layer` (`reads`: the mean over the prompt's tokens, or the last prompt token's); the condition fires
-    when the score is above `threshold` (`comparison` ">") or below it ("<"). The serving engines evaluate it
+    `score(state)` compares `direction` with the prompt's state after decoder layer `layer` (`reads`: the mean
+    over the prompt's tokens, or the last prompt token's): their cosine similarity (`kind` "cosine", CAST's
+    form) or the dot product (`kind` "linear", a linear probe such as a logistic regression's weights, its bias
+    folded into the threshold); the condition fires when the score is above `threshold` (`comparison` ">")
+    or below it ("<"). The serving engines evaluate it
     from the states the prompt's prefill computes anyway, and a profile whose condition fires acts from the
     first generated token on (docs/server.md, "Conditional steering")."""
 
@@ -212,6 +216,7 @@ class Condition:
     threshold: float
     comparison: str = ">"
     reads: str = "mean"
+    kind: str = "cosine"
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
@@ -229,21 +234,31 @@ class Condition:
                                      f"{CONDITION_COMPARISONS}")
         if self.reads not in CONDITION_READS:
             raise ProfileFormatError(f"the condition reads {self.reads!r}; use one of {CONDITION_READS}")
+        if self.kind not in CONDITION_SCORES:
+            raise ProfileFormatError(f"the condition's score {self.kind!r} is not one of {CONDITION_SCORES}")
 
     def score(self, state: torch.Tensor) -> float:
-        """Cosine similarity of `state` (H,) with the direction."""
-        state = state.detach().reshape(-1).to(torch.float32)
-        return float(torch.nn.functional.cosine_similarity(state, self.direction.to(state.device), dim=0))
+        """The score of `state` (H,): its cosine similarity with the direction, or its dot product."""
+        return float(self.scores(state.reshape(1, -1))[0])
+
+    def scores(self, states: torch.Tensor) -> torch.Tensor:
+        """`score` of each row of `states` (N, H), float32."""
+        states = states.detach().to(torch.float32)
+        direction = self.direction.to(states.device)
+        if self.kind == "linear":
+            return states @ direction
+        return torch.nn.functional.cosine_similarity(states, direction.unsqueeze(0), dim=1)
 
     def fires(self, score: float) -> bool:
         return score > self.threshold if self.comparison == ">" else score < self.threshold
 
     def metadata(self) -> str:
-        return json.dumps({"threshold": self.threshold, "comparison": self.comparison, "reads": self.reads},
-                          sort_keys=True)
+        return json.dumps({"threshold": self.threshold, "comparison": self.comparison, "reads": self.reads,
+                           "score": self.kind}, sort_keys=True)
 
     def summary(self) -> dict[str, Any]:
-        return {"layer": self.layer, "threshold": self.threshold, "comparison": self.comparison, "reads": self.reads}
+        return {"layer": self.layer, "threshold": self.threshold, "comparison": self.comparison, "reads": self.reads,
+                "score": self.kind}
 
 
 def validate_name(name: str) -> str:
@@ -582,10 +597,12 @@ def _read_condition(directions: dict[int, torch.Tensor], text: str | None, sourc
         return None
     ((layer, direction),) = directions.items()
     spec = json.loads(text or "")
-    if not isinstance(spec, dict) or set(spec) - {"threshold", "comparison", "reads"} or "threshold" not in spec:
-        raise ProfileFormatError(f"{source}: the 'condition' metadata is not {{threshold, comparison, reads}}")
+    if not isinstance(spec, dict) or set(spec) - {"threshold", "comparison", "reads", "score"} or (
+            "threshold" not in spec):
+        raise ProfileFormatError(f"{source}: the 'condition' metadata is not {{threshold, comparison, reads, score}}")
     return Condition(layer=layer, direction=direction, threshold=spec["threshold"],
-                     comparison=spec.get("comparison", ">"), reads=spec.get("reads", "mean"))
+                     comparison=spec.get("comparison", ">"), reads=spec.get("reads", "mean"),
+                     kind=spec.get("score", "cosine"))
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -60,6 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(handler=_fit)
 
+    p = actions.add_parser(
+        "condition", help="fit a condition (a probe on the prompt) and attach it to a profile",
+        description="FIRE and NO_FIRE are preference data (a folder with train.jsonl, or a .jsonl file: the "
+                    "prompts of its pairs) or .txt files (one user message a line). The condition's layer, "
+                    "what it reads and its threshold are chosen on a held-out part of each set; the report "
+                    "(JSON) has the confusion matrix and the whole grid. Forward passes only.")
+    p.add_argument("file", type=Path, help="the profile to attach the condition to")
+    p.add_argument("--fire", required=True, help="prompts the condition should fire on")
+    p.add_argument("--no-fire", required=True, help="prompts it should not fire on")
+    p.add_argument("--out", type=Path, required=True, help="where to write the profile with its condition")
+    p.add_argument("--report", type=Path, default=None, help="where to write the fit report (default: print)")
+    p.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
+    p.add_argument("--layers", default=None, help="candidate layers, e.g. 2-20 or 4,8,12 (default: all)")
+    p.add_argument("--max-prompts", type=int, default=400, help="prompts of each set (default 400)")
+    p.add_argument("--held-out", type=float, default=0.3, help="share of each set held out (default 0.3)")
+    p.add_argument("--max-false-fire", type=float, default=0.02,
+                   help="largest held-out fire rate on NO_FIRE prompts the threshold may have (default 0.02)")
+    p.add_argument("--method", choices=("logistic", "mean-difference"), default="logistic",
+                   help="logistic regression (dot-product score; default) or difference of means (cosine, CAST's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_condition)
+
 
 def _load_any(path: Path, name: str | None = None) -> Profile:
     from .gguf_io import is_gguf, read_profile
@@ -178,4 +200,80 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"error: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def read_prompts(source: str, limit: int, *, seed: int = 0) -> list[list[dict[str, str]]]:
+    """The conversations of `source` (module `condition` help), without repeats, `limit` of them at most (a
+    seeded sample)."""
+    import random
+
+    from .conditions import unique_prompts
+    from .data import load_pairs, resolve_split
+
+    path = Path(source)
+    if path.suffix == ".txt":
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        conversations = [[{"role": "user", "content": line}] for line in lines]
+    else:
+        file = resolve_split(path, "train") if path.is_dir() else path
+        conversations = [pair.messages for pair in load_pairs(file)]
+    prompts = unique_prompts(conversations)
+    if len(prompts) > limit:
+        prompts = random.Random(seed).sample(prompts, limit)
+    return prompts
+
+
+def _layer_list(text: str | None, count: int) -> list[int]:
+    if not text:
+        return list(range(count))
+    layers: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        layers.extend(range(int(first), int(last) + 1) if last else [int(first)])
+    bad = [layer for layer in layers if not 0 <= layer < count]
+    if bad:
+        raise SteeringError(f"layers {bad} are outside the model's 0..{count - 1}")
+    return sorted(set(layers))
+
+
+@_guard
+def _condition(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from .conditions import fit_condition, prompt_states, render_prompt
+    from .models import load_model
+
+    profile = _load_any(args.file)
+    loaded = load_model(args.model)
+    profile.validate_for(loaded.fingerprint)
+    layers = _layer_list(args.layers, loaded.fingerprint.num_layers)
+    states = {}
+    for side, source in (("fire", args.fire), ("no-fire", args.no_fire)):
+        prompts = [render_prompt(loaded.tokenizer, m) for m in read_prompts(source, args.max_prompts, seed=args.seed)]
+        with tqdm(total=len(prompts), desc=f"prompt states ({side})", unit="prompt", file=sys.stderr) as bar:
+            states[side] = prompt_states(loaded.model, prompts, layers,
+                                         progress=lambda done, total, bar=bar: bar.update(done - bar.n))
+    fit = fit_condition(states["fire"], states["no-fire"], held_out=args.held_out,
+                        max_false_fire=args.max_false_fire, seed=args.seed, method=args.method)
+    provenance = {**profile.provenance, "condition": {
+        "fire": args.fire, "no_fire": args.no_fire, "max_prompts": args.max_prompts, "held_out": args.held_out,
+        "max_false_fire": args.max_false_fire, "seed": args.seed, "method": args.method,
+        "held_out_confusion": fit.held_out}}
+    attached = dataclasses.replace(profile, condition=fit.condition, provenance=provenance,
+                                   offsets=dict(profile.offsets), low_rank=dict(profile.low_rank),
+                                   lora=dict(profile.lora))
+    attached.save(args.out)
+    report = json.dumps(fit.report(), indent=2)
+    if args.report is not None:
+        args.report.write_text(report + "\n", encoding="utf-8")
+    else:
+        print(report)
+    held = fit.held_out
+    print(f"condition: layer {fit.condition.layer}, {fit.condition.reads}, {fit.condition.kind} score > "
+          f"{fit.condition.threshold:.4f}; "
+          f"held out: fires on {held['tp']}/{held['tp'] + held['fn']} should-fire, {held['fp']}/"
+          f"{held['fp'] + held['tn']} should-not; wrote {args.out}", file=sys.stderr)
     return 0
