@@ -91,7 +91,12 @@ def test_vllm_backend_on_the_default_model(served, plain_replies) -> None:
     steered = [ask(q, extra_body={"steering": {"profile": "helpful", "strength": 4.0}}).choices[0].message.content
                for q in QUESTIONS]
     assert steered != replies
-    harmless = ask(QUESTIONS[2], model=f"{base}:harmless@4")  # RAHF-Dual LoRA terms, served per request
+    # the shipped harmless (RAHF-Dual, LoRA terms) has a condition, which this backend does not evaluate yet
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(QUESTIONS[2], model=f"{base}:harmless@4")
+    assert refused.value.body["code"] == "unsupported_parameter" and "condition" in refused.value.body["message"]
+    harmless = ask(QUESTIONS[2], extra_body={"steering": {"profile": "harmless", "strength": 4.0,
+                                                          "condition": "ignore"}})  # LoRA terms per request
     assert harmless.choices[0].message.content != replies[2]
     assert harmless.model_extra["steering"]["profiles"][0]["profile"] == "harmless"
 
