@@ -165,10 +165,19 @@ function showDetails(profile) {
 
 // -- side-by-side comparison --------------------------------------------------------------------------------
 
-async function stream(body, target) {
+// what a response's steering field says about conditional profiles: "harmless: applied (score 1.73)"
+function conditionsText(steering) {
+  if (!steering || !Array.isArray(steering.profiles)) return "";
+  return steering.profiles.filter((p) => p.condition).map((p) => p.profile + ": " +
+    (p.condition.applied ? "applied" : "not applied — its condition did not fire") +
+    " (score " + fmt(p.condition.score) + ")").join("; ");
+}
+
+async function stream(body, target, note) {
   target.textContent = "";
   target.dataset.done = "false";
   target.classList.remove("error");
+  if (note) note.textContent = "";
   try {
     const response = await fetch(root + "/v1/chat/completions", { method: "POST", headers: headers(),
       body: JSON.stringify(body) });
@@ -195,6 +204,7 @@ async function stream(body, target) {
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
+          if (note && chunk.steering) note.textContent = conditionsText(chunk.steering);
           const choice = chunk.choices && chunk.choices[0];
           if (choice && choice.delta && choice.delta.content) target.textContent += choice.delta.content;
         }
@@ -225,7 +235,7 @@ async function compare() {
   status(chosen.length ? "streaming both replies…" : "no profile chosen: both replies are unsteered");
   await Promise.all([
     stream(request, $("reply-plain")),
-    stream({ ...request, steering: chosen.length ? chosen : null }, $("reply-steered")),
+    stream({ ...request, steering: chosen.length ? chosen : null }, $("reply-steered"), $("conditions")),
   ]);
   $("compare").disabled = false;
   status("done");
