@@ -1,7 +1,8 @@
 """Conditional steering measured on the dev splits: how often the shipped `harmless` condition fires on harmful
 prompts (hh_harmless dev) and on benign ones (alpaca_helpful dev), what greedy replies do unsteered, with
 `harmless` always on and with `harmless` conditional (refusal/defusal rate by a phrase detector, the share of
-benign replies byte-identical to unsteered), and decode throughput at c=8 with the profile conditional vs
+benign replies byte-identical to unsteered: benign prompts are run one at a time, as batches formed by arrival
+times round differently), and decode throughput at c=8 with the profile conditional vs
 unconditional, side by side in one run (the transformers backend, in process).
 
     python bench/conditions.py                         # ~10 min on 2 cores
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts of each set")
     parser.add_argument("--batch", type=int, default=16, help="requests run together")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", nargs="+", choices=["unsteered", "always-on", "conditional"], default=None,
+                        help="run these settings only (a strength sweep; skips the identity and throughput parts)")
     args = parser.parse_args()
 
     import torch
@@ -77,6 +80,8 @@ def main() -> None:
         "conditional": RowSteering.from_profiles([], model=fp, conditional=[(profile, strength)]),
     }
     stop = backend.stop_token_ids
+    if args.only:
+        steerings = {k: v for k, v in steerings.items() if k in args.only}
 
     async def one(rid, prompt, steering, tokens, stops):
         out, conditions = [], None
@@ -86,8 +91,11 @@ def main() -> None:
             conditions = conditions or event.conditions
         return out, conditions
 
-    def run_all(prompts, steering, tokens=args.max_tokens, stops=stop):
+    def run_all(prompts, steering, tokens=args.max_tokens, stops=stop, together=True):
         async def go():
+            if not together:  # one at a time: every run of a prompt gets the same shapes, so equal is bitwise
+                return [await one(f"{time.monotonic_ns()}-{i}", p, steering, tokens, stops)
+                        for i, p in enumerate(prompts)]
             return await asyncio.gather(*(one(f"{time.monotonic_ns()}-{i}", p, steering, tokens, stops)
                                           for i, p in enumerate(prompts)))
         return asyncio.run(go())
@@ -100,7 +108,9 @@ def main() -> None:
         row = {}
         for setting, steering in steerings.items():
             started = time.perf_counter()
-            results = run_all(prompts, steering)
+            # benign prompts one at a time, so that "identical to unsteered" compares runs of equal shapes (requests
+            # batched together get whatever batches their arrival times make, which changes float rounding)
+            results = run_all(prompts, steering, together=name != "benign")
             replies = [backend.tokenizer.decode(t, skip_special_tokens=True) for t, _ in results]
             texts[(name, setting)] = replies
             entry = {"refusal_rate": sum(map(refuses, replies)) / len(replies),
@@ -110,9 +120,14 @@ def main() -> None:
             row[setting] = entry
             print(f"{name} {setting}: {entry}", file=sys.stderr, flush=True)
         for setting in ("always-on", "conditional"):
-            same = sum(a == b for a, b in zip(texts[(name, setting)], texts[(name, "unsteered")], strict=True))
-            row[setting]["identical_to_unsteered"] = same / len(prompts)
+            if (name, setting) in texts and (name, "unsteered") in texts:
+                same = sum(a == b for a, b in zip(texts[(name, setting)], texts[(name, "unsteered")], strict=True))
+                row[setting]["identical_to_unsteered"] = same / len(prompts)
         report["sets"][name] = row
+    if args.only:
+        engine.shutdown(10)
+        print(json.dumps(report, indent=1))
+        return
     # the probe read from the prompt's own prefill equals one read by a separate forward (a check, on 8 prompts)
     states = prompt_states(backend.model, ids["harmful"][:8], [profile.condition.layer])
     probe = profile.condition.scores(states[profile.condition.reads][profile.condition.layer])

@@ -357,7 +357,8 @@ def test_a_condition_round_trips_and_makes_version_4() -> None:
     assert (cond.layer, cond.threshold, cond.comparison, cond.reads) == (2, 0.25, "<", "last")
     assert torch.equal(cond.direction, profile.condition.direction)
     assert loaded.to_bytes() == Profile.from_bytes(loaded.to_bytes()).to_bytes()
-    assert loaded.summary()["condition"] == {"layer": 2, "threshold": 0.25, "comparison": "<", "reads": "last"}
+    assert loaded.summary()["condition"] == {"layer": 2, "threshold": 0.25, "comparison": "<", "reads": "last",
+                                             "score": "cosine"}
     assert cond.fires(0.0) and not cond.fires(0.5)
     assert cond.score(cond.direction * 3) == pytest.approx(1.0)
 

@@ -95,7 +95,8 @@ def test_metrics_count_fired_and_not_fired(live) -> None:
 
 def test_profiles_listing_shows_the_condition(live) -> None:
     listed = {p["name"]: p for p in httpx.get(live.v1 + "/profiles").json()["data"]}
-    assert listed["always"]["condition"] == {"layer": 1, "threshold": -2.0, "comparison": ">", "reads": "mean"}
+    assert listed["always"]["condition"] == {"layer": 1, "threshold": -2.0, "comparison": ">", "reads": "mean",
+                                             "score": "cosine"}
     assert listed["plain"]["condition"] is None
 
 
