@@ -225,7 +225,9 @@ def http_runs(args: argparse.Namespace, model_dir: str, concurrency: list[int]) 
     names = [p.stem for p in sorted((ROOT / "profiles").glob("*.safetensors"))]
 
     def hetero(i):
-        return {"profile": names[i % len(names)], "strength": STRENGTHS[i % len(STRENGTHS)], "position": "all"}
+        # "condition": "ignore": the vllm backend does not evaluate conditions (the shipped harmless has one)
+        return {"profile": names[i % len(names)], "strength": STRENGTHS[i % len(STRENGTHS)], "position": "all",
+                "condition": "ignore"}
 
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "2",

@@ -123,6 +123,7 @@ class SteeringTables:
         self._use_key: tuple[Any, ...] | None = None
         self._specs: dict[str, tuple[Any, RequestSteering | None]] = {}
         self.step_W = self.W
+        self._expanded: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._lora_hooks: dict[int, Any] = {}
         self._qkv = {i: layer.self_attn.qkv_proj for i, layer in self.layers
@@ -304,6 +305,7 @@ class SteeringTables:
             self._use = self._gather(active)
             self._use_key = key
         self.step_W = W
+        self._expanded = {}  # id(owner) -> W[:, owner], once per step
         self.num_tokens = tokens
         self.active = True
 
@@ -327,6 +329,7 @@ class SteeringTables:
         index = torch.tensor(active, device=self.device)
         layers = set().union(*(self.slot_layers.get(s, set()) for s in active))
         use: dict[str, dict[int, Any]] = {"offsets": {}, "low_rank": {}, "lora": {}}
+        owners: dict[tuple[int, ...], torch.Tensor] = {}  # one tensor per pattern: layers share the step's W[:, owner]
         for layer in layers:
             if layer in self.offsets:
                 use["offsets"][layer] = self.offsets[layer].index_select(0, index)
@@ -344,8 +347,8 @@ class SteeringTables:
                     owner.extend([j] * rank)
                 picks_t = torch.tensor(picks, device=self.device)
                 first, second = tables[layer]
-                use[kind][layer] = (first.index_select(0, picks_t), second.index_select(1, picks_t),
-                                    torch.tensor(owner, device=self.device))
+                shared = owners.setdefault(tuple(owner), torch.tensor(owner, device=self.device))
+                use[kind][layer] = (first.index_select(0, picks_t), second.index_select(1, picks_t), shared)
         return use
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -367,8 +370,16 @@ class SteeringTables:
             x = stream.float()
             x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + LOW_RANK_EPS)
             down, up, owner = factors
-            out = torch.addmm(out, (x @ down.T).mul_(W.index_select(1, owner)), up.T)
+            out = torch.addmm(out, (x @ down.T).mul_(self._expand(owner, W.shape[0])), up.T)
         return out if out.dtype == target.dtype else out.to(target.dtype)
+
+    def _expand(self, owner: torch.Tensor, rows: int) -> torch.Tensor:
+        """W[:rows, owner] (the strength of each rank's slot, per token), computed once per step and owner."""
+        key = id(owner)
+        expanded = self._expanded.get(key)
+        if expanded is None or expanded.shape[0] != rows:
+            expanded = self._expanded[key] = self.step_W[:rows].index_select(1, owner)
+        return expanded
 
     def _layer_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -391,8 +402,7 @@ class SteeringTables:
             x = args[0]
             out, bias = output if isinstance(output, tuple) else (output, None)
             a, b, owner = self._use["lora"][layer]
-            W = self.step_W[: x.shape[0]]
-            z = (x.float() @ a.T).mul_(W.index_select(1, owner))
+            z = (x.float() @ a.T).mul_(self._expand(owner, x.shape[0]))
             steered = torch.addmm(out if out.dtype == torch.float32 else out.float(), z, b.T)
             out = steered if steered.dtype == out.dtype else steered.to(out.dtype)
             return (out, bias) if isinstance(output, tuple) else out
