@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -217,12 +218,21 @@ def model_fingerprint(model: nn.Module, tokenizer: object | None = None) -> Mode
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            count = min(256, flat.numel())
-            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-            sample = flat[index].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
-            digest.update(name.encode())
-            digest.update(sample)
+            _digest_parameter(digest, name, param.detach().reshape(-1))
+    return _fingerprint(base, digest, tokenizer)
+
+
+def _digest_parameter(digest: Any, name: str, flat: torch.Tensor) -> None:
+    """Add a parameter's name and 256 values at fixed indices, rounded to bfloat16, to `digest`."""
+    count = min(256, flat.numel())
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+    digest.update(name.encode())
+    digest.update(flat[index].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+
+
+def _fingerprint(base: nn.Module, digest: Any, tokenizer: object | None) -> ModelFingerprint:
+    """The fingerprint of `base` with `digest` (its sampled weights) finished by the tokenizer's vocabulary and
+    chat template."""
     if tokenizer is not None:
         vocab: dict[str, int] = getattr(tokenizer, "get_vocab", dict)()
         digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
@@ -271,18 +281,5 @@ def directory_fingerprint(path: str | os.PathLike[str], tokenizer: object | None
         if flat.numel() != param.numel():
             raise ModelNotFoundError(f"{path}: {name} has {flat.numel()} values in the files, the model "
                                      f"{param.numel()}")
-        count = min(256, flat.numel())
-        index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
-        digest.update(name.encode())
-        digest.update(flat[index].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    if tokenizer is not None:
-        vocab: dict[str, int] = getattr(tokenizer, "get_vocab", dict)()
-        digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-        digest.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
-    return ModelFingerprint(
-        architecture=str(getattr(base.config, "model_type", type(base).__name__)),
-        hidden_size=hidden_size_of(base),
-        num_layers=len(find_decoder_layers(base)),
-        digest=digest.hexdigest(),
-        projections=tuple(sorted(projection_sizes(base).items())),
-    )
+        _digest_parameter(digest, name, flat)
+    return _fingerprint(base, digest, tokenizer)

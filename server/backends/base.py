@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -184,6 +185,27 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """At least {"running": n, "waiting": n} for metrics and readiness."""
+
+
+def drain_and_stop(engine: Any, timeout: float) -> None:
+    """The shutdown of an engine run by one scheduler thread (`_lock`, its condition `_wake`, `_accepting`,
+    `_in_flight`, `_stopping`, `_thread`): refuse new work, let the requests in flight finish within `timeout`,
+    then stop the thread and wait for it."""
+    with engine._lock:
+        engine._accepting = False
+        engine._wake.notify_all()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine._lock:
+            if engine._in_flight == 0:
+                break
+        time.sleep(0.01)
+    with engine._lock:
+        engine._stopping = True
+        engine._wake.notify_all()
+    if engine._thread is not None:
+        engine._thread.join(timeout=max(5.0, timeout))
+        engine._thread = None
 
 
 @dataclass

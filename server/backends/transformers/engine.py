@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +60,7 @@ from ..base import (
     EngineShutdownError,
     GenerationRequest,
     TokenLogprob,
+    drain_and_stop,
 )
 from ..sampling import make_generator, select_tokens, token_logprob
 from . import compat
@@ -178,21 +178,7 @@ class ContinuousEngine(Engine):
         self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            self._accepting = False
-            self._wake.notify_all()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._in_flight == 0:
-                    break
-            time.sleep(0.01)
-        with self._lock:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=max(5.0, timeout))
-            self._thread = None
+        drain_and_stop(self, timeout)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         seq = self._submit(request, asyncio.get_running_loop())

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +41,7 @@ from ..base import (
     GenerationRequest,
     RowSteering,
     TokenLogprob,
+    drain_and_stop,
 )
 from .worker import RequestSteering
 
@@ -170,21 +170,7 @@ class VllmEngine(Engine):
             self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            self._accepting = False
-            self._wake.notify_all()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._in_flight == 0:
-                    break
-            time.sleep(0.01)
-        with self._lock:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=max(5.0, timeout))
-            self._thread = None
+        drain_and_stop(self, timeout)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         seq = self._submit(request, asyncio.get_running_loop())
