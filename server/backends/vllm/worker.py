@@ -13,17 +13,19 @@ out for a flattened batch of tokens instead of padded rows:
 - every loaded profile has a slot `s` (1..S-1; slot 0 stays zeros); per decoder layer `l` the tables
   hold its offset `OFF[l][s]` (H), its low-rank factors (`DOWN[l]` (S*R, H), `UP[l]` (H, S*R), each slot
   padded with zero ranks to the widest R) and its LoRA factors per fused q/k/v projection;
-- before a step's forward, `W` (tokens, S) gets each token's strength per slot: the request's
-  strengths in the columns of its profiles' slots, zero in generated-position mode for prompt tokens,
-  zero for unsteered requests and padding;
+- before a step's forward, `W` (tokens, k) gets each token's strength for each of the k slots the batch
+  uses: the request's strengths in the columns of its profiles' slots, zero in generated-position mode for
+  prompt tokens, zero for unsteered requests and padding; the tables of those k slots are gathered once per
+  batch composition (low-rank and LoRA factors packed to the ranks they have at each layer, with the W
+  column each rank belongs to);
 - after decoder layer `l` (vLLM keeps the residual stream as `hidden + residual`; the layer's output is
   that pair), the residual gets ``W @ OFF[l]`` plus ``((rmsnorm(h) @ DOWN[l].T) * W_r) @ UP[l].T`` with
   `h = hidden + residual` (the stream transformers' decoder layer returns) and `W_r` W repeated per
   rank; a fused q/k/v output gets ``((x @ A.T) * W_r) @ B.T`` of its input x.
 
-Every shape is fixed once the tables are allocated (S slots, the widest rank, the longest batch), and the
-step's values reach the forward only through `W`, written in place: no host synchronisation inside the
-forward. Tokens with zero strength get an exact zero added, so unsteered requests are bit-identical to
+The stored tables have fixed shapes (S slots, the widest rank), and the step's values reach the forward only
+through `W`: no host synchronisation inside the forward. The per-composition gathering and the skipped
+layers suit eager mode, which is the mode this backend runs (docs/engine.md, "What is compiled"). Tokens with zero strength get an exact zero added, so unsteered requests are bit-identical to
 a run without steering. A step with no steered token skips the hooks. Tensor parallelism: every rank
 applies the same offsets and low-rank terms to its (replicated) residual and the rows of the LoRA terms
 that its q/k/v shard holds. This module imports torch and the profile format only.
