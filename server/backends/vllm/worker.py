@@ -25,8 +25,9 @@ out for a flattened batch of tokens instead of padded rows:
 
 The stored tables have fixed shapes (S slots, the widest rank), and the step's values reach the forward only
 through `W`: no host synchronisation inside the forward. The per-composition gathering and the skipped
-layers suit eager mode, which is the mode this backend runs (docs/engine.md, "What is compiled"). Tokens with zero strength get an exact zero added, so unsteered requests are bit-identical to
-a run without steering. A step with no steered token skips the hooks. Tensor parallelism: every rank
+layers suit eager mode, which is the mode this backend runs (docs/engine.md, "What is compiled"). Tokens
+with zero strength get an exact zero added, so unsteered requests are bit-identical to a run without
+steering. A step with no steered token skips the hooks. Tensor parallelism: every rank
 applies the same offsets and low-rank terms to its (replicated) residual and the rows of the LoRA terms
 that its q/k/v shard holds. This module imports torch and the profile format only.
 """
