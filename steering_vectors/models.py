@@ -171,6 +171,28 @@ def check_model(model: str | os.PathLike[str] | None = None) -> None:
         local_model_dir(model)
 
 
+def model_directory(model: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None
+                    ) -> tuple[Path, str, bool]:
+    """(directory, name, whether it was on disk already) of the embedded default model (None or "default": its
+    dequantised safetensors cache, made on first use) or of a local transformers model directory."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        path, from_cache = ensure_embedded_cache(cache_dir)
+        return path, EMBEDDED_NAME, from_cache
+    path = local_model_dir(model)
+    return path, path.name, True
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in a model directory, offline, with a pad token (the end-of-sequence token where it
+    has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     model: str | os.PathLike[str] | None = None,
     *,
@@ -179,20 +201,13 @@ def load_model(
     cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load the embedded default model (None or "default") or a local transformers model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
     check_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if model is None or str(model) == DEFAULT_MODEL:
-        path, from_cache = ensure_embedded_cache(cache_dir)
-        name = EMBEDDED_NAME
-    else:
-        path = local_model_dir(model)
-        from_cache, name = True, path.name
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, name, from_cache = model_directory(model, cache_dir=cache_dir)
+    tokenizer = load_tokenizer(path)
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     loaded.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to accepts a device string
     loaded.eval()

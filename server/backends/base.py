@@ -187,6 +187,26 @@ class Engine(abc.ABC):
         """At least {"running": n, "waiting": n} for metrics and readiness."""
 
 
+async def queued_events(queue: asyncio.Queue) -> AsyncIterator[EngineEvent]:
+    """The events an engine's thread puts on one request's queue, up to the one with a finish_reason; an
+    exception put there instead is raised (the request failed)."""
+    while True:
+        event = await queue.get()
+        if isinstance(event, BaseException):
+            raise event
+        yield event
+        if event.finish_reason is not None:
+            return
+
+
+def check_max_model_len(wanted: int | None, positions: int) -> None:
+    """Refuse a context window (`settings.max_model_len`) longer than the model's `positions`
+    (max_position_embeddings; 0: unknown, nothing is refused)."""
+    if wanted is not None and positions and wanted > positions:
+        raise ValueError(f"max_model_len {wanted} is longer than the model's {positions} positions "
+                         f"(max_position_embeddings); use at most {positions}")
+
+
 def drain_and_stop(engine: Any, timeout: float) -> None:
     """The shutdown of an engine run by one scheduler thread (`_lock`, its condition `_wake`, `_accepting`,
     `_in_flight`, `_stopping`, `_thread`): refuse new work, let the requests in flight finish within `timeout`,

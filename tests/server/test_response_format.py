@@ -60,7 +60,7 @@ class Format:
 def constrained_greedy(loaded, prompt_ids: list[int], max_new: int, schema: dict = SCHEMA, steering=None):
     """Greedy by full recomputation, each step's logits masked by a fresh llguidance matcher for `schema`:
     (tokens, finish_reason)."""
-    stops = stop_token_ids(loaded.tokenizer, loaded.model)
+    stops = stop_token_ids(loaded.tokenizer, loaded.model.generation_config)
     constraint = Grammars(loaded.tokenizer, stops).constraint(Format("json_schema", schema).parsed)
     steerer = Steerer.attach(loaded.model)
     plan = build_plan([combine_offsets(steering)], row_low_rank=[combine_low_rank(steering)]) if steering else None

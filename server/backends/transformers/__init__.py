@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..base import Backend
+from ..base import Backend, check_max_model_len
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,13 @@ def default_dtype(device: str | torch.device) -> str:
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 
-def stop_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config (None: none)."""
     ids: set[int] = set()
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         ids.add(int(eos))
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = getattr(generation_config, "eos_token_id", None)
     if isinstance(extra, int):
         ids.add(extra)
     elif isinstance(extra, (list, tuple)):
@@ -56,10 +56,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         log.info("loading model %s on %s as %s", settings.model or "(embedded default)", settings.device, dtype)
         loaded = load_model(settings.model, dtype=dtype, device=settings.device)
     wanted = getattr(settings, "max_model_len", None)
-    limit = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
-    if wanted is not None and limit and wanted > limit:
-        raise ValueError(f"max_model_len {wanted} is longer than the model's {limit} positions "
-                         f"(max_position_embeddings); use at most {limit}")
+    check_max_model_len(wanted, int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0))
     packing = pack_model(loaded.model, settings.quantize, settings.packed_max_rows)
     log.info("weights: %s", packing.summary())
     engine = ContinuousEngine(
@@ -78,7 +75,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         tokenizer=loaded.tokenizer,
         fingerprint=loaded.fingerprint,
         model_name=loaded.name,
-        stop_token_ids=stop_token_ids(loaded.tokenizer, loaded.model),
+        stop_token_ids=stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)),
         model=loaded.model,
         info={
             "device": str(engine.device),

@@ -40,7 +40,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ from ..base import (
     GenerationRequest,
     TokenLogprob,
     drain_and_stop,
+    queued_events,
 )
 from ..sampling import make_generator, select_tokens, token_logprob
 from . import compat
@@ -183,13 +184,9 @@ class ContinuousEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         seq = self._submit(request, asyncio.get_running_loop())
         try:
-            while True:
-                event = await seq.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+            async with aclosing(queued_events(seq.events)) as events:
+                async for event in events:
+                    yield event
         finally:
             if not seq.finished:
                 seq.cancelled = True  # read by the scheduler between steps

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any
 
-from ..base import Backend
+from ..base import Backend, check_max_model_len
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,12 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
     """Build the vLLM engine for `settings.model` (a local directory, or the embedded default)."""
     if model is not None:
         raise ValueError("the vllm backend loads its model itself; it cannot take a loaded transformers model")
-    from steering_vectors.models import EMBEDDED_NAME, directory_fingerprint, ensure_embedded_cache, local_model_dir
+    from steering_vectors.models import directory_fingerprint, load_tokenizer, model_directory
 
     from ..transformers import stop_token_ids
     from .engine import VllmEngine
 
-    if settings.model is None or str(settings.model) == "default":
-        path, _ = ensure_embedded_cache()
-        name = EMBEDDED_NAME
-    else:
-        path = local_model_dir(settings.model)
-        name = path.name
+    path, name, _ = model_directory(settings.model)
     environment = prepare_environment(settings)
     try:
         import vllm  # noqa: F401
@@ -127,18 +122,14 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         from vllm.v1.engine.llm_engine import LLMEngine
     except ImportError as exc:
         raise VllmMissingError(f"{INSTALL_HINT} (import failed: {exc})") from None
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     fingerprint = directory_fingerprint(path, tokenizer)
     limit = int(getattr(config, "max_position_embeddings", 0) or 0)
     wanted = settings.max_model_len
-    if wanted is not None and limit and wanted > limit:
-        raise ValueError(f"max_model_len {wanted} is longer than the model's {limit} positions "
-                         f"(max_position_embeddings); use at most {limit}")
+    check_max_model_len(wanted, limit)
     max_len = wanted or (min(limit, DEFAULT_MAX_LEN) if limit else DEFAULT_MAX_LEN)
     arguments = engine_arguments(settings, str(path), max_len)
     log.info("starting vLLM %s on %s (%s)", vllm.__version__, path, {k: v for k, v in arguments.items()
@@ -153,7 +144,6 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         generation = GenerationConfig.from_pretrained(path, local_files_only=True)
     except OSError:
         generation = None
-    holder = type("_Config", (), {"generation_config": generation})()
     engine = VllmEngine(
         llm,
         max_batch_size=settings.max_batch_size,
@@ -169,7 +159,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
         tokenizer=tokenizer,
         fingerprint=fingerprint,
         model_name=name,
-        stop_token_ids=stop_token_ids(tokenizer, holder),
+        stop_token_ids=stop_token_ids(tokenizer, generation),
         model=None,
         info={
             "device": "cuda" if _cuda_available() else "cpu",

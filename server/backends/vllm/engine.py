@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from ..base import (
     RowSteering,
     TokenLogprob,
     drain_and_stop,
+    queued_events,
 )
 from .worker import RequestSteering
 
@@ -175,13 +177,9 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         seq = self._submit(request, asyncio.get_running_loop())
         try:
-            while True:
-                event = await seq.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+            async with aclosing(queued_events(seq.events)) as events:
+                async for event in events:
+                    yield event
         finally:
             if not seq.finished:
                 with self._lock:
