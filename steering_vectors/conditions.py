@@ -14,6 +14,7 @@ point. This is this project's own implementation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -152,12 +153,6 @@ def _fit_direction(method: str, positive: torch.Tensor, negative: torch.Tensor) 
     raise ValueError(f"method {method!r} is not one of {METHODS}")
 
 
-def _scores(states: torch.Tensor, direction: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "linear":
-        return states @ direction
-    return torch.nn.functional.cosine_similarity(states, direction.unsqueeze(0), dim=1)
-
-
 def choose_threshold(fire: torch.Tensor, no_fire: torch.Tensor, *, max_false_fire: float) -> tuple[float, float, float]:
     """(threshold, fire rate on `fire`, fire rate on `no_fire`) of "score > threshold": among thresholds between
     the scores whose false-fire rate is within `max_false_fire`, the one with the highest fire rate, then the
@@ -205,8 +200,9 @@ def fit_condition(
             direction, kind = _fit_direction(method, positive[fire_train], negative[not_train])
             if float(direction.norm()) == 0.0 or not bool(torch.isfinite(direction).all()):
                 continue
-            pos_scores = _scores(positive[fire_held], direction, kind)
-            neg_scores = _scores(negative[not_held], direction, kind)
+            probe = Condition(layer=layer, direction=direction, threshold=0.0, reads=mode, kind=kind)  # scores only
+            pos_scores = probe.scores(positive[fire_held])
+            neg_scores = probe.scores(negative[not_held])
             threshold, hit, false = choose_threshold(pos_scores, neg_scores, max_false_fire=max_false_fire)
             spread = float(torch.cat([pos_scores, neg_scores]).std()) or 1.0
             separation = float(pos_scores.mean() - neg_scores.mean()) / spread
@@ -214,8 +210,7 @@ def fit_condition(
                          "fire_rate_should_not": false, "separation": separation})
             key = (hit, -false, separation)
             if best is None or key > best[0]:
-                best = (key, Condition(layer=layer, direction=direction, threshold=threshold, reads=mode,
-                                       kind=kind))
+                best = (key, dataclasses.replace(probe, threshold=threshold))
     if best is None:
         raise ValueError("no layer separates the two sets (every direction is zero)")
     condition = best[1]

@@ -49,7 +49,6 @@ from torch import nn
 
 from steering_vectors.errors import PlanError
 from steering_vectors.hooks import RowSteering, Steerer, SteeringPlan, build_plan, plan_for_rows
-from steering_vectors.layers import find_decoder_layers
 
 from ..base import (
     ConditionResult,
@@ -489,7 +488,7 @@ class ContinuousEngine(Engine):
         if steering is None or not steering.conditional:
             yield
             return
-        layers = find_decoder_layers(self.model)
+        layers = self.steerer.layers
         handles = []
         for layer in sorted({profile.condition.layer for profile, _ in steering.conditional}):
             def record(module: nn.Module, args: Any, output: Any, layer: int = layer) -> None:

@@ -158,7 +158,6 @@ class VllmEngine(Engine):
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
 
     # -- the Engine interface -----------------------------------------------------------------------
 
@@ -288,7 +287,6 @@ class VllmEngine(Engine):
                         self._fail(seq, EngineError(f"the vLLM engine failed: {exc}"))
                     busy = False
                     continue
-                self.steps += 1
                 for output in outputs:
                     seq = self._seqs.get(output.request_id)
                     if seq is None:

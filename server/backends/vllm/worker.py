@@ -112,7 +112,6 @@ class SteeringTables:
         self.tp_rank, self.tp_size = int(tp_rank), int(tp_size)
         self.W = torch.zeros(self.max_tokens, self.num_slots, dtype=torch.float32, device=self.device)
         self.active = False  # whether this step has a steered token
-        self.num_tokens = 0
         self.offsets: dict[int, torch.Tensor] = {}  # layer -> (S, H)
         self.low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (S*R, H), (H, S*R)
         self.low_rank_rank = 0
@@ -309,7 +308,6 @@ class SteeringTables:
             self._use_key = key
         self.step_W = W
         self._expanded = {}  # id(owner) -> W[:, owner], once per step
-        self.num_tokens = tokens
         self.active = True
 
     def _spec(self, req_id: str, params: Any) -> RequestSteering | None:
@@ -458,10 +456,6 @@ class SteeringWorker:
 
     def rahf_free(self, slot: int) -> None:
         self._rahf_tables.free(int(slot))
-
-    def rahf_slots(self) -> dict[int, list[int]]:
-        """Which layers each occupied slot steers (for tests and /readyz)."""
-        return {slot: sorted(layers) for slot, layers in self._rahf_tables.slot_layers.items()}
 
     def rahf_capture(self, layers: list[int] | None) -> None:
         """Record the residual stream after `layers` at every forward from now on (None: stop); tests."""
