@@ -3,7 +3,8 @@ prompts (hh_harmless dev) and on benign ones (alpaca_helpful dev), what greedy r
 `harmless` always on and with `harmless` conditional (refusal/defusal rate by a phrase detector, the share of
 benign replies byte-identical to unsteered: benign prompts are run one at a time, as batches formed by arrival
 times round differently), and decode throughput at c=8 with the profile conditional vs
-unconditional, side by side in one run (the transformers backend, in process).
+unconditional (both steering prompt and generated tokens, the profile's `all` mode; the decode phase), side by side
+in one run (the transformers backend, in process).
 
     python bench/conditions.py                         # ~10 min on 2 cores
     python bench/conditions.py --max-tokens 32 --limit 40 --out /tmp/cond.json
@@ -40,6 +41,18 @@ def refuses(text: str) -> bool:
     return any(phrase in low for phrase in REFUSAL)
 
 
+def loops(text: str, n: int = 4, times: int = 3) -> bool:
+    """Whether some word n-gram occurs `times` times or more (a greedy reply stuck in a loop)."""
+    words = text.lower().split()
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", type=Path, default=ROOT / "profiles" / "harmless.safetensors")
@@ -48,6 +61,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts of each set")
     parser.add_argument("--batch", type=int, default=16, help="requests run together")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--split", choices=["dev", "train"], default="dev",
+                        help="the prompts' split: dev (the report) or train (choosing a strength)")
     parser.add_argument("--only", nargs="+", choices=["unsteered", "always-on", "conditional"], default=None,
                         help="run these settings only (a strength sweep; skips the identity and throughput parts)")
     args = parser.parse_args()
@@ -70,8 +85,8 @@ def main() -> None:
         raise SystemExit(f"{args.profile} has no condition")
     strength = profile.default_strength if args.strength is None else args.strength
     data = ROOT.parent / "shared" / "data"
-    sets = {"harmful": read_prompts(str(data / "hh_harmless" / "dev.jsonl"), args.limit or 10**6),
-            "benign": read_prompts(str(data / "alpaca_helpful" / "dev.jsonl"), args.limit or 10**6)}
+    sets = {"harmful": read_prompts(str(data / "hh_harmless" / f"{args.split}.jsonl"), args.limit or 10**6),
+            "benign": read_prompts(str(data / "alpaca_helpful" / f"{args.split}.jsonl"), args.limit or 10**6)}
     ids = {name: [render_prompt(backend.tokenizer, m) for m in prompts] for name, prompts in sets.items()}
     fp = backend.fingerprint
     steerings = {
@@ -102,7 +117,7 @@ def main() -> None:
 
     report: dict = {"profile": str(args.profile.relative_to(ROOT)) if args.profile.is_relative_to(ROOT) else str(
         args.profile), "strength": strength, "condition": profile.condition.summary(), "max_tokens": args.max_tokens,
-        "prompts": {k: len(v) for k, v in ids.items()}, "sets": {}}
+        "split": args.split, "prompts": {k: len(v) for k, v in ids.items()}, "sets": {}}
     texts: dict = {}
     for name, prompts in ids.items():
         row = {}
@@ -114,6 +129,7 @@ def main() -> None:
             replies = [backend.tokenizer.decode(t, skip_special_tokens=True) for t, _ in results]
             texts[(name, setting)] = replies
             entry = {"refusal_rate": sum(map(refuses, replies)) / len(replies),
+                     "loop_rate": sum(map(loops, replies)) / len(replies),
                      "seconds": time.perf_counter() - started}
             if setting == "conditional":
                 entry["fire_rate"] = sum(1 for _, c in results if c and c[0].applied) / len(results)
@@ -133,20 +149,34 @@ def main() -> None:
     probe = profile.condition.scores(states[profile.condition.reads][profile.condition.layer])
     engine_scores = [c[0].score for _, c in run_all(ids["harmful"][:8], steerings["conditional"], tokens=1)]
     report["probe_check_max_abs_diff"] = float((probe - torch.tensor(engine_scores)).abs().max())
-    # decode throughput at c=8, 64 tokens, no stop: conditional (fired on harmful prompts) vs unconditional
-    # in generated mode (the same arithmetic once fired), alternating, 3 rounds
-    generated = RowSteering.from_profiles([(profile, strength)], model=fp, position_mode="generated")
-    batch = ids["harmful"][:8]
-    rates: dict[str, list[float]] = {"conditional": [], "unconditional (generated mode)": []}
+    # decode throughput at c=8, 64 tokens, no stop: the profile conditional (fired on these harmful prompts) vs
+    # the same profile unconditional, alternating, 3 rounds. Decode is the phase after the last of the 8 first
+    # tokens (every row decoding); the conditional rows' second, steered prefill falls before it
+    batch = [p for p, (_, c) in zip(ids["harmful"], run_all(ids["harmful"][:32], steerings["conditional"], tokens=1),
+                                    strict=False) if c and c[0].applied][:8]
+
+    async def timed(rid, prompt, steering):
+        times = []
+        async for event in engine.generate(GenerationRequest(rid, prompt, SamplingParams(
+                max_new_tokens=64, temperature=0.0, stop_token_ids=frozenset()), steering=steering)):
+            times += [time.perf_counter()] * len(event.token_ids)
+        return times
+
+    def decode_rate(steering) -> float:
+        async def go():
+            return await asyncio.gather(*(timed(f"t{time.monotonic_ns()}-{i}", p, steering)
+                                          for i, p in enumerate(batch)))
+        times = asyncio.run(go())
+        start, end = max(t[0] for t in times), max(t[-1] for t in times)
+        return sum(1 for t in times for x in t if x > start) / (end - start)
+
+    rates: dict[str, list[float]] = {"conditional": [], "unconditional": []}
     for _ in range(3):
-        for label, steering in (("conditional", steerings["conditional"]), ("unconditional (generated mode)",
-                                                                              generated)):
-            started = time.perf_counter()
-            run_all(batch, steering, tokens=64, stops=frozenset())
-            rates[label].append(8 * 64 / (time.perf_counter() - started))
-    report["throughput_c8"] = {k: sorted(v)[1] for k, v in rates.items()}
-    report["throughput_ratio"] = report["throughput_c8"]["conditional"] / report["throughput_c8"][
-        "unconditional (generated mode)"]
+        for label, steering in (("conditional", steerings["conditional"]), ("unconditional", steerings["always-on"])):
+            rates[label].append(decode_rate(steering))
+    report["decode_throughput_c8"] = {k: sorted(v)[1] for k, v in rates.items()}
+    report["decode_throughput_ratio"] = report["decode_throughput_c8"]["conditional"] / report[
+        "decode_throughput_c8"]["unconditional"]
     report["cpu"] = _cpu()
     engine.shutdown(10)
     text = json.dumps(report, indent=1)

@@ -157,20 +157,17 @@ def resolve_steering(
         if not low <= strength <= high:
             raise bad_request(f"strength {strength:g} is outside the allowed range [{low:g}, {high:g}]", param)
         if profile.condition is not None and item.condition == "honour":
-            conditional.append((profile, float(strength)))  # acts on generated tokens once its condition fires
+            conditional.append((profile, float(strength)))  # joins the row's steering once its condition fires
         else:
             chosen.append((profile, float(strength)))
 
-    unconditional_names = {profile.name for profile, _ in chosen}
-    overrides = {item.position for item in wanted if item.position is not None and item.profile in unconditional_names}
+    overrides = {item.position for item in wanted if item.position is not None}
     if len(overrides) > 1:
         raise bad_request("steering entries ask for different token positions; use one", "steering")
     if overrides:
         position = overrides.pop()
-    elif not chosen:
-        position = "generated"  # conditional profiles only: they steer generated tokens
     else:
-        modes = {profile.position_mode for profile, _ in chosen}
+        modes = {profile.position_mode for profile, _ in (*chosen, *conditional)}
         if len(modes) > 1:
             raise bad_request(
                 "the profiles use different token-position modes; set 'position' in the steering entries",

@@ -355,11 +355,13 @@ class RowSteering:
         conditional: Sequence[tuple[Profile, float]] = (),
     ) -> RowSteering:
         """The weighted sum of `entries` (profile, strength); the position mode is `position_mode`, else
-        the profiles' common one (PlanError when they differ). `conditional`: entries whose profiles' conditions
-        decide, per request, whether they join the sum (`resolved`); until then they steer nothing, and once
-        they do, only generated tokens (the condition reads the prompt's states)."""
+        the common one of all the profiles, conditional ones included (PlanError when they differ).
+        `conditional`: entries whose profiles' conditions decide, per request, whether they join the sum
+        (`resolved`); until then they steer nothing. The conditions read the prompt, so an engine decides them
+        after the prompt's prefill; in `all` mode it prefills the prompt again with the fired ones (the row is
+        then exactly the resolved steering's), in `generated` mode they steer from the first generated token."""
         if position_mode is None:
-            modes = {profile.position_mode for profile, _ in entries} or {"generated"}
+            modes = {profile.position_mode for profile, _ in (*entries, *conditional)} or {"generated"}
             if len(modes) != 1:
                 raise PlanError("the profiles use different token-position modes; choose one")
             position_mode = modes.pop()

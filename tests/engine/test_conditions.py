@@ -1,8 +1,9 @@
 """Conditional profiles on the continuous-batching engine (tiny random Llama, fp32, exact): the probe's score
 equals a cosine computed with plain transformers (mean over the prompt and last token, over several prefill
 chunks), a row whose condition does not fire is bit-identical to an unsteered run in a batch with rows whose
-conditions fire, a condition that always fires behaves exactly like the profile unconditional in generated
-mode, and several conditional profiles of one request each follow their own condition."""
+conditions fire, a condition that always fires behaves exactly like the profile unconditional — in `all` mode
+(the prompt prefilled again, steered: tokens, logprobs and prompt logprobs alike) and in `generated` mode —
+and several conditional profiles of one request each follow their own condition."""
 
 from __future__ import annotations
 
@@ -33,20 +34,24 @@ def condition(seed: int, threshold: float, comparison: str = ">", reads: str = "
                      comparison=comparison, reads=reads)
 
 
-def conditional(*entries: tuple[Profile, float]) -> RowSteering:
-    return RowSteering.from_profiles([], model=SHAPE, conditional=list(entries))
+def conditional(*entries: tuple[Profile, float], mode: str | None = None) -> RowSteering:
+    return RowSteering.from_profiles([], model=SHAPE, conditional=list(entries), position_mode=mode)
 
 
-def request(rid: str, prompt=PROMPT, steering=None, n: int = 12) -> GenerationRequest:
+def request(rid: str, prompt=PROMPT, steering=None, n: int = 12, echo: bool = False) -> GenerationRequest:
     return GenerationRequest(rid, list(prompt), SamplingParams(max_new_tokens=n, temperature=0.0, logprobs=True,
-                                                               top_logprobs=2), steering=steering)
+                                                               top_logprobs=2, prompt_logprobs=echo),
+                             steering=steering)
 
 
-def run(engine, *requests):
+def run(engine, *requests, echo: bool = False):
     async def one(req):
         events = [event async for event in engine.generate(req)]
         tokens = [t for e in events for t in e.token_ids]
         logprobs = [(lp.token_id, lp.logprob, lp.top) for e in events for lp in (e.logprobs or [])]
+        if echo:
+            prompt = [None if lp is None else (lp.token_id, lp.logprob, lp.top) for lp in events[0].prompt_logprobs]
+            return tokens, logprobs, events[0].conditions, prompt
         return tokens, logprobs, events[0].conditions
 
     async def main():
@@ -87,10 +92,27 @@ def test_a_row_whose_condition_does_not_fire_is_bit_identical_to_unsteered(make_
     assert rows[2][0] != plain[0]  # the fired profile steers the same prompt
 
 
+def test_a_condition_that_always_fires_is_the_profile_unconditional_in_all_mode(make_engine) -> None:
+    engine = make_engine(max_batch_size=4, prefill_chunk=6)  # the prompt spans three chunks, run twice
+    always = profile("always", 4, condition(4, threshold=-2.0))
+    never = profile("never", 9, condition(9, threshold=2.0))
+    # beside a row whose condition does not fire, and one that is not steered (both decode meanwhile)
+    fired, quiet, alone = run(engine, request("c", steering=conditional((always, 2.0)), echo=True),
+                              request("q", prompt=OTHER, steering=conditional((never, 2.0)), echo=True),
+                              request("o", prompt=OTHER, n=20, echo=True), echo=True)
+    unconditional = RowSteering.from_profiles([(always, 2.0)], model=SHAPE)
+    assert unconditional.position_mode == "all"
+    plain_profile = run(engine, request("a", steering=unconditional, echo=True), echo=True)[0]
+    assert fired[2][0].applied is True and quiet[2][0].applied is False
+    assert (fired[0], fired[1], fired[3]) == (plain_profile[0], plain_profile[1], plain_profile[3])
+    unsteered = run(engine, request("u", echo=True), echo=True)[0]
+    assert fired[3] != unsteered[3]  # the prompt's logprobs are the steered prompt's
+
+
 def test_a_condition_that_always_fires_is_the_profile_unconditional_in_generated_mode(make_engine) -> None:
     engine = make_engine(max_batch_size=4, prefill_chunk=6)
     always = profile("always", 4, condition(4, threshold=-2.0))
-    fired = run(engine, request("c", steering=conditional((always, 2.0))))[0]
+    fired = run(engine, request("c", steering=conditional((always, 2.0), mode="generated")))[0]
     generated = RowSteering.from_profiles([(always, 2.0)], model=SHAPE, position_mode="generated")
     plain_profile = run(engine, request("g", steering=generated))[0]
     assert fired[:2] == plain_profile[:2]
@@ -108,14 +130,12 @@ def test_each_conditional_profile_follows_its_own_condition(make_engine) -> None
                                       conditional=[(yes, 1.0), (no, 1.0), (low, 0.5)])
     tokens, logprobs, results = run(engine, request("m", steering=mixed))[0]
     assert [(r.profile, r.applied) for r in results] == [("yes", True), ("no", False), ("low", True)]
-    # = the unconditional profile on the prompt and every token, plus yes and low from the first generated token
+    # = the unconditional profile plus yes and low, on the prompt (prefilled again) and every token
     expected = RowSteering.from_profiles([(unconditional, 1.0), (yes, 1.0), (low, 0.5)], model=SHAPE,
                                          position_mode="all")
+    assert (tokens, logprobs) == tuple(run(engine, request("e", steering=expected))[0][:2])
     first = RowSteering.from_profiles([(unconditional, 1.0)], model=SHAPE, position_mode="all")
-    reference_first = run(engine, request("f", steering=first, n=1))[0][0]
-    assert tokens[0] == reference_first[0]  # the first token comes from the prompt, steered by `plain` only
-    assert tokens != run(engine, request("e", steering=first))[0][0]
-    assert expected.offsets.keys() == {1, 2}
+    assert tokens != run(engine, request("f", steering=first))[0][0]
 
 
 def test_conditional_steering_of_a_profile_without_condition_is_refused() -> None:

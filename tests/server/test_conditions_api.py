@@ -23,10 +23,10 @@ MAX = 10
 def make(loaded, name: str, seed: int, threshold: float | None, comparison: str = ">") -> Profile:
     g = torch.Generator().manual_seed(seed)
     hidden = loaded.fingerprint.hidden_size
+    offsets = {layer: torch.randn(hidden, generator=g) * 4 for layer in (1, 2)}  # drawn first: same seed, same
     cond = None if threshold is None else Condition(layer=1, direction=torch.randn(hidden, generator=g),
                                                     threshold=threshold, comparison=comparison)
-    return Profile(name=name, offsets={layer: torch.randn(hidden, generator=g) * 4 for layer in (1, 2)},
-                   fingerprint=loaded.fingerprint, condition=cond)
+    return Profile(name=name, offsets=offsets, fingerprint=loaded.fingerprint, condition=cond)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,17 @@ def test_a_condition_that_does_not_fire_leaves_the_reply_unsteered(live) -> None
     assert "condition" not in forced["steering"]["profiles"][0]  # applied as a plain profile
 
 
-def test_a_condition_that_fires_steers_generated_tokens_as_the_plain_profile_does(live) -> None:
-    fired = chat(live, {"profile": "always", "strength": 1.5})
+@pytest.mark.parametrize("position", [None, "generated"])
+def test_a_condition_that_fires_steers_as_the_plain_profile_does(live, position) -> None:
+    extra = {} if position is None else {"position": position}
+    fired = chat(live, {"profile": "always", "strength": 1.5, **extra}, logprobs=True)
     assert reported(fired)["always"]["condition"]["applied"] is True
-    same = chat(live, {"profile": "plain", "strength": 1.5, "position": "generated"})
+    assert fired["steering"]["position"] == (position or "all")  # the profile's own mode unless overridden
+    same = chat(live, {"profile": "plain", "strength": 1.5, **extra}, logprobs=True)
     assert fired["choices"][0]["message"]["content"] == same["choices"][0]["message"]["content"]
+    assert fired["choices"][0]["logprobs"] == same["choices"][0]["logprobs"]
+    other = chat(live, {"profile": "plain", "strength": 1.5, "position": "all" if position else "generated"})
+    assert other["choices"][0]["message"]["content"] != fired["choices"][0]["message"]["content"]
 
 
 def test_streaming_and_n_report_the_same_decision(live) -> None:

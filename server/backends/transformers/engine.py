@@ -375,6 +375,9 @@ class ContinuousEngine(Engine):
                 if self._prefilling is seq:
                     self._prefilling = None
                 self._fail(seq, error)
+            if self._prefilling is seq and seq.filled == 0:
+                break  # a fired condition sent the prompt back: its steered prefill starts with the next step's
+                # budget, in the chunks a fresh prompt gets (so its rounding is the unconditional profile's)
         if self._running:
             self._decode_step()
 
@@ -503,12 +506,14 @@ class ContinuousEngine(Engine):
             for handle in handles:
                 handle.remove()
 
-    def _decide_conditions(self, seq: _Sequence) -> None:
+    def _decide_conditions(self, seq: _Sequence) -> bool:
         """At the end of the prompt: score each conditional profile's probe, keep the ones that fire in the
-        row's steering for its generated tokens and record the results for the first event."""
+        row's steering and record the results for the first event. True when the prompt must be prefilled
+        again: a profile fired and the row steers prompt positions (`all`), so the prompt's K/V and its last
+        state must be the steered ones, exactly as if the profile had been named without a condition."""
         steering = seq.steering
         if steering is None or not steering.conditional:
-            return
+            return False
         prompt_len = len(seq.request.prompt_ids)
         results, fired = [], []
         for profile, _ in steering.conditional:
@@ -521,6 +526,7 @@ class ContinuousEngine(Engine):
         seq.conditions = results
         seq.steering = steering.resolved(fired)
         seq.probe_sums, seq.probe_last = {}, {}
+        return any(fired) and steering.position_mode == "all"
 
     def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
         steering = seq.steering
@@ -553,13 +559,18 @@ class ContinuousEngine(Engine):
         seq.last_prompt_logits = logits[-1]
 
     def _join(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """The prompt is in the cache: read its conditions, pick the first token (from the prompt's last state,
-        which conditional profiles never steer), then enter the batch unless already done."""
+        """The prompt is in the cache: read its conditions (a fired profile that steers the prompt sends the
+        prompt back for a steered prefill, after which this runs again), pick the first token from the prompt's
+        last state, then enter the batch unless already done."""
         try:
-            self._decide_conditions(seq)
+            again = self._decide_conditions(seq)
         except Exception as error:  # this request's conditions: it fails alone
             log.exception("the conditions of request %s failed", seq.request.request_id)
             self._fail(seq, error)
+            return
+        if again:  # the same slot, from position 0: the unsteered K/V are overwritten
+            seq.filled, seq.prompt_logprobs, seq.last_prompt_logits = 0, None, None
+            self._prefilling = seq
             return
         if seq.max_new_tokens == 0:
             self._retire(seq)
