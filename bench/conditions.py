@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts of each set")
     parser.add_argument("--batch", type=int, default=16, help="requests run together")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="greedy replies with this repetition penalty (the server's rule; 1: off)")
+    parser.add_argument("--sets", nargs="+", choices=["harmful", "benign"], default=["harmful", "benign"],
+                        help="the prompt sets to run (with --only: a sweep on one set)")
     parser.add_argument("--split", choices=["dev", "train"], default="dev",
                         help="the prompts' split: dev (the report) or train (choosing a strength)")
     parser.add_argument("--only", nargs="+", choices=["unsteered", "always-on", "conditional"], default=None,
@@ -81,19 +85,24 @@ def main() -> None:
     engine = backend.engine
     engine.start()
     profile = Profile.load(args.profile).validate_for(backend.fingerprint)
-    if profile.condition is None:
-        raise SystemExit(f"{args.profile} has no condition")
+    if profile.condition is None and (not args.only or "conditional" in args.only):
+        raise SystemExit(f"{args.profile} has no condition (only `--only unsteered always-on` runs without one)")
     strength = profile.default_strength if args.strength is None else args.strength
     data = ROOT.parent / "shared" / "data"
     sets = {"harmful": read_prompts(str(data / "hh_harmless" / f"{args.split}.jsonl"), args.limit or 10**6),
             "benign": read_prompts(str(data / "alpaca_helpful" / f"{args.split}.jsonl"), args.limit or 10**6)}
+    if args.only:
+        sets = {k: v for k, v in sets.items() if k in args.sets}
+    elif set(args.sets) != {"harmful", "benign"}:
+        raise SystemExit("--sets needs --only (the full report runs both sets)")
     ids = {name: [render_prompt(backend.tokenizer, m) for m in prompts] for name, prompts in sets.items()}
     fp = backend.fingerprint
     steerings = {
         "unsteered": None,
         "always-on": RowSteering.from_profiles([(profile, strength)], model=fp),
-        "conditional": RowSteering.from_profiles([], model=fp, conditional=[(profile, strength)]),
     }
+    if profile.condition is not None:
+        steerings["conditional"] = RowSteering.from_profiles([], model=fp, conditional=[(profile, strength)])
     stop = backend.stop_token_ids
     if args.only:
         steerings = {k: v for k, v in steerings.items() if k in args.only}
@@ -101,7 +110,8 @@ def main() -> None:
     async def one(rid, prompt, steering, tokens, stops):
         out, conditions = [], None
         async for event in engine.generate(GenerationRequest(rid, prompt, SamplingParams(
-                max_new_tokens=tokens, temperature=0.0, stop_token_ids=stops), steering=steering)):
+                max_new_tokens=tokens, temperature=0.0, stop_token_ids=stops,
+                repetition_penalty=args.repetition_penalty), steering=steering)):
             out += event.token_ids
             conditions = conditions or event.conditions
         return out, conditions
@@ -116,8 +126,9 @@ def main() -> None:
         return asyncio.run(go())
 
     report: dict = {"profile": str(args.profile.relative_to(ROOT)) if args.profile.is_relative_to(ROOT) else str(
-        args.profile), "strength": strength, "condition": profile.condition.summary(), "max_tokens": args.max_tokens,
-        "split": args.split, "prompts": {k: len(v) for k, v in ids.items()}, "sets": {}}
+        args.profile), "strength": strength, "condition": profile.condition and profile.condition.summary(),
+        "max_tokens": args.max_tokens, "split": args.split, "repetition_penalty": args.repetition_penalty,
+        "prompts": {k: len(v) for k, v in ids.items()}, "sets": {}}
     texts: dict = {}
     for name, prompts in ids.items():
         row = {}

@@ -208,8 +208,9 @@ class Condition:
     form) or the dot product (`kind` "linear", a linear probe such as a logistic regression's weights, its bias
     folded into the threshold); the condition fires when the score is above `threshold` (`comparison` ">")
     or below it ("<"). The serving engines evaluate it
-    from the states the prompt's prefill computes anyway, and a profile whose condition fires acts from the
-    first generated token on (docs/server.md, "Conditional steering")."""
+    from the states the prompt's prefill computes anyway; a profile whose condition fires then steers as its
+    position mode says — the prompt too (prefilled once more) or from the first generated token on
+    (docs/server.md, "Conditional steering")."""
 
     layer: int
     direction: torch.Tensor

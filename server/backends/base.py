@@ -123,7 +123,7 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class ConditionResult:
     """How one conditional profile of a request was decided: its probe's score on the prompt and whether it
-    fired (the profile then steers the request's generated tokens)."""
+    fired (the profile then steers the request as its position mode says)."""
 
     profile: str
     applied: bool
