@@ -1,6 +1,6 @@
 """`POST /v1/profiles/{name}/fit`: a profile from a few contrastive examples, saved to the store (admin).
 
-Parses and checks the body, tokenises the examples (`steering_vectors.quickfit`), runs their forward
+Parses and checks the body, tokenises the examples (`steering_vectors.training.quickfit`), runs their forward
 passes through the engine's `run_between_steps` one batch at a time (running requests wait at most one
 batch between two of their steps), fits the offsets, stores the profile like an upload and returns its
 summary. One fit runs at a time; others wait for it.
@@ -17,8 +17,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from steering_vectors import quickfit
-from steering_vectors.errors import ProfileError
+from steering_vectors.core.errors import ProfileError
+from steering_vectors.training import quickfit
 
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, to_api_error

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from steering_vectors.errors import ProfileError
-from steering_vectors.profile import Profile, validate_name
+from steering_vectors.core.errors import ProfileError
+from steering_vectors.core.profile import Profile, validate_name
 
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, not_found, to_api_error
