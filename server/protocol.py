@@ -58,7 +58,7 @@ REPETITION_PENALTY = (0.01, 100.0)  # vLLM takes any positive value; this keeps 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """JSON has one number type: `2.0` is the integer 2 (as JSON Schema's `integer` says); `2.5` stays a
     float and is refused."""
     if isinstance(value, float) and value.is_integer():
@@ -66,7 +66,7 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+Int = Annotated[int, BeforeValidator(integral)]
 
 
 class _Strict(BaseModel):
