@@ -71,9 +71,6 @@ def forward_recorded(model: nn.Module, batch: Batch) -> None:
         pass
 
 
-# -- step 2: collect activity patterns --------------------------------------------------------------
-
-
 @dataclass
 class PatternRecord:
     """One (prompt, reply): base-model ids and, per target layer (rows of the tensors), reply-token states.

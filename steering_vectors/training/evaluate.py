@@ -3,7 +3,7 @@
 Knows how to score held-out preference pairs (length-normalised log-likelihood of chosen vs rejected),
 the perplexity of neutral text and greedy generations, each under a steering plan built with the
 server's `hooks`, and how to write a Markdown report with plots and a JSON file of every number.
-Knows nothing about how profiles are trained (see `rahf`).
+Knows nothing about how profiles are trained (see `instruct`, `collect`, `fit` and `pref`).
 """
 
 from __future__ import annotations

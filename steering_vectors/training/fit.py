@@ -26,8 +26,6 @@ from .data import Encoded, collate, pad_id
 from .instruct import InstructConfig, add_lora, train_adapter
 from .loop import LowRank, adam_on_offsets, batch_plan, batch_prompt_kl, factor_penalty, fit_draws, seed_everything
 
-# -- step 3: offsets ---------------------------------------------------------------------------------
-
 
 def mean_pattern_offsets(
     records: Sequence[PatternRecord], layers: Sequence[int], alpha: float

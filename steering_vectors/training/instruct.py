@@ -62,9 +62,6 @@ def scit_loss(ce_match: torch.Tensor, ce_mismatch: torch.Tensor, epsilon: float 
     return ce_match.mean() + contrast.mean()
 
 
-# -- step 1: instruct --------------------------------------------------------------------------------
-
-
 @dataclass
 class InstructConfig:
     """Hyper-parameters of the LoRA runs of step 1."""

@@ -46,6 +46,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def shuffled_batches(items: Sequence[Any], size: int, epochs: int, seed: int) -> list[list[Any]]:
+    """`epochs` seeded shuffles of `items`, one after the other, cut into batches of `size`."""
     rng = random.Random(seed)
     batches: list[list[Any]] = []
     for _ in range(epochs):

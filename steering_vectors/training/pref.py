@@ -18,8 +18,6 @@ from .data import DEFAULT_BUDGET, Encoded, PreferencePair, TokenBudget, collate,
 from .evaluate import pair_logprobs
 from .loop import LowRank, adam_on_offsets, batch_prompt_kl, factor_penalty, seed_everything, shuffled_batches
 
-# -- our addition: offsets learned on the preference metric itself ---------------------------------
-
 
 def preference_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """mean over pairs of -log sigmoid(beta * (LLn(chosen) - LLn(rejected))), LLn given per pair (N,)."""
