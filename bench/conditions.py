@@ -76,10 +76,10 @@ def main() -> None:
     from server.backends.base import GenerationRequest, SamplingParams
     from server.backends.transformers import create
     from server.config import Settings
-    from steering_vectors.conditions import prompt_states, render_prompt
-    from steering_vectors.hooks import RowSteering
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.hooks import RowSteering
+    from steering_vectors.core.profile import Profile
     from steering_vectors.profiles_cli import read_prompts
+    from steering_vectors.training.conditions import prompt_states, render_prompt
 
     backend = create(Settings(max_batch_size=args.batch, max_queue=1024))
     engine = backend.engine

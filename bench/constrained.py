@@ -31,7 +31,7 @@ from server.backends.base import GenerationRequest, SamplingParams, TokenConstra
 from server.config import Settings  # noqa: E402
 from server.protocol import parse_response_format  # noqa: E402
 from server.structured import Grammars  # noqa: E402
-from steering_vectors.models import load_model  # noqa: E402
+from steering_vectors.core.models import load_model  # noqa: E402
 
 PROMPTS = [
     "Describe a cat with its name, age and favourite food.",

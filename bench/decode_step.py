@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.backends.transformers.engine import ContinuousEngine  # noqa: E402
 from server.backends.transformers.packed import pack_model  # noqa: E402
-from steering_vectors.hooks import SteeringPlan, build_plan  # noqa: E402
-from steering_vectors.models import load_model  # noqa: E402
+from steering_vectors.core.hooks import SteeringPlan, build_plan  # noqa: E402
+from steering_vectors.core.models import load_model  # noqa: E402
 
 
 def decode_steps(
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from steering_vectors.compare import cpu_name
+    from steering_vectors.training.compare import cpu_name
 
     print(f"CPU: {cpu_name()}")
     model = load_model(None, dtype="float32").model

@@ -7,7 +7,15 @@ budget is spent), then stops the server with SIGTERM. Exits non-zero on any sche
 server log line at level error (an unhandled exception) or on an unclean stop.
 
     python bench/fuzz.py --max-time 180          # what CI runs (.ci/run)
+    python bench/fuzz.py --default-config        # as a new user runs it: no project configuration
     bash bench/fuzz.sh                           # the long run (30 minutes by default)
+
+`--default-config` runs schemathesis as someone who has only the server would: no bench/schemathesis.toml
+(its per-operation expected statuses), no bench/fuzz_hooks.py (its real profile files for valid uploads),
+every check on in its default configuration; only the keys (`--header`) and the run's size are given.
+The description alone has to make every schema-valid request one the server accepts; the two rules it
+cannot state (an upload's bytes must be a profile file, a fit's texts are limited in tokens) remain as two
+findings there (docs/reliability.md, "As a new user runs it").
 
 Needs the `test` extra (schemathesis). Reports (JUnit XML, NDJSON events) go to --report-dir.
 """
@@ -42,9 +50,9 @@ def write_uploads(model_dir: Path, folder: Path) -> Path:
     request mixing modes without choosing one is a 400 the description cannot express)."""
     import torch
 
-    from steering_vectors.gguf_io import write_control_vector
-    from steering_vectors.models import load_model
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.gguf_io import write_control_vector
+    from steering_vectors.core.models import load_model
+    from steering_vectors.core.profile import Profile
 
     fingerprint = load_model(model_dir).fingerprint
     hidden = fingerprint.hidden_size
@@ -72,6 +80,9 @@ def main() -> int:
     parser.add_argument("--report-dir", type=Path, default=ROOT / ".cache" / "fuzz")
     parser.add_argument("--nice", type=int, default=0, help="run the server under nice -n N")
     parser.add_argument("--keep", action="store_true", help="keep the temporary model and profile folders")
+    parser.add_argument("--default-config", action="store_true",
+                        help="no project configuration file and no hooks: schemathesis's defaults, all checks")
+    parser.add_argument("--max-examples", type=int, default=None, help="schemathesis examples per operation")
     args = parser.parse_args()
     args.report_dir = args.report_dir.resolve()
 
@@ -93,8 +104,9 @@ def main() -> int:
     server.start()
     started = time.monotonic()
     try:
+        config = [] if args.default_config else ["--config-file", str(ROOT / "bench" / "schemathesis.toml")]
         command = [
-            st, "--config-file", str(ROOT / "bench" / "schemathesis.toml"), "run", f"{server.url}/openapi.json",
+            st, *config, "run", f"{server.url}/openapi.json",
             "--checks", "all",
             "--max-time", str(args.max_time),
             "--seed", str(args.seed),
@@ -105,10 +117,14 @@ def main() -> int:
             "--report-dir", str(args.report_dir),
             "--no-color",
         ]
+        if args.max_examples is not None:
+            command += ["--max-examples", str(args.max_examples)]
         print("fuzz:", " ".join(c.replace(ADMIN_KEY, "***") for c in command), flush=True)
         hooks = {"SCHEMATHESIS_HOOKS": str(ROOT / "bench" / "fuzz_hooks.py"), "RAHF_FUZZ_UPLOADS": str(uploads)}
-        # cwd: schemathesis keeps its replay store (.schemathesis/) in the working directory
-        fuzz = subprocess.run(command, cwd=args.report_dir, env={**os.environ, **hooks})
+        env = {key: value for key, value in os.environ.items() if not key.startswith("SCHEMATHESIS_")}
+        # cwd: schemathesis keeps its replay store (.schemathesis/) in the working directory (and would read a
+        # schemathesis.toml there: the report folder has none)
+        fuzz = subprocess.run(command, cwd=args.report_dir, env=env if args.default_config else {**env, **hooks})
     finally:
         code = server.stop(signal.SIGTERM, timeout=60)
     took = time.monotonic() - started

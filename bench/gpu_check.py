@@ -50,7 +50,7 @@ def model_source(given: str | None) -> Path:
     for candidate in (given, ROOT / ".gpu" / "model"):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)
-    from steering_vectors.models import ensure_embedded_cache
+    from steering_vectors.core.models import ensure_embedded_cache
 
     return ensure_embedded_cache()[0]
 
@@ -104,7 +104,7 @@ def environment(device: str) -> dict:
 def write_profiles(directory: Path, num_layers: int, hidden: int) -> None:
     import torch
 
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.profile import Profile
 
     layers = sorted({num_layers // 4, num_layers // 2, (3 * num_layers) // 4})
     generator = torch.Generator().manual_seed(0)

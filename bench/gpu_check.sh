@@ -45,7 +45,7 @@ prepare() {
 import shutil
 from pathlib import Path
 
-from steering_vectors.models import ensure_embedded_cache
+from steering_vectors.core.models import ensure_embedded_cache
 
 source = ensure_embedded_cache()[0]
 for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

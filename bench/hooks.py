@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from steering_vectors import Profile, Steerer, build_plan, combine_offsets
-from steering_vectors.models import load_model
+from steering_vectors.core.models import load_model
 
 
 def _generate(model, inputs, new_tokens: int) -> int:

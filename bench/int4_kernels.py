@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.backends.transformers.fastdecode import _projection  # noqa: E402
 from server.backends.transformers.packed import GROUP, PackedLinear, int4_groups, pack_model  # noqa: E402
-from steering_vectors.evaluate import neutral_text  # noqa: E402
-from steering_vectors.models import load_model  # noqa: E402
+from steering_vectors.core.models import load_model  # noqa: E402
+from steering_vectors.training.evaluate import neutral_text  # noqa: E402
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.backends.transformers.packed import pack_model  # noqa: E402
-from steering_vectors.evaluate import neutral_text  # noqa: E402
-from steering_vectors.models import load_model  # noqa: E402
+from steering_vectors.core.models import load_model  # noqa: E402
+from steering_vectors.training.evaluate import neutral_text  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",

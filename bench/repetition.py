@@ -91,7 +91,7 @@ def sampler_cost(rows: int = 8, rounds: int = 200) -> None:
 
     from server.backends.base import SamplingParams
     from server.backends.sampling import select_tokens
-    from steering_vectors.compare import cpu_name
+    from steering_vectors.training.compare import cpu_name
 
     generator = torch.Generator().manual_seed(0)
     vocab = 49152
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from steering_vectors.evaluate import GENERATION_PROMPTS, reply_repetition
-    from steering_vectors.models import ensure_embedded_cache
+    from steering_vectors.core.models import ensure_embedded_cache
+    from steering_vectors.training.evaluate import GENERATION_PROMPTS, reply_repetition
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_cache()[0])
     prompts = [*GENERATION_PROMPTS, *EXTRA_PROMPTS, *dev_prompts(args.data, args.dev_prompts)]
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(args: argparse.Namespace, prompts: list[str], results: list[dict]) -> None:
-    from steering_vectors.compare import cpu_name
+    from steering_vectors.training.compare import cpu_name
 
     (args.out / "report.json").write_text(
         json.dumps(

@@ -274,7 +274,7 @@ def write_profiles(directory: Path, hidden: int, count: int = 8) -> None:
     """`count` random profiles (bench0..) of a modest norm on a few middle layers."""
     import torch
 
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.profile import Profile
 
     generator = torch.Generator().manual_seed(0)
     for i in range(count):
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from steering_vectors.models import embedded_gguf_path, ensure_embedded_cache
+    from steering_vectors.core.models import embedded_gguf_path, ensure_embedded_cache
 
     model_dir, _ = ensure_embedded_cache()
     args.out.mkdir(parents=True, exist_ok=True)

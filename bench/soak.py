@@ -366,8 +366,8 @@ def percentile(values: list[float], q: float) -> float:
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path | None, Path, Callable[[int], bytes]]:
     import torch
 
-    from steering_vectors.models import load_model
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.models import load_model
+    from steering_vectors.core.profile import Profile
 
     if args.model == "tiny":
         model_dir: Path | None = tiny_model(work / "model")

@@ -80,7 +80,7 @@ def load_profiles(fingerprint, check_digest: bool = True):
     another shape on a GPU host), 12 seeded random profiles of its shape, named random-N."""
     import torch
 
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.profile import Profile
 
     files = [*sorted((ROOT / "profiles").glob("*.safetensors")),
              *sorted((ROOT / "profiles" / "baselines").glob("*.safetensors"))]
@@ -102,7 +102,7 @@ def load_profiles(fingerprint, check_digest: bool = True):
 
 
 def steering_for(scenario: str, index: int, profiles, fingerprint):
-    from steering_vectors.hooks import RowSteering
+    from steering_vectors.core.hooks import RowSteering
 
     first = next((p for p in profiles if p.name == "helpful"), profiles[0])
     if scenario == "unsteered":
@@ -296,7 +296,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from steering_vectors.models import ensure_embedded_cache
+    from steering_vectors.core.models import ensure_embedded_cache
 
     model_dir = args.model or str(ensure_embedded_cache()[0])
     concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -76,7 +76,7 @@ chmod 0777 "$WORK/profiles"
 podman run --rm "${RUN_FLAGS[@]}" --no-healthcheck -v "$WORK/profiles:/out" --entrypoint python "$IMAGE" -c '
 import json, torch
 from steering_vectors import Profile
-from steering_vectors.models import ensure_embedded_cache
+from steering_vectors.core.models import ensure_embedded_cache
 config = json.loads((ensure_embedded_cache()[0] / "config.json").read_text())
 gen = torch.Generator().manual_seed(0)
 hidden, layers = config["hidden_size"], config["num_hidden_layers"]

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
-from steering_vectors.models import LoadedModel
+from steering_vectors.core.models import LoadedModel
 
 from . import errors
 from .auth import KeyRing

@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from steering_vectors.models import check_device, check_model
+    from steering_vectors.core.models import check_device, check_model
 
     from . import logs
     from .app import create_app

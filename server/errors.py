@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from steering_vectors.errors import (
+from steering_vectors.core.errors import (
     ModelNotFoundError,
     PlanError,
     ProfileError,

@@ -78,11 +78,15 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
 }
 
 
-def responses(*statuses: int, ok: dict[int | str, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: its success responses (`ok`) and the error statuses it answers."""
+def responses(
+    *statuses: int, ok: dict[int | str, dict[str, Any]] | None = None, why: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: its success responses (`ok`) and the error statuses it answers; `why`: the
+    route's own description of a status (what makes its request invalid), instead of the general one."""
     documented: dict[int | str, dict[str, Any]] = dict(ok or {})
     for status in statuses:
         description, headers = _ERRORS[status]
+        description = (why or {}).get(status, description)
         entry: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR}}}
         if headers:
             entry["headers"] = copy.deepcopy(headers)
@@ -319,18 +323,40 @@ READY = {
                    "engine": {"type": "object", "additionalProperties": {"type": "integer"}},
                    "backend": {"type": ["string", "null"]}},
 }
+# The smallest file of either format: safetensors is an 8-byte header length and a JSON header (at least
+# `{}`); GGUF a 4-byte magic, a 4-byte version and two 8-byte counts. Shorter bodies are never profiles.
+UPLOAD_MIN_BYTES = 10
+_PROFILE_FILE = {
+    "type": "string",
+    "format": "binary",
+    "minLength": UPLOAD_MIN_BYTES,
+    "description": "the bytes of a profile file: a safetensors file in this project's profile format "
+                   "(`rahf train`, `rahf profiles`, `Profile.save`), or a GGUF control vector (llama.cpp / "
+                   "repeng: `direction.N` tensors, magic `GGUF`). Which bytes make such a file is beyond JSON "
+                   "Schema; the server parses the file and answers 400 when it is not one, 422 when it was made "
+                   "for another model",
+}
 UPLOAD_BODY = {
     "required": True,
-    "description": "a profile file (`.safetensors`) or a GGUF control vector: the raw bytes, or one file part "
-                   "of a multipart form",
+    "description": "a profile file (`.safetensors`) or a GGUF control vector: the raw bytes (any content type "
+                   "but a multipart form), or the one file part of a multipart form",
     "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+        "application/octet-stream": {"schema": _PROFILE_FILE},
         "multipart/form-data": {
             "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
-                       "properties": {"file": {"type": "string", "format": "binary", "minLength": 1}}},
+                       "properties": {"file": _PROFILE_FILE}},
+            "encoding": {"file": {"contentType": "application/octet-stream"}},
         },
     },
 }
+UPLOAD_INVALID = (
+    "The upload is not a profile file: the body is empty or the form has no file part (`code: "
+    "missing_required_parameter`); the bytes are neither a safetensors file (an 8-byte header length, a JSON "
+    "header, the tensors it lists) nor a GGUF file (`code: invalid_profile`); the file is one of those formats "
+    "but not a profile: no offsets, unknown tensors or metadata, a format version this server does not read, "
+    "non-finite values (`invalid_profile`); "
+    "or the profile name in the path is not a valid name (`code: invalid_profile_name`)"
+)
 PROFILE_NAME_PARAM = {
     "description": "1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit, no `..`",
 }

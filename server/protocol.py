@@ -1,8 +1,12 @@
 """The OpenAI request models and the steering extension.
 
 Knows the JSON shapes clients send to `/v1/chat/completions` and `/v1/completions`, their bounds, and
-how a request turns itself into engine sampling parameters. Knows nothing about tokenisers, profiles
-on disk or the engine's scheduling: the serving layer resolves profile names and tokenises.
+how a request normalises itself: `generation()` is a chat or completion request as the serving layer
+takes it (`Generation`: the steering entries with the parameter that named each, stop strings, the
+max-tokens field that counts, chat-template turns or prompts, and each choice's sampling parameters), read
+once; `TokenizeRequest` fills in its own `add_special_tokens` default. Knows nothing about tokenisers,
+profiles on disk, the served model's name or the engine's scheduling: the serving layer checks the model
+alias, resolves profile names against the store, applies the server's limits and tokenises.
 
 Unknown fields are refused with a 400 naming them, so a client never silently loses a parameter it
 relies on (tools, logit_bias, response_format on /v1/completions …); given at the value that asks for
@@ -16,6 +20,8 @@ JSON) is refused before it reaches the tokeniser.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -52,7 +58,7 @@ REPETITION_PENALTY = (0.01, 100.0)  # vLLM takes any positive value; this keeps 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as the OpenAI API documents `seed`
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """JSON has one number type: `2.0` is the integer 2 (as JSON Schema's `integer` says); `2.5` stays a
     float and is refused."""
     if isinstance(value, float) and value.is_integer():
@@ -60,7 +66,7 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+Int = Annotated[int, BeforeValidator(integral)]
 
 
 class _Strict(BaseModel):
@@ -111,12 +117,25 @@ class SteeringEntry(_Strict):
 SteeringSpec = SteeringEntry | list[SteeringEntry] | None
 
 
-def steering_entries(spec: SteeringSpec) -> list[SteeringEntry]:
+@dataclass(frozen=True)
+class SteeringWish:
+    """One profile a request asks for, from a `steering` entry or the model alias."""
+
+    profile: str
+    strength: float | None  # None: the profile's default strength
+    position: PositionMode | None
+    param: str  # where the client named it, for error messages: "steering", "steering[i]" or "model"
+    condition: Literal["honour", "ignore"] = "honour"  # "ignore": the profile's condition is not read
+
+
+def steering_wishes(spec: SteeringSpec) -> tuple[SteeringWish, ...]:
+    """The `steering` field's entries, each with the parameter that names it."""
     if spec is None:
-        return []
+        return ()
     if isinstance(spec, SteeringEntry):
-        return [spec]
-    return list(spec)
+        return (SteeringWish(spec.profile, spec.strength, spec.position, "steering", spec.condition),)
+    return tuple(SteeringWish(entry.profile, entry.strength, entry.position, f"steering[{i}]", entry.condition)
+                 for i, entry in enumerate(spec))
 
 
 class StreamOptions(_Strict):
@@ -145,6 +164,11 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+def chat_turns(messages: list[ChatMessage]) -> tuple[dict[str, str], ...]:
+    """The messages as a chat template takes them: text content, `developer` as `system`."""
+    return tuple({"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages)
 
 
 Stop = str | list[str] | None
@@ -203,6 +227,42 @@ def parse_response_format(value: Any) -> TextFormat | JsonObjectFormat | JsonSch
         raise ValueError(f"{where}: {message}" if where else message) from None
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A chat or completion request as the serving layer takes it, normalised once by its model: what the
+    client asked for, in the form serving uses, with nothing of the server's limits applied yet."""
+
+    model: str
+    n: int
+    steering: tuple[SteeringWish, ...]  # the `steering` field's entries (the model alias is serving's to read)
+    stop: tuple[str, ...]
+    max_tokens: int | None  # as the client set it; None: not set
+    max_tokens_param: str  # the field that set it, for error messages
+    default_max_tokens: int | None  # when not set (None: the server's default_max_tokens)
+    sampling_template: SamplingParams  # choice 0's, before the server's stop ids, length and default penalty
+    repetition_penalty: float | None  # None: the server's default
+    ignore_eos: bool
+    turns: tuple[dict[str, str], ...] = ()  # chat: the messages as chat-template turns
+    prompts: tuple[str | list[int], ...] = ()  # completions: texts or token-id lists
+    response_format: JsonObjectFormat | JsonSchemaResponseFormat | None = None  # chat: None is free text
+
+    def sampling(
+        self, index: int, max_new_tokens: int, stop_token_ids: frozenset[int], default_repetition_penalty: float = 1.0
+    ) -> SamplingParams:
+        """Choice `index`'s sampling: choice i of a seeded request uses seed + i, so the n choices differ but
+        each is reproducible; `default_repetition_penalty` (the server's setting) where the request sets none."""
+        seed = self.sampling_template.seed
+        return dataclasses.replace(
+            self.sampling_template,
+            max_new_tokens=max_new_tokens,
+            seed=None if seed is None else seed + index,
+            stop_token_ids=frozenset() if self.ignore_eos else stop_token_ids,
+            repetition_penalty=(
+                default_repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
+            ),
+        )
+
+
 class _GenerationRequest(_Strict):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -248,44 +308,39 @@ class _GenerationRequest(_Strict):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(
+    def _generation(
         self,
         *,
-        max_new_tokens: int,
-        stop_token_ids: frozenset[int],
-        index: int,
+        max_tokens: int | None,
+        max_tokens_param: str,
+        default_max_tokens: int | None,
         logprobs: bool,
         top_logprobs: int,
         prompt_logprobs: bool,
-        default_repetition_penalty: float,
-    ) -> SamplingParams:
-        # Choice i of a seeded request uses seed + i, so the n choices differ but each is reproducible.
-        seed = None if self.seed is None else self.seed + index
-        return SamplingParams(
-            max_new_tokens=max_new_tokens,
+        **inputs: Any,
+    ) -> Generation:
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        template = SamplingParams(
+            max_new_tokens=0,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            seed=seed,
-            stop_token_ids=frozenset() if self.ignore_eos else stop_token_ids,
+            seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,
-            repetition_penalty=(
-                default_repetition_penalty if self.repetition_penalty is None else self.repetition_penalty
-            ),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
+        )
+        return Generation(
+            model=self.model, n=self.n, steering=steering_wishes(self.steering), stop=stop, max_tokens=max_tokens,
+            max_tokens_param=max_tokens_param, default_max_tokens=default_max_tokens, sampling_template=template,
+            repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, **inputs,
         )
 
 
@@ -306,24 +361,21 @@ class ChatCompletionRequest(_GenerationRequest):
         parsed = parse_response_format(value)
         return None if isinstance(parsed, TextFormat) else parsed
 
-    @property
-    def requested_max_tokens(self) -> tuple[int | None, str]:
+    def generation(self) -> Generation:
+        """The request as serving takes it; max_completion_tokens, when set, counts before max_tokens."""
         if self.max_completion_tokens is not None:
-            return self.max_completion_tokens, "max_completion_tokens"
-        return self.max_tokens, "max_tokens"
-
-    def sampling_params(
-        self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int, default_repetition_penalty: float = 1.0
-    ) -> SamplingParams:
-        """This choice's sampling; `default_repetition_penalty` (the server's setting) where the request sets none."""
-        return self._sampling(
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            index=index,
+            max_tokens, param = self.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = self.max_tokens, "max_tokens"
+        return self._generation(
+            max_tokens=max_tokens,
+            max_tokens_param=param,
+            default_max_tokens=None,
             logprobs=self.logprobs,
             top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
             prompt_logprobs=False,
-            default_repetition_penalty=default_repetition_penalty,
+            turns=chat_turns(self.messages),
+            response_format=self.response_format,
         )
 
 
@@ -345,27 +397,26 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError("prompt must not be empty")
         return value
 
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt as a list of texts or token-id lists."""
+    def prompts(self) -> tuple[str | list[int], ...]:
+        """The prompt as texts or token-id lists."""
         if isinstance(self.prompt, str):
-            return [self.prompt]
+            return (self.prompt,)
         if all(isinstance(item, int) for item in self.prompt):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+            return (list(self.prompt),)  # type: ignore[arg-type]
+        return tuple(self.prompt)  # type: ignore[arg-type]
 
-    def sampling_params(
-        self, max_new_tokens: int, stop_token_ids: frozenset[int], index: int, default_repetition_penalty: float = 1.0
-    ) -> SamplingParams:
-        """This choice's sampling; `default_repetition_penalty` (the server's setting) where the request sets none."""
+    def generation(self) -> Generation:
+        """The request as serving takes it; an absent max_tokens is the OpenAI default of 16 (within the
+        server's limit and the context window, which serving applies)."""
         wants = self.logprobs is not None
-        return self._sampling(
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            index=index,
+        return self._generation(
+            max_tokens=self.max_tokens if "max_tokens" in self.model_fields_set else None,
+            max_tokens_param="max_tokens",
+            default_max_tokens=CompletionRequest.model_fields["max_tokens"].default,
             logprobs=wants,
             top_logprobs=self.logprobs or 0,
             prompt_logprobs=wants and self.echo,
-            default_repetition_penalty=default_repetition_penalty,
+            prompts=self.prompts(),
         )
 
 
@@ -376,7 +427,8 @@ class TokenizeRequest(_Strict):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True  # messages only
-    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    # default (filled in on validation): true for a prompt, false for messages (the template has them)
+    add_special_tokens: bool | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="before")
@@ -388,7 +440,14 @@ class TokenizeRequest(_Strict):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt or messages")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.messages is None
         return self
+
+    @property
+    def turns(self) -> tuple[dict[str, str], ...] | None:
+        """The messages as chat-template turns, or None for a prompt."""
+        return None if self.messages is None else chat_turns(self.messages)
 
 
 class DetokenizeRequest(_Strict):

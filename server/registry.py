@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from steering_vectors.errors import ProfileError
-from steering_vectors.gguf_io import read_profile
-from steering_vectors.profile import ModelFingerprint, Profile, atomic_write, validate_name
+from steering_vectors.core.errors import ProfileError
+from steering_vectors.core.gguf_io import read_profile
+from steering_vectors.core.profile import ModelFingerprint, Profile, atomic_write, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SUFFIX = ".safetensors"
 # the file that provides a profile when both exist: an upload writes the .safetensors file first and
 # removes the .gguf one after, so the new file wins from the moment it lands
 SUFFIXES = (SUFFIX, ".gguf")
-# what steering_vectors.profile.atomic_write leaves behind when the process dies mid-write: removed at the
+# what steering_vectors.core.profile.atomic_write leaves behind when the process dies mid-write: removed at the
 # next load once older than this (a write in progress, by this or another process, takes milliseconds)
 STALE_TEMP_S = 600.0
 _READ_TRIES = 3

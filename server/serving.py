@@ -3,9 +3,13 @@
 Knows tokenisation and chat templates, the steering extension (profile names, strengths, the
 `<base>:<profile>@<strength>` model alias), limits, incremental detokenisation that never splits a
 UTF-8 character, stop strings, logprob formats and usage, and which rows carry a `response_format`'s
-constraint (compiled by `structured.py`, one grammar state per choice). Knows nothing about HTTP transport (routes
-wrap the chunks in server-sent events) or scheduling (the engine's business). Testable with a fake
+constraint (compiled by `structured.py`, one grammar state per choice). Knows nothing about HTTP transport
+(routes wrap the chunks in server-sent events) or scheduling (the engine's business). Testable with a fake
 engine and no model.
+
+Preparation reads in one direction: a request model validates and normalises what it owns and hands over
+one `protocol.Generation` (`request.generation()`); `prepare_chat` / `prepare_completion` take it once and
+add what only the server knows (the served model's alias, the profile store, limits, the tokeniser).
 """
 
 from __future__ import annotations
@@ -19,21 +23,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from steering_vectors.errors import PlanError
-from steering_vectors.hooks import RowSteering
-from steering_vectors.profile import ModelFingerprint, Profile
+from steering_vectors.core.errors import PlanError
+from steering_vectors.core.hooks import RowSteering
+from steering_vectors.core.profile import ModelFingerprint, Profile
 
 from .backends.base import ConditionResult, Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
 from .config import Settings
 from .errors import bad_request, not_found
-from .protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    SteeringEntry,
-    TokenizeRequest,
-    steering_entries,
-)
+from .protocol import ChatCompletionRequest, CompletionRequest, Generation, SteeringWish, TokenizeRequest
 from .registry import ProfileRegistry
 from .structured import Grammars, ResponseFormatError, schema_for
 
@@ -77,26 +74,7 @@ def steering_header(steering: RowSteering | None, digests: Mapping[str, str] | N
     return header
 
 
-def wanted_profiles(model: str, spec: SteeringEntry | list[SteeringEntry] | None, base: str) -> list[str]:
-    """The profile names a request asks for (model alias first); nothing is checked here but the alias."""
-    names = []
-    alias = parse_model_alias(model, base)
-    if alias is not None:
-        names.append(alias.profile)
-    names.extend(entry.profile for entry in steering_entries(spec))
-    return names
-
-
-@dataclass
-class _Wanted:
-    profile: str
-    strength: float | None
-    position: str | None
-    param: str  # where the client named it, for error messages
-    condition: str = "honour"  # "ignore": a profile's condition is not read, the profile always acts
-
-
-def parse_model_alias(model: str, base: str) -> _Wanted | None:
+def parse_model_alias(model: str, base: str) -> SteeringWish | None:
     """`<base>` -> None; `<base>:<profile>[@<strength>]` -> the wanted profile; anything else -> 404."""
     if model == base:
         return None
@@ -117,28 +95,25 @@ def parse_model_alias(model: str, base: str) -> _Wanted | None:
             strength = float(strength_text)
         except ValueError:
             raise bad_request(f"model alias {model!r}: strength {strength_text!r} is not a number", "model") from None
-    return _Wanted(profile=name, strength=strength, position=None, param="model")
+    return SteeringWish(profile=name, strength=strength, position=None, param="model")
+
+
+def wanted_steering(generation: Generation, base: str) -> list[SteeringWish]:
+    """What a request asks for: the model alias's profile (checked against the served model `base`) first,
+    then the `steering` entries."""
+    alias = parse_model_alias(generation.model, base)
+    return ([alias] if alias is not None else []) + list(generation.steering)
 
 
 def resolve_steering(
-    model: str,
-    spec: SteeringEntry | list[SteeringEntry] | None,
+    wanted: Sequence[SteeringWish],
     *,
-    base: str,
     profiles: Mapping[str, Profile],
     strength_bounds: tuple[float, float],
     fingerprint: ModelFingerprint,
 ) -> RowSteering | None:
-    """Resolve the model alias and the `steering` field against one profile snapshot into a row's
-    steering, validated once against the loaded model's `fingerprint` (the engine takes it as it is)."""
-    wanted: list[_Wanted] = []
-    alias = parse_model_alias(model, base)
-    if alias is not None:
-        wanted.append(alias)
-    entries = steering_entries(spec)
-    for i, entry in enumerate(entries):
-        param = "steering" if isinstance(spec, SteeringEntry) else f"steering[{i}]"
-        wanted.append(_Wanted(entry.profile, entry.strength, entry.position, param, entry.condition))
+    """Resolve what a request asks for against one profile snapshot into a row's steering, validated once
+    against the loaded model's `fingerprint` (the engine takes it as it is)."""
     if not wanted:
         return None
 
@@ -344,17 +319,14 @@ class Serving:
 
     # -- preparing ----------------------------------------------------------------------------------
 
-    def _steering(
-        self, request: ChatCompletionRequest | CompletionRequest
-    ) -> tuple[RowSteering | None, dict[str, str]]:
+    def _steering(self, generation: Generation) -> tuple[RowSteering | None, dict[str, str]]:
         """The request's steering and the digests of the profile files it uses, from one view of the store in
         which every named profile is as its file is now (loaded on a miss, gone when deleted)."""
-        names = wanted_profiles(request.model, request.steering, self.model_name)
+        wanted = wanted_steering(generation, self.model_name)
+        names = [item.profile for item in wanted]
         state = self.registry.lookup(names) if names else self.registry.state()
         steering = resolve_steering(
-            request.model,
-            request.steering,
-            base=self.model_name,
+            wanted,
             profiles=state.profiles,
             strength_bounds=(self.settings.strength_min, self.settings.strength_max),
             fingerprint=self.registry.fingerprint,
@@ -408,24 +380,23 @@ class Serving:
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def _chat_text(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def _chat_text(self, turns: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         try:
-            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            return self.tokenizer.apply_chat_template([dict(turn) for turn in turns],
+                                                      add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as exc:  # no template, or a template that rejects the roles used
             raise bad_request(f"the model's chat template cannot format these messages: {exc}", "messages") from None
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        return self._encode(self._chat_text(request.messages), add_special_tokens=False)
+    def chat_prompt(self, turns: Sequence[Mapping[str, str]]) -> list[int]:
+        return self._encode(self._chat_text(turns), add_special_tokens=False)
 
     def tokenize(self, request: TokenizeRequest) -> list[int]:
-        """The token ids of a `/tokenize` request: its prompt (special tokens added unless it says not to), or
-        its messages through the chat template, as a chat completion would see them."""
-        if request.messages is not None:
-            text = self._chat_text(request.messages, add_generation_prompt=request.add_generation_prompt)
-            return self._encode(text, add_special_tokens=bool(request.add_special_tokens))
-        special = True if request.add_special_tokens is None else request.add_special_tokens
+        """The token ids of a `/tokenize` request: its prompt, or its messages through the chat template, as a
+        chat completion would see them (special tokens as the request, with its defaults, says)."""
+        turns, special = request.turns, bool(request.add_special_tokens)
+        if turns is not None:
+            text = self._chat_text(turns, add_generation_prompt=request.add_generation_prompt)
+            return self._encode(text, add_special_tokens=special)
         return self._encode(request.prompt or "", add_special_tokens=special)
 
     async def compile_response_format(self, request: ChatCompletionRequest) -> None:
@@ -439,72 +410,71 @@ class Serving:
             except ResponseFormatError:
                 pass
 
-    def _constraints(self, request: ChatCompletionRequest) -> list[TokenConstraint | None]:
+    def _constraints(self, generation: Generation) -> list[TokenConstraint | None]:
         """One constraint per choice for a request with a response format (each its own grammar state)."""
-        fmt = request.response_format
+        fmt = generation.response_format
         if fmt is None:
-            return [None] * request.n
+            return [None] * generation.n
         if not self.engine.supports_constraints and not self.engine.supports_json_schema:
             raise bad_request(f"response_format {fmt.type!r} is not supported by this server's backend",
                               "response_format", code="unsupported_parameter")
         try:
             if not self.engine.supports_constraints:  # the engine applies the schema itself: check it compiles
                 self.grammars.compile(fmt)
-                return [None] * request.n
-            return [self.grammars.constraint(fmt) for _ in range(request.n)]
+                return [None] * generation.n
+            return [self.grammars.constraint(fmt) for _ in range(generation.n)]
         except ResponseFormatError as exc:
             raise bad_request(f"response_format: {exc}", "response_format") from None
 
-    def _json_schema(self, request: ChatCompletionRequest) -> dict[str, Any] | None:
+    def _json_schema(self, generation: Generation) -> dict[str, Any] | None:
         """The schema handed to an engine that applies response formats itself (`supports_json_schema`)."""
-        fmt = request.response_format
+        fmt = generation.response_format
         if fmt is None or self.engine.supports_constraints or not self.engine.supports_json_schema:
             return None
         return schema_for(fmt)[0]
 
-    def _sampling(
-        self, request: ChatCompletionRequest | CompletionRequest, max_new: int, index: int
-    ) -> SamplingParams:
-        """Choice `index`'s sampling: the request's, with the server's default repetition penalty where it
-        sets none."""
-        return request.sampling_params(max_new, self.stop_token_ids, index, self.settings.default_repetition_penalty)
+    def _sampling(self, generation: Generation, max_new: int, index: int) -> SamplingParams:
+        """Choice `index`'s sampling: the request's, with the server's stop token ids, and its default
+        repetition penalty where the request sets none."""
+        return generation.sampling(index, max_new, self.stop_token_ids, self.settings.default_repetition_penalty)
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
-        self._check_n(request.n)
-        prompt_ids = self.chat_prompt(request)
-        requested, param = request.requested_max_tokens
-        max_new = self._max_new_tokens(len(prompt_ids), requested, param, "messages")
-        steering, digests = self._steering(request)
-        constraints = self._constraints(request)
-        schema = self._json_schema(request)
+        asked = request.generation()
+        self._check_n(asked.n)
+        prompt_ids = self.chat_prompt(asked.turns)
+        max_new = self._max_new_tokens(len(prompt_ids), asked.max_tokens, asked.max_tokens_param, "messages")
+        steering, digests = self._steering(asked)
+        constraints = self._constraints(asked)
+        schema = self._json_schema(asked)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [
             GenerationRequest(
                 request_id=f"{rid}-{i}",
                 prompt_ids=prompt_ids,
-                sampling=self._sampling(request, max_new, i),
+                sampling=self._sampling(asked, max_new, i),
                 steering=steering,
                 constraint=constraints[i],
                 json_schema=schema,
             )
-            for i in range(request.n)
+            for i in range(asked.n)
         ]
-        return Prepared(rid, int(time.time()), request.model, requests, [""] * request.n, len(prompt_ids),
-                        steering, request.stop_strings(), digests)
+        return Prepared(rid, int(time.time()), asked.model, requests, [""] * asked.n, len(prompt_ids),
+                        steering, list(asked.stop), digests)
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
-        self._check_n(request.n)
-        prompts = request.prompts()
+        asked = request.generation()
+        self._check_n(asked.n)
+        prompts, n = asked.prompts, asked.n
         # a batch larger than the engine's running rows plus queue could never be admitted whole: refuse it
         # here (400, not a 429 that invites a retry) before tokenising anything or admitting any part of it
         limit = self.settings.max_batch_size + self.settings.max_queue
-        if len(prompts) * request.n > limit:
+        if len(prompts) * n > limit:
             raise bad_request(
-                f"this request asks for {len(prompts) * request.n} completions ({len(prompts)} prompts x n "
-                f"{request.n}); this server runs and queues at most {limit} at once",
+                f"this request asks for {len(prompts) * n} completions ({len(prompts)} prompts x n "
+                f"{n}); this server runs and queues at most {limit} at once",
                 "prompt",
             )
-        steering, digests = self._steering(request)
+        steering, digests = self._steering(asked)
         rid = f"cmpl-{uuid.uuid4().hex}"
         requests: list[GenerationRequest] = []
         texts: list[str] = []
@@ -520,23 +490,21 @@ class Serving:
                 ids, text = list(prompt), self.tokenizer.decode(prompt)
             if not ids:
                 raise bad_request("the prompt is empty after tokenisation", "prompt")
-            # an absent max_tokens is the OpenAI default of 16, within this server's limit and the context
-            requested = request.max_tokens if "max_tokens" in request.model_fields_set else None
-            max_new = self._max_new_tokens(len(ids), requested, "max_tokens", "prompt",
-                                           default=CompletionRequest.model_fields["max_tokens"].default)
+            max_new = self._max_new_tokens(len(ids), asked.max_tokens, asked.max_tokens_param, "prompt",
+                                           default=asked.default_max_tokens)
             prompt_tokens += len(ids)
-            for i in range(request.n):
+            for i in range(n):
                 requests.append(
                     GenerationRequest(
-                        request_id=f"{rid}-{p * request.n + i}",
+                        request_id=f"{rid}-{p * n + i}",
                         prompt_ids=ids,
-                        sampling=self._sampling(request, max_new, i),
+                        sampling=self._sampling(asked, max_new, i),
                         steering=steering,
                     )
                 )
                 texts.append(text)
-        return Prepared(rid, int(time.time()), request.model, requests, texts, prompt_tokens, steering,
-                        request.stop_strings(), digests)
+        return Prepared(rid, int(time.time()), asked.model, requests, texts, prompt_tokens, steering,
+                        list(asked.stop), digests)
 
     # -- running ------------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     server_cli.register(sub)
 
-    from . import pipeline_cli
+    from .training import pipeline_cli
 
     pipeline_cli.register(sub)
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import SteeringError
+    from .core.errors import SteeringError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import SteeringError
-from .profile import Profile
+from .core.errors import SteeringError
+from .core.profile import Profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_any(path: Path, name: str | None = None) -> Profile:
-    from .gguf_io import is_gguf, read_profile
+    from .core.gguf_io import is_gguf, read_profile
 
     data = path.read_bytes()
     return read_profile(data, name=name or (path.stem if is_gguf(data) else None), source=str(path))
@@ -125,7 +125,7 @@ def _show(args: argparse.Namespace) -> int:
 
 @_guard
 def _validate(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from .core.models import load_model
 
     profile = _load_any(args.file)
     loaded = load_model(args.model)
@@ -136,8 +136,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 @_guard
 def _export(args: argparse.Namespace) -> int:
-    from .gguf_io import write_control_vector
-    from .profile import atomic_write
+    from .core.gguf_io import write_control_vector
+    from .core.profile import atomic_write
 
     atomic_write(args.out, write_control_vector(_load_any(args.file)))
     print(f"wrote {args.out}")
@@ -208,8 +208,8 @@ def read_prompts(source: str, limit: int, *, seed: int = 0) -> list[list[dict[st
     seeded sample)."""
     import random
 
-    from .conditions import unique_prompts
-    from .data import load_pairs, resolve_split
+    from .training.conditions import unique_prompts
+    from .training.data import load_pairs, resolve_split
 
     path = Path(source)
     if path.suffix == ".txt":
@@ -243,8 +243,8 @@ def _condition(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .conditions import fit_condition, prompt_states, render_prompt
-    from .models import load_model
+    from .core.models import load_model
+    from .training.conditions import fit_condition, prompt_states, render_prompt
 
     profile = _load_any(args.file)
     loaded = load_model(args.model)

@@ -81,6 +81,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct (dequantised once into the user's cache)."""
-    from steering_vectors.models import load_model
+    from steering_vectors.core.models import load_model
 
     return load_model()

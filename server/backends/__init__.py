@@ -25,7 +25,7 @@ def available() -> list[str]:
 
 def create_backend(settings: Any, *, model: Any | None = None) -> Backend:
     """The backend `settings.backend` names, created from the settings. `model`: an already loaded model
-    for backends that can take one (`steering_vectors.models.LoadedModel` for `transformers`)."""
+    for backends that can take one (`steering_vectors.core.models.LoadedModel` for `transformers`)."""
     name = settings.backend
     if name not in available():
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(available())}")

@@ -1,7 +1,7 @@
 """The seam between the HTTP side and the backends: the engine interface (requests in, token events
 out) and what a backend's factory returns.
 
-Knows token ids, sampling parameters, per-row steering (`steering_vectors.hooks.RowSteering`, validated
+Knows token ids, sampling parameters, per-row steering (`steering_vectors.core.hooks.RowSteering`, validated
 against the model before it reaches an engine) and per-row token constraints (`TokenConstraint`: which
 token ids may come next, as the serving layer's grammar says); knows nothing about HTTP, JSON, text,
 grammars or tokenisers (the serving layer detokenises, matches stop strings, compiles `response_format`
@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from steering_vectors.hooks import RowSteering
-from steering_vectors.profile import ModelFingerprint
+from steering_vectors.core.hooks import RowSteering
+from steering_vectors.core.profile import ModelFingerprint
 
 __all__ = [
     "Backend",

@@ -1,6 +1,6 @@
 """`POST /v1/profiles/{name}/fit`: a profile from a few contrastive examples, saved to the store (admin).
 
-Parses and checks the body, tokenises the examples (`steering_vectors.quickfit`), runs their forward
+Parses and checks the body, tokenises the examples (`steering_vectors.training.quickfit`), runs their forward
 passes through the engine's `run_between_steps` one batch at a time (running requests wait at most one
 batch between two of their steps), fits the offsets, stores the profile like an upload and returns its
 summary. One fit runs at a time; others wait for it.
@@ -15,15 +15,15 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from steering_vectors import quickfit
-from steering_vectors.errors import ProfileError
+from steering_vectors.core.errors import ProfileError
+from steering_vectors.training import quickfit
 
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, to_api_error
 from ..openapi import PROFILE, json_ok, responses
-from ..protocol import require_valid_unicode
+from ..protocol import integral, require_valid_unicode
 from .deps import ServingDep
 from .profiles import _name, describe, store_error
 
@@ -31,6 +31,7 @@ router = APIRouter(prefix="/v1/profiles", tags=["profiles"], dependencies=[Depen
 
 LIMITS = quickfit.DEFAULT_LIMITS
 Text = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+Layer = Annotated[int, Field(ge=0), BeforeValidator(integral)]  # the validator last: the schema keeps `minimum`
 
 
 class _Strict(BaseModel):
@@ -72,7 +73,8 @@ class FitRequest(_Strict):
     instructions: Instructions | None = None
     prompts: Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_pairs)] | None = None
     method: Literal["caa", "pca", "mean"] = "caa"
-    layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1024)] | None = None
+    # repeats count once; 2.0 is the layer 2 (JSON Schema's integer), as in the generation requests
+    layers: Annotated[list[Layer], Field(min_length=1, max_length=1024)] | None = None
     default_strength: float = Field(1.0, allow_inf_nan=False)
     position_mode: Literal["all", "generated"] = "all"
     description: Annotated[str, StringConstraints(max_length=1000)] = ""
@@ -110,19 +112,42 @@ class FitRequest(_Strict):
                                                    self.prompts)
 
 
+# The two shapes of a fit body (`FitRequest.to_examples`): `examples`, or `instructions` with `prompts`; the
+# fields of the other shape absent or null.
+FIT_SHAPES = [
+    {"title": "examples", "required": ["examples"],
+     "properties": {"examples": {"type": "array"}, "instructions": {"type": "null"}, "prompts": {"type": "null"}}},
+    {"title": "instructions", "required": ["instructions", "prompts"],
+     "properties": {"examples": {"type": "null"}, "instructions": {"type": "object"}, "prompts": {"type": "array"}}},
+]
+# method pca finds a direction among the examples' differences: it needs two of them
+PCA_NEEDS_TWO = {
+    "if": {"required": ["method"], "properties": {"method": {"const": "pca"}}},
+    "then": {"properties": {"examples": {"minItems": 2}, "prompts": {"minItems": 2}}},
+}
+FIT_INVALID = (
+    "Invalid fit: a field is invalid; the body mixes the two shapes (`examples`, or `instructions` with "
+    "`prompts`) or gives neither; a text encodes to no tokens, a side has more than "
+    f"{LIMITS.max_side_tokens} tokens (chat template included) or all sides more than {LIMITS.max_total_tokens}; "
+    "`default_strength` is outside the server's bounds; a layer is not in the model; `pca` has fewer than two "
+    "examples; or the fit gives non-finite offsets"
+)
+
+
 def document(schema: dict[str, Any], settings: Any, num_layers: int | None) -> None:
-    """Put what the route checks beyond the model's types into the API description: the strength bounds of
-    the settings and, once the model is loaded, the highest layer index."""
+    """Put what the route checks beyond the model's types into the API description: one of the two body
+    shapes, pca's two examples, the strength bounds of the settings and, once the model is loaded, the
+    highest layer index."""
     request = schema.get("components", {}).get("schemas", {}).get("FitRequest")
     if request is None:
         return
+    request["oneOf"] = [dict(shape) for shape in FIT_SHAPES]
+    request["allOf"] = [PCA_NEEDS_TWO]
     props = request["properties"]
     props["default_strength"] = {"type": "number", "minimum": settings.strength_min,
                                  "maximum": settings.strength_max, "default": 1.0}
     if num_layers is not None:
-        layers = props["layers"]["anyOf"][0]
-        layers["items"]["maximum"] = num_layers - 1
-        layers["maxItems"] = num_layers
+        props["layers"]["anyOf"][0]["items"]["maximum"] = num_layers - 1
 
 
 def _fit_lock(request: Request) -> asyncio.Lock:
@@ -135,7 +160,7 @@ def _fit_lock(request: Request) -> asyncio.Lock:
 @router.post(
     "/{name}/fit",
     responses=responses(400, 401, 403, 413, 500, 503, 507, ok={
-        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}),
+        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}, why={400: FIT_INVALID}),
 )
 async def fit_profile(name: str, body: FitRequest, request: Request, serving: ServingDep, _: AdminKey) -> JSONResponse:
     """Fit a profile (CAA, PCA or difference of means) from a few contrastive examples with forward passes

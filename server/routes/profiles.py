@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from steering_vectors.errors import ProfileError
-from steering_vectors.profile import Profile, validate_name
+from steering_vectors.core.errors import ProfileError
+from steering_vectors.core.profile import Profile, validate_name
 
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, not_found, to_api_error
-from ..openapi import PROFILE, PROFILE_DELETED, PROFILE_LIST, RELOADED, UPLOAD_BODY, json_ok, responses
+from ..openapi import PROFILE, PROFILE_DELETED, PROFILE_LIST, RELOADED, UPLOAD_BODY, UPLOAD_INVALID, json_ok, responses
 from ..registry import ProfileNotFoundError, content_digest
 from .deps import RegistryDep
 
@@ -91,7 +91,7 @@ async def _upload_bytes(request: Request) -> bytes:
 @router.put(
     "/{name}",
     responses=responses(400, 401, 403, 413, 422, 500, 503, 507, ok={
-        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}),
+        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}, why={400: UPLOAD_INVALID}),
     openapi_extra={"requestBody": UPLOAD_BODY},
 )
 async def put_profile(name: str, request: Request, registry: RegistryDep, _: AdminKey) -> JSONResponse:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from server.backends.base import GenerationRequest, SamplingParams
-from steering_vectors.hooks import RowSteering
-from steering_vectors.profile import Condition, ModelFingerprint, Profile
+from steering_vectors.core.hooks import RowSteering
+from steering_vectors.core.profile import Condition, ModelFingerprint, Profile
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS
 
 SHAPE = ModelFingerprint("llama", TINY_HIDDEN, TINY_LAYERS)
@@ -139,7 +139,7 @@ def test_each_conditional_profile_follows_its_own_condition(make_engine) -> None
 
 
 def test_conditional_steering_of_a_profile_without_condition_is_refused() -> None:
-    from steering_vectors.errors import PlanError
+    from steering_vectors.core.errors import PlanError
 
     with pytest.raises(PlanError, match="no condition"):
         conditional((profile("plain", 1), 1.0))

@@ -20,7 +20,7 @@ from server.backends.base import (
 )
 from server.backends.sampling import prompt_logprobs
 from server.backends.transformers.engine import ContinuousEngine
-from steering_vectors.profile import ModelFingerprint
+from steering_vectors.core.profile import ModelFingerprint
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS
 
 SHAPE = ModelFingerprint("llama", TINY_HIDDEN, TINY_LAYERS)  # what steering is validated against
@@ -280,7 +280,7 @@ def low_rank_steering(seed: int, rank: int, scale: float = 2.0) -> RowSteering:
 
 
 def test_low_rank_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_engine):
-    from steering_vectors.hooks import Steerer, build_plan
+    from steering_vectors.core.hooks import Steerer, build_plan
 
     engine = make_engine(max_batch_size=8, prefill_chunk=4)
     steer = low_rank_steering(1, rank=3)
@@ -322,7 +322,7 @@ def lora_steering(seed: int, rank: int, scale: float = 0.5) -> RowSteering:
 
 
 def test_lora_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_engine):
-    from steering_vectors.hooks import Steerer, build_plan
+    from steering_vectors.core.hooks import Steerer, build_plan
 
     engine = make_engine(max_batch_size=8, prefill_chunk=4)
     assert engine.fast_decode is not None  # its start-up probe includes LoRA terms on every projection
@@ -351,7 +351,7 @@ def test_lora_rows_match_the_hooks_alone_and_in_a_mixed_batch(tiny_model, make_e
 
 
 def test_steering_is_validated_once_and_the_engine_refuses_steering_for_another_model(make_engine):
-    from steering_vectors.errors import PlanError
+    from steering_vectors.core.errors import PlanError
 
     good = low_rank_steering(5, rank=2)
     down, up = good.low_rank[1]

@@ -13,7 +13,7 @@ from server.backends.base import GenerationRequest, RowSteering, SamplingParams
 from server.backends.transformers.engine import ContinuousEngine
 from server.backends.transformers.fastdecode import LlamaDecodeStep
 from server.backends.transformers.packed import pack_model
-from steering_vectors.hooks import Steerer, build_plan
+from steering_vectors.core.hooks import Steerer, build_plan
 from tests.conftest import TINY_HIDDEN, make_tiny_llama
 from tests.engine.test_packed import snap_to_four_bits
 

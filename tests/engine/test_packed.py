@@ -13,8 +13,8 @@ from torch import nn
 from server.backends.base import GenerationRequest, SamplingParams
 from server.backends.transformers.engine import ContinuousEngine
 from server.backends.transformers.packed import GROUP, PackedLinear, int4_error, pack_model
-from steering_vectors.hooks import Steerer, build_plan
-from steering_vectors.layers import find_decoder_layers
+from steering_vectors.core.hooks import Steerer, build_plan
+from steering_vectors.core.layers import find_decoder_layers
 from tests.conftest import TINY_HIDDEN, make_tiny_llama
 
 STEP = 2.0**-6  # exact in bf16, so scales and zeros of the groups below are exact too

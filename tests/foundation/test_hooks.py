@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from steering_vectors import PlanError, Profile, Steerer, build_plan, combine_offsets, positions_from_attention_mask
-from steering_vectors.hooks import SteeringPlan
+from steering_vectors.core.hooks import SteeringPlan
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS
 
 
@@ -213,7 +213,7 @@ def _low_rank_profile(name: str, layers: list[int], rank: int, seed: int) -> Pro
 
 
 def test_low_rank_delta_equals_a_hand_computation():
-    from steering_vectors.hooks import low_rank_delta
+    from steering_vectors.core.hooks import low_rank_delta
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 3, TINY_HIDDEN, generator=gen) * 40  # large states: the input is normalised
@@ -228,7 +228,7 @@ def test_low_rank_delta_equals_a_hand_computation():
 
 def test_low_rank_rows_are_exact_and_other_rows_untouched(tiny_model, steerer):
     """Rows with a low-rank profile, an offset-only profile and none, in one padded batch."""
-    from steering_vectors.hooks import combine_low_rank, low_rank_delta
+    from steering_vectors.core.hooks import combine_low_rank, low_rank_delta
 
     ids, mask = _left_padded_batch()
     lr, flat = _low_rank_profile("lr", [1, 2], rank=3, seed=1), _profile("flat", [2], seed=2)
@@ -323,7 +323,7 @@ def test_plans_follow_the_hidden_states_device():
 
 
 def test_apply_plan_is_exactly_what_the_hook_adds(tiny_model, steerer):
-    from steering_vectors.hooks import apply_plan
+    from steering_vectors.core.hooks import apply_plan
 
     ids, mask = _left_padded_batch()
     lr = _low_rank_profile("lr", [2], rank=3, seed=9)
@@ -343,8 +343,8 @@ def test_apply_plan_is_exactly_what_the_hook_adds(tiny_model, steerer):
 
 def test_row_steering_is_validated_once_against_the_model(tiny_model):
     from steering_vectors import ProfileLayerError, ProfileShapeError
-    from steering_vectors.hooks import RowSteering, plan_for_rows
-    from steering_vectors.models import model_fingerprint
+    from steering_vectors.core.hooks import RowSteering, plan_for_rows
+    from steering_vectors.core.models import model_fingerprint
 
     shape = model_fingerprint(tiny_model)
     a, late = _profile("a", [0, 2], seed=1), _profile("late", [1], seed=2)

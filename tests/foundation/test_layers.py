@@ -8,7 +8,7 @@ import transformers
 from torch import nn
 
 from steering_vectors import Profile, Steerer, UnsupportedArchitectureError, build_plan, combine_offsets
-from steering_vectors.layers import find_decoder_layers, hidden_size_of
+from steering_vectors.core.layers import find_decoder_layers, hidden_size_of
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
 ARCHITECTURES = {

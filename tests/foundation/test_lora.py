@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from steering_vectors.errors import PlanError, ProfileFormatError, ProfileShapeError, ProfileValueError
-from steering_vectors.hooks import RowSteering, Steerer, build_plan, combine_lora, plan_for_rows
-from steering_vectors.models import model_fingerprint, projection_sizes
-from steering_vectors.profile import ModelFingerprint, Profile
+from steering_vectors.core.errors import PlanError, ProfileFormatError, ProfileShapeError, ProfileValueError
+from steering_vectors.core.hooks import RowSteering, Steerer, build_plan, combine_lora, plan_for_rows
+from steering_vectors.core.models import model_fingerprint, projection_sizes
+from steering_vectors.core.profile import ModelFingerprint, Profile
 from tests.conftest import TINY_HIDDEN, make_tiny_llama
 
 KV_OUT = 32  # the tiny Llama: 2 key/value heads of 16
@@ -120,7 +120,7 @@ IDS = torch.tensor([[1, 17, 99, 23, 250, 7], [1, 300, 4, 42, 50, 60]])
 
 
 def test_exported_adapter_through_the_hooks_equals_the_adapter_on_its_row_and_leaves_the_other_alone() -> None:
-    from steering_vectors.rahf import lora_terms
+    from steering_vectors.training.fit import lora_terms
 
     wrapped = _adapter_model()
     offsets, terms = lora_terms(wrapped, "rahf")
@@ -182,7 +182,7 @@ def test_plans_pad_lora_ranks_and_refuse_terms_the_model_cannot_take() -> None:
 
 
 def test_gguf_export_refuses_lora_terms() -> None:
-    from steering_vectors.gguf_io import write_control_vector
+    from steering_vectors.core.gguf_io import write_control_vector
 
     with pytest.raises(ProfileFormatError, match="LoRA terms of attention projections at layers \\[1, 2\\]"):
         write_control_vector(_profile())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steering_vectors import DeviceError, ModelNotFoundError
-from steering_vectors.models import check_device, ensure_embedded_cache, load_model
+from steering_vectors.core.models import check_device, ensure_embedded_cache, load_model
 
 
 def test_local_model_directory_loads(tiny_model_dir):

@@ -20,8 +20,8 @@ from steering_vectors import (
     ProfileShapeError,
     ProfileValueError,
 )
-from steering_vectors.gguf_io import read_control_vector, write_control_vector
-from steering_vectors.models import model_fingerprint
+from steering_vectors.core.gguf_io import read_control_vector, write_control_vector
+from steering_vectors.core.models import model_fingerprint
 from tests.conftest import TINY_HIDDEN, TINY_LAYERS, make_tiny_llama
 
 
@@ -341,7 +341,7 @@ def test_profiles_list_shows_low_rank_terms(tmp_path, fingerprint, capsys):
 
 
 def _conditional(**condition_kwargs) -> Profile:
-    from steering_vectors.profile import Condition
+    from steering_vectors.core.profile import Condition
 
     g = torch.Generator().manual_seed(0)
     kwargs = {"layer": 2, "direction": torch.randn(8, generator=g), "threshold": 0.25, **condition_kwargs}
@@ -380,14 +380,14 @@ def test_profiles_without_a_condition_keep_their_version() -> None:
     ({"direction": torch.ones(5)}, "direction has 5 values"),
 ])
 def test_bad_conditions_are_typed_errors(kwargs, error) -> None:
-    from steering_vectors.errors import ProfileError
+    from steering_vectors.core.errors import ProfileError
 
     with pytest.raises(ProfileError, match=error):
         _conditional(**kwargs)
 
 
 def test_malformed_condition_files_are_refused() -> None:
-    from steering_vectors.errors import ProfileFormatError
+    from steering_vectors.core.errors import ProfileFormatError
 
     profile = _conditional()
     meta = profile.metadata()
@@ -403,7 +403,7 @@ def test_malformed_condition_files_are_refused() -> None:
 
 
 def test_a_condition_past_the_models_layers_is_refused_and_gguf_cannot_carry_one() -> None:
-    from steering_vectors.errors import ProfileFormatError, ProfileLayerError
+    from steering_vectors.core.errors import ProfileFormatError, ProfileLayerError
 
     profile = _conditional(layer=6)
     with pytest.raises(ProfileLayerError, match="condition reads layer 6"):

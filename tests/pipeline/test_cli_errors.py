@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from steering_vectors.cli import main
-from steering_vectors.profile import Profile
+from steering_vectors.core.profile import Profile
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_train_on_a_device_this_torch_lacks_is_one_line(good_data, tiny_model_di
 
 
 def test_bf16_auto_follows_the_hardware(monkeypatch) -> None:
-    import steering_vectors.pipeline as pipeline
+    import steering_vectors.training.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "cpu_has_bf16_units", lambda: True)
     assert pipeline.resolve_bf16("auto") and not pipeline.resolve_bf16("off")

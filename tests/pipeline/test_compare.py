@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering_vectors.evaluate import (
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import Profile
+from steering_vectors.training.evaluate import (
     PreferenceScore,
     matched_strength,
     paired_bootstrap,
     score_pairs,
 )
-from steering_vectors.models import load_model
-from steering_vectors.profile import Profile
 
 
 def _score(wins: list[bool]) -> PreferenceScore:
@@ -36,7 +36,7 @@ def test_paired_bootstrap_interval() -> None:
 
 
 def test_matched_strength_finds_the_perplexity_target(monkeypatch) -> None:
-    import steering_vectors.evaluate as evaluate
+    import steering_vectors.training.evaluate as evaluate
 
     calls = []
 
@@ -56,7 +56,7 @@ def test_matched_strength_finds_the_perplexity_target(monkeypatch) -> None:
 
 
 def test_calibration_never_picks_a_default_that_breaks_the_fluency_cap(monkeypatch) -> None:
-    import steering_vectors.evaluate as evaluate
+    import steering_vectors.training.evaluate as evaluate
 
     def fake_perplexity(model, tokenizer, text, profile=None, strength=1.0, **kwargs):  # ppl = 20 (1 + 4 s^2)
         return 20.0 * (1.0 + 4.0 * strength**2)
@@ -117,7 +117,7 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     assert list(by_row) == rows.split(",") and report["dev_pairs"] == 5
 
     tiny = load_model(tiny_model_dir)
-    from steering_vectors.data import TokenBudget, load_pairs
+    from steering_vectors.training.data import TokenBudget, load_pairs
 
     dev = load_pairs(data / "dev.jsonl")
     budget = TokenBudget(24, 10)
@@ -210,7 +210,7 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
 
 
 def test_report_shows_default_strengths_to_three_digits_and_marks_those_below_the_grid() -> None:
-    from steering_vectors.compare import _strength
+    from steering_vectors.training.compare import _strength
 
     grid = [0.5, 1.0, 2.0]
     assert _strength({"default_strength": 1.0}, grid) == "1"

@@ -1,4 +1,4 @@
-"""Fitting conditions (`steering_vectors.conditions`, `rahf profiles condition`): the threshold choice against
+"""Fitting conditions (`steering_vectors.training.conditions`, `rahf profiles condition`): the threshold choice against
 hand-computed values, the layer and confusion matrix on synthetic states where one layer separates, the
 logistic direction, prompt states against a plain transformers forward (padding masked out), and the command
 end to end on the tiny model."""
@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from steering_vectors.conditions import (
+from steering_vectors.core.profile import Profile
+from steering_vectors.training.conditions import (
     choose_threshold,
     evaluate_condition,
     fit_condition,
@@ -20,7 +21,6 @@ from steering_vectors.conditions import (
     prompt_states,
     split_held_out,
 )
-from steering_vectors.profile import Profile
 from tests.server.procs import ROOT
 
 
@@ -92,7 +92,7 @@ def test_prompt_states_equal_a_plain_forward(tiny_model) -> None:
 
 
 def test_the_condition_command_on_the_tiny_model(tiny_model_dir, tmp_path) -> None:
-    from steering_vectors.models import load_model
+    from steering_vectors.core.models import load_model
 
     loaded = load_model(tiny_model_dir)
     g = torch.Generator().manual_seed(0)

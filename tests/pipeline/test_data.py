@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steering_vectors.data import (
+from steering_vectors.training.data import (
     DataFormatError,
     TokenBudget,
     collate,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering_vectors.data import PreferencePair, TokenBudget, encode
-from steering_vectors.evaluate import perplexity, score_pairs, write_report
-from steering_vectors.models import load_model
-from steering_vectors.profile import Profile
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import Profile
+from steering_vectors.training.data import PreferencePair, TokenBudget, encode
+from steering_vectors.training.evaluate import perplexity, score_pairs, write_report
 
 BUDGET = TokenBudget(prompt=30, response=8)
 PAIRS = [
@@ -79,7 +79,7 @@ def test_write_report(tmp_path: Path) -> None:
 
 
 def test_repeated_ngram_share_counts_repeats_within_each_reply() -> None:
-    from steering_vectors.evaluate import repeated_ngram_share
+    from steering_vectors.training.evaluate import repeated_ngram_share
 
     # 1 2 3 4 1 2 3 4: five 4-grams, (1, 2, 3, 4) twice -> one repeat
     assert repeated_ngram_share([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)
@@ -91,7 +91,7 @@ def test_repeated_ngram_share_counts_repeats_within_each_reply() -> None:
 
 
 def test_loops_needs_one_ngram_three_times_in_one_reply() -> None:
-    from steering_vectors.evaluate import loops
+    from steering_vectors.training.evaluate import loops
 
     assert loops([1, 2, 3, 4] * 3)  # (1, 2, 3, 4) three times
     assert not loops([1, 2, 3, 4] * 2 + [9])  # twice is a repeat, not a loop
@@ -103,7 +103,7 @@ def test_loops_needs_one_ngram_three_times_in_one_reply() -> None:
 
 
 def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
-    from steering_vectors.evaluate import evaluate_profiles, generate, loops, repeated_ngram_share
+    from steering_vectors.training.evaluate import evaluate_profiles, generate, loops, repeated_ngram_share
 
     hidden = tiny.model.config.hidden_size
     generator = torch.Generator().manual_seed(3)
@@ -125,7 +125,7 @@ def test_evaluation_reports_the_repetition_of_its_greedy_replies(tiny) -> None:
 def test_generation_with_a_repetition_penalty_is_the_servers_rule(tiny) -> None:
     """`generate(..., repetition_penalty=p)` picks, at each step, the best token after dividing positive and
     multiplying negative logits of every token seen so far (prompt included) by p: the server's rule."""
-    from steering_vectors.evaluate import generate
+    from steering_vectors.training.evaluate import generate
 
     model, tok = tiny.model, tiny.tokenizer
     prompt = "tell me more"

@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering_vectors.data import PreferencePair, TokenBudget
-from steering_vectors.evaluate import pair_logprobs, score_pairs
-from steering_vectors.hooks import Steerer, build_plan, combine_offsets
-from steering_vectors.models import load_model
-from steering_vectors.profile import Profile
-from steering_vectors.rahf import (
-    PrefConfig,
-    fit_preference_offsets,
-    make_profile,
-    preference_loss,
-    preference_objective,
-)
+from steering_vectors.core.hooks import Steerer, build_plan, combine_offsets
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import Profile
+from steering_vectors.training.data import PreferencePair, TokenBudget
+from steering_vectors.training.evaluate import pair_logprobs, score_pairs
+from steering_vectors.training.fit import make_profile
+from steering_vectors.training.pref import PrefConfig, fit_preference_offsets, preference_loss, preference_objective
 
 BUDGET = TokenBudget(prompt=40, response=12)
 PAIRS = [
@@ -152,8 +147,8 @@ def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_p
 
 
 def test_prompt_kl_is_zero_unsteered_and_equals_hand_computation(tiny) -> None:
-    from steering_vectors.data import encode_prompt
-    from steering_vectors.rahf import prompt_kl
+    from steering_vectors.training.data import encode_prompt
+    from steering_vectors.training.pref import prompt_kl
 
     model, tok = tiny.model, tiny.tokenizer
     zero = {1: torch.zeros(64)}
@@ -174,7 +169,7 @@ def test_prompt_kl_is_zero_unsteered_and_equals_hand_computation(tiny) -> None:
 
 
 def test_low_rank_fit_lowers_loss_resumes_saves_and_applies_through_hooks(tiny, tmp_path: Path) -> None:
-    from steering_vectors.hooks import combine_low_rank, low_rank_delta
+    from steering_vectors.core.hooks import combine_low_rank, low_rank_delta
 
     model, tok = tiny.model, tiny.tokenizer
     config = PrefConfig(

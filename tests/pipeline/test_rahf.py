@@ -9,26 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from steering_vectors.data import PreferencePair, TokenBudget, collate, encode
-from steering_vectors.hooks import Steerer, build_plan, combine_offsets
-from steering_vectors.models import load_model
-from steering_vectors.profile import Profile
-from steering_vectors.rahf import (
-    BAD_INSTRUCTION,
-    GOOD_INSTRUCTION,
+from steering_vectors.core.hooks import Steerer, build_plan, combine_offsets
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import Profile
+from steering_vectors.training.collect import PatternRecord, PatternStore, collect_patterns
+from steering_vectors.training.data import PreferencePair, TokenBudget, collate, encode
+from steering_vectors.training.fit import (
     FitConfig,
-    PatternRecord,
-    PatternStore,
     alignment_loss,
     caa_offsets,
-    collect_patterns,
     fit_offsets,
     make_profile,
     mean_pattern_offsets,
     pca_offsets,
-    response_ce,
-    scit_loss,
 )
+from steering_vectors.training.instruct import BAD_INSTRUCTION, GOOD_INSTRUCTION, response_ce, scit_loss
 
 BUDGET = TokenBudget(prompt=40, response=12)
 PAIRS = [

@@ -10,27 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering_vectors.data import PreferencePair, TokenBudget, collate, encode
-from steering_vectors.evaluate import sequence_logprobs
-from steering_vectors.models import load_model
-from steering_vectors.pipeline import split_training_pairs
-from steering_vectors.profile import Profile
-from steering_vectors.rahf import (
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import Profile
+from steering_vectors.core.tensors import sequence_logprobs
+from steering_vectors.training.collect import collect_patterns
+from steering_vectors.training.data import PreferencePair, TokenBudget, collate, encode
+from steering_vectors.training.fit import FitConfig, alignment_loss, fit_lora, fit_offsets, records_prompt_kl
+from steering_vectors.training.instruct import (
     BAD_INSTRUCTION,
     GOOD_INSTRUCTION,
-    FitConfig,
     InstructConfig,
-    PrefConfig,
     add_lora,
-    alignment_loss,
-    collect_patterns,
-    factor_penalty,
-    fit_lora,
-    fit_offsets,
     likelihood_gap,
-    preference_objective,
-    records_prompt_kl,
 )
+from steering_vectors.training.loop import factor_penalty
+from steering_vectors.training.pipeline import split_training_pairs
+from steering_vectors.training.pref import PrefConfig, preference_objective
 
 BUDGET = TokenBudget(prompt=40, response=12)
 PAIRS = [
@@ -186,7 +181,8 @@ def test_rahf_lora_fit_lowers_the_alignment_loss_resumes_and_unloads_to_the_base
 
 
 def test_shift_start_is_the_mean_shift_to_the_target_layer_by_layer(tiny) -> None:
-    from steering_vectors.rahf import PatternRecord, shift_offsets
+    from steering_vectors.training.collect import PatternRecord
+    from steering_vectors.training.fit import shift_offsets
 
     gen = torch.Generator().manual_seed(0)
     records = [
@@ -274,7 +270,7 @@ def test_calibration_pairs_never_share_a_prompt_with_fit_pairs(tmp_path: Path) -
 def test_train_command_runs_rahf_dual_with_rank_in_resumable_stages(
     tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import steering_vectors.evaluate as evaluate
+    import steering_vectors.training.evaluate as evaluate
     from steering_vectors.cli import main
 
     calibrated: list[set[str]] = []

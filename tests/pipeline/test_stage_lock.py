@@ -15,7 +15,7 @@ import torch
 
 fcntl = pytest.importorskip("fcntl")  # POSIX only; elsewhere the lock is a no-op
 
-from steering_vectors.pipeline import fit_stage, read_json, stage_lock  # noqa: E402
+from steering_vectors.training.pipeline import fit_stage, read_json, stage_lock  # noqa: E402
 
 
 def test_a_second_holder_waits_until_the_first_lets_go(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_a_fit_stage_started_while_another_computes_it_waits_then_resumes(tmp_pa
 
 def test_a_killed_holder_frees_the_stage(tmp_path: Path) -> None:
     script = (
-        "import sys, time; from pathlib import Path; from steering_vectors.pipeline import stage_lock\n"
+        "import sys, time; from pathlib import Path; from steering_vectors.training.pipeline import stage_lock\n"
         f"with stage_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
@@ -75,7 +75,7 @@ def test_a_resumed_stage_records_the_time_of_every_run_that_worked_on_it(tmp_pat
     """A stage killed part-way and resumed records the time of both runs, not only the last one's: the
     clock's running total is kept in `elapsed.json` while the stage is held, so it survives a kill."""
     script = (
-        "import time; from pathlib import Path; from steering_vectors.pipeline import stage_clock\n"
+        "import time; from pathlib import Path; from steering_vectors.training.pipeline import stage_clock\n"
         f"with stage_clock(Path({str(tmp_path)!r}), every=0.05):\n    print('held', flush=True); time.sleep(60)\n"
     )
     first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)

@@ -17,8 +17,8 @@ import uvicorn
 
 from server.app import create_app
 from server.config import Settings
-from steering_vectors.models import LoadedModel, load_model
-from steering_vectors.profile import Profile
+from steering_vectors.core.models import LoadedModel, load_model
+from steering_vectors.core.profile import Profile
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,8 @@ def write_profiles(model_dir: Path, directory: Path, names: dict[str, dict]) -> 
     """Profiles with random offsets at layers 1 and 2 for the model in `model_dir`: name -> Profile kwargs."""
     import torch
 
-    from steering_vectors.models import load_model
-    from steering_vectors.profile import Profile
+    from steering_vectors.core.models import load_model
+    from steering_vectors.core.profile import Profile
 
     fingerprint = load_model(model_dir).fingerprint
     directory.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from steering_vectors.hooks import Steerer, build_plan, combine_lora, combine_low_rank, combine_offsets
-from steering_vectors.models import LoadedModel
-from steering_vectors.profile import Profile
+from steering_vectors.core.hooks import Steerer, build_plan, combine_lora, combine_low_rank, combine_offsets
+from steering_vectors.core.models import LoadedModel
+from steering_vectors.core.profile import Profile
 
 
 def chat_ids(loaded: LoadedModel, content: str) -> list[int]:

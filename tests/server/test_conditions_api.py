@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.config import Settings
-from steering_vectors.profile import Condition, Profile
+from steering_vectors.core.profile import Condition, Profile
 
 from .conftest import live_server
 

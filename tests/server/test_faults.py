@@ -26,7 +26,7 @@ import torch
 
 from server.config import Settings
 from server.registry import STALE_TEMP_S, ProfileRegistry
-from steering_vectors.profile import Profile
+from steering_vectors.core.profile import Profile
 
 from .conftest import live_server, make_profile
 from .procs import ServeProcess

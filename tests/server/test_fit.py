@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from server.config import Settings
-from steering_vectors.profile import Profile
+from steering_vectors.core.profile import Profile
 
 from .conftest import live_server
 

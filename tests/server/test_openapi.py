@@ -16,6 +16,7 @@ import pytest
 
 from server.app import create_app
 from server.config import Settings
+from server.openapi import UPLOAD_MIN_BYTES
 from server.protocol import _UNSUPPORTED_AT_DEFAULT, ChatCompletionRequest, CompletionRequest
 
 from .conftest import live_server, make_profile
@@ -72,6 +73,20 @@ def test_every_operation_documents_the_statuses_it_answers_with_the_error_envelo
     assert upload["required"] is True
     assert upload["content"].keys() == {"application/octet-stream", "multipart/form-data"}
     assert upload["content"]["application/octet-stream"]["schema"]["format"] == "binary"
+    assert upload["content"]["multipart/form-data"]["schema"]["properties"]["file"]["minLength"] == UPLOAD_MIN_BYTES
+    put_invalid = spec["paths"]["/v1/profiles/{name}"]["put"]["responses"]["400"]["description"]
+    fit_invalid = spec["paths"]["/v1/profiles/{name}/fit"]["post"]["responses"]["400"]["description"]
+    assert "not a profile file" in put_invalid and "mixes the two shapes" in fit_invalid
+
+
+def test_uploads_shorter_than_the_smallest_profile_file_are_refused(agreeing, tiny_profiles) -> None:
+    schema = agreeing.spec["paths"]["/v1/profiles/{name}"]["put"]["requestBody"]["content"]
+    assert schema["application/octet-stream"]["schema"]["minLength"] == UPLOAD_MIN_BYTES
+    for data in (b"\x00", b"GGUF\x03\x00\x00\x00\x00", b"\x02" + b"\x00" * 7 + b"{}"[:1]):
+        assert len(data) < UPLOAD_MIN_BYTES
+        response = httpx.put(agreeing.v1 + "/profiles/short", content=data, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "body", response.text
+    assert len(tiny_profiles["alpha"].to_bytes()) >= UPLOAD_MIN_BYTES
 
 
 def test_security_and_auth_statuses_follow_the_key_settings() -> None:
@@ -244,6 +259,39 @@ def test_completion_description_and_server_agree(agreeing, tiny_loaded) -> None:
     for fields, valid in cases:
         body = {"model": agreeing.base, "max_tokens": 1, "temperature": 0, **fields}
         _agree(agreeing, validator, "/completions", body, valid)
+
+
+PAIR = {"positive": "a good day", "negative": "a bad day"}
+INSTRUCTED = {"instructions": {"positive": "be kind", "negative": "be rude"}, "prompts": ["hi", "and you?"]}
+FIT_CASES = [  # (a fit body, valid per the description): its shapes exclude each other
+    ({"examples": [PAIR]}, True),
+    ({"examples": [{"prompt": "q", **PAIR}]}, True),
+    (INSTRUCTED, True),
+    ({"examples": [PAIR], "instructions": None, "prompts": None}, True),
+    ({"examples": None, **INSTRUCTED}, True),
+    ({"examples": [PAIR], **INSTRUCTED}, False),
+    ({"examples": [PAIR], "prompts": ["0"]}, False),
+    ({"examples": [PAIR], "instructions": INSTRUCTED["instructions"]}, False),
+    ({"instructions": INSTRUCTED["instructions"]}, False),
+    ({"prompts": ["hi"]}, False),
+    ({}, False),
+    ({"examples": [PAIR, {"prompt": "q", **PAIR}]}, False),
+    ({"examples": [PAIR], "method": "pca"}, False),
+    ({"examples": [PAIR, PAIR], "method": "pca"}, True),
+    ({**INSTRUCTED, "prompts": ["hi"], "method": "pca"}, False),
+    ({"examples": [PAIR], "layers": [1, 1, 1, 1, 1]}, True),
+    ({"examples": [PAIR], "layers": [2.0, 3]}, True),
+    ({"examples": [PAIR], "layers": [1.5]}, False),
+    ({"examples": [PAIR], "layers": [4]}, False),  # the tiny model has 4 layers
+    ({"examples": [PAIR], "default_strength": 10.5}, False),
+]
+
+
+@pytest.mark.parametrize(("body", "valid"), FIT_CASES)
+def test_fit_description_and_server_agree(agreeing, body, valid) -> None:
+    assert _validator(agreeing.spec, "FitRequest").is_valid(body) is valid, body
+    response = httpx.post(agreeing.v1 + "/profiles/agreed/fit", json=body, timeout=60)
+    assert response.status_code in ((200, 201) if valid else (400,)), (body, response.text)
 
 
 def test_profile_name_pattern_matches_the_server(agreeing) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.config import Settings
-from steering_vectors.profile import ModelFingerprint, Profile
+from steering_vectors.core.profile import ModelFingerprint, Profile
 
 from .conftest import live_server, make_profile
 from .reference import chat_ids, greedy, text_of
@@ -158,7 +158,7 @@ def test_profile_names_are_validated(fresh, tiny_loaded) -> None:
 
 
 def test_gguf_control_vector_upload(fresh, tiny_loaded) -> None:
-    from steering_vectors.gguf_io import write_control_vector
+    from steering_vectors.core.gguf_io import write_control_vector
 
     profile = make_profile(tiny_loaded, "g", seed=21)
     response = put(fresh, "fromgguf", write_control_vector(profile))

@@ -19,8 +19,8 @@ import pytest
 from server.config import Settings
 from server.profile_watch import ProfileWatcher
 from server.registry import ProfileNotFoundError, ProfileRegistry, ProfileStoreReadOnlyError, parse_profile
-from steering_vectors.models import load_model
-from steering_vectors.profile import atomic_write
+from steering_vectors.core.models import load_model
+from steering_vectors.core.profile import atomic_write
 
 from .conftest import live_server, make_profile
 
@@ -104,7 +104,7 @@ def test_replicas_with_their_own_stores_give_one_upload_one_digest(tiny_loaded, 
     """Replicas that do not share a directory (a volume each) and are sent the same upload store and name the
     same bytes; so does the API's description of the profile before it is stored, and a GGUF upload."""
     from server.routes.profiles import describe
-    from steering_vectors.gguf_io import write_control_vector
+    from steering_vectors.core.gguf_io import write_control_vector
 
     profile = make_profile(tiny_loaded, "alpha", seed=3)
     for upload in (profile.to_bytes(), write_control_vector(profile)):
@@ -120,7 +120,7 @@ def test_replicas_with_their_own_stores_give_one_upload_one_digest(tiny_loaded, 
 
 
 def test_a_safetensors_file_wins_over_a_gguf_file_of_the_same_name(tiny_loaded, store):
-    from steering_vectors.gguf_io import write_control_vector
+    from steering_vectors.core.gguf_io import write_control_vector
 
     gguf = store / "alpha.gguf"
     gguf.write_bytes(write_control_vector(make_profile(tiny_loaded, "alpha", seed=1)))

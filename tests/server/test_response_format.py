@@ -21,7 +21,7 @@ from server.backends.base import Backend
 from server.backends.transformers import stop_token_ids
 from server.config import Settings
 from server.structured import Grammars, TokenizerUnsupportedError, build_tokenizer
-from steering_vectors.hooks import Steerer, build_plan, combine_low_rank, combine_offsets
+from steering_vectors.core.hooks import Steerer, build_plan, combine_low_rank, combine_offsets
 
 from .conftest import live_server
 from .fakes import ScriptedEngine

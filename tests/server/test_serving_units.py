@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from server.errors import APIError
-from server.protocol import SteeringEntry
+from server.protocol import SteeringEntry, steering_wishes
 from server.serving import TextStream, parse_model_alias, resolve_steering
-from steering_vectors.profile import ModelFingerprint, Profile
+from steering_vectors.core.profile import ModelFingerprint, Profile
 
 # a byte-level "tokenizer": token id = one byte
 TEXT = "naïve café → 你好!"
@@ -63,7 +63,9 @@ SHAPE = ModelFingerprint("llama", hidden_size=4, num_layers=2)
 
 
 def _resolve(model: str = "base", spec=None, bounds=(-5.0, 5.0), shape=SHAPE):
-    return resolve_steering(model, spec, base="base", profiles=PROFILES, strength_bounds=bounds, fingerprint=shape)
+    alias = parse_model_alias(model, "base")
+    wanted = ([alias] if alias is not None else []) + list(steering_wishes(spec))
+    return resolve_steering(wanted, profiles=PROFILES, strength_bounds=bounds, fingerprint=shape)
 
 
 def test_resolve_combines_entries_and_alias() -> None:
@@ -132,7 +134,8 @@ def test_ignore_eos_drops_the_stop_token_ids_of_every_choice() -> None:
 
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     stops = frozenset({2, 5})
-    assert ChatCompletionRequest(**chat).sampling_params(8, stops, 0).stop_token_ids == stops
-    assert ChatCompletionRequest(**chat, ignore_eos=True).sampling_params(8, stops, 1).stop_token_ids == frozenset()
-    assert CompletionRequest(model="m", prompt="x", ignore_eos=True).sampling_params(8, stops, 0).stop_token_ids == (
-        frozenset())
+    assert ChatCompletionRequest(**chat).generation().sampling(0, 8, stops).stop_token_ids == stops
+    ignoring = ChatCompletionRequest(**chat, ignore_eos=True).generation()
+    assert ignoring.sampling(1, 8, stops).stop_token_ids == frozenset()
+    completion = CompletionRequest(model="m", prompt="x", ignore_eos=True).generation()
+    assert completion.sampling(0, 8, stops).stop_token_ids == frozenset()

@@ -18,7 +18,7 @@ import torch
 from server.backends.base import SamplingParams
 from server.backends.sampling import make_generator, sampling_probs, select_token, select_tokens
 from server.config import Settings
-from steering_vectors.models import load_model
+from steering_vectors.core.models import load_model
 
 from .conftest import live_server
 from .reference import chat_ids, greedy, text_of

@@ -20,7 +20,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import httpx
 from server.config import Settings
-from steering_vectors.models import load_model
+from steering_vectors.core.models import load_model
 from tests.conftest import save_tiny_model_dir
 from tests.server.conftest import live_server
 

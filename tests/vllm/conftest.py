@@ -44,6 +44,6 @@ def vllm_backend(vllm_model_dir):
 @pytest.fixture(scope="session")
 def hf_tiny(vllm_model_dir):
     """The same tiny model in transformers (the reference the steered states are compared with)."""
-    from steering_vectors.models import load_model
+    from steering_vectors.core.models import load_model
 
     return load_model(vllm_model_dir)

@@ -45,7 +45,7 @@ print("REPLIES " + json.dumps(replies))
 
 @pytest.fixture(scope="module")
 def plain_replies() -> list[str]:
-    from steering_vectors.models import ensure_embedded_cache
+    from steering_vectors.core.models import ensure_embedded_cache
 
     model_dir, _ = ensure_embedded_cache()
     cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))  # as the backend binds them

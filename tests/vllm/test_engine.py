@@ -13,9 +13,9 @@ import torch
 
 from server.backends.base import EngineOverloadedError, GenerationRequest, SamplingParams
 from server.backends.vllm.engine import SlotTable, cache_salt
-from steering_vectors.hooks import RowSteering, Steerer, plan_for_rows
-from steering_vectors.layers import find_decoder_layers
-from steering_vectors.profile import Profile
+from steering_vectors.core.hooks import RowSteering, Steerer, plan_for_rows
+from steering_vectors.core.layers import find_decoder_layers
+from steering_vectors.core.profile import Profile
 
 PROMPT = list(range(5, 21))
 OTHER = [7, 3, 9, 11, 40, 41, 42, 100, 7, 8]

@@ -15,7 +15,7 @@ import torch
 from server.backends.base import GenerationRequest, SamplingParams
 from server.backends.vllm.engine import profile_digest
 from server.config import Settings
-from steering_vectors.profile import Profile
+from steering_vectors.core.profile import Profile
 from tests.server.conftest import live_server
 
 PROMPT = "Tell me a story"
@@ -47,7 +47,7 @@ def upload(server, profile: Profile) -> httpx.Response:
 
 def engine_greedy(backend, steering_entries=(), tokens: int = MAX) -> str:
     """The reply text the engine gives the chat prompt directly (the serving layer's reference)."""
-    from steering_vectors.hooks import RowSteering
+    from steering_vectors.core.hooks import RowSteering
 
     ids = backend.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                                 tokenize=False)

@@ -45,7 +45,7 @@ def stop_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
 
 def create(settings: Any, *, model: Any | None = None) -> Backend:
     """Load (or take) the model, pack it as the settings say, and build the engine."""
-    from steering_vectors.models import load_model
+    from steering_vectors.core.models import load_model
 
     from .engine import ContinuousEngine
     from .packed import pack_model

@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from steering_vectors.errors import PlanError
-from steering_vectors.hooks import RowSteering, Steerer, SteeringPlan, build_plan, plan_for_rows
+from steering_vectors.core.errors import PlanError
+from steering_vectors.core.hooks import RowSteering, Steerer, SteeringPlan, build_plan, plan_for_rows
 
 from ..base import (
     ConditionResult,

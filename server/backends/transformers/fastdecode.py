@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steering_vectors.hooks import SteeringPlan, apply_lora, apply_plan
+from steering_vectors.core.hooks import SteeringPlan, apply_lora, apply_plan
 
 from . import compat
 from .packed import GROUP, PackedLinear

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steering_vectors.layers import find_decoder_layers
+from steering_vectors.core.layers import find_decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,7 @@ def create(settings: Any, *, model: Any | None = None) -> Backend:
     """Build the vLLM engine for `settings.model` (a local directory, or the embedded default)."""
     if model is not None:
         raise ValueError("the vllm backend loads its model itself; it cannot take a loaded transformers model")
-    from steering_vectors.models import directory_fingerprint, load_tokenizer, model_directory
+    from steering_vectors.core.models import directory_fingerprint, load_tokenizer, model_directory
 
     from ..transformers import stop_token_ids
     from .engine import VllmEngine

@@ -30,8 +30,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from steering_vectors.errors import PlanError
-from steering_vectors.profile import Profile
+from steering_vectors.core.errors import PlanError
+from steering_vectors.core.profile import Profile
 
 from ..base import (
     Engine,

@@ -7,7 +7,7 @@ on the loaded model's decoder layers (and on the fused q/k/v projections of laye
 steer) and wraps the model runner's `_model_forward` so that each step fills one table before the
 forward runs.
 
-The arithmetic is the transformers backend's (`steering_vectors.hooks.apply_plan` / `apply_lora`), laid
+The arithmetic is the transformers backend's (`steering_vectors.core.hooks.apply_plan` / `apply_lora`), laid
 out for a flattened batch of tokens instead of padded rows:
 
 - every loaded profile has a slot `s` (1..S-1; slot 0 stays zeros); per decoder layer `l` the tables
@@ -29,7 +29,8 @@ layers suit eager mode, which is the mode this backend runs (docs/engine.md, "Wh
 with zero strength get an exact zero added, so unsteered requests are bit-identical to a run without
 steering. A step with no steered token skips the hooks. Tensor parallelism: every rank
 applies the same offsets and low-rank terms to its (replicated) residual and the rows of the LoRA terms
-that its q/k/v shard holds. This module imports torch and the profile format only.
+that its q/k/v shard holds. This module imports torch and the library's runtime core
+(`steering_vectors.core`: the profile format, the hooks' constants) only, never its training half.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from steering_vectors.core.hooks import LOW_RANK_EPS
+
 log = logging.getLogger(__name__)
 
 EXTRA_KEY = "rahf"  # SamplingParams.extra_args[EXTRA_KEY] = {"slots": [...], "strengths": [...], "mode": ...}
-LOW_RANK_EPS = 1e-6  # steering_vectors.hooks.LOW_RANK_EPS (not imported: the hooks module imports transformers)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -141,7 +143,7 @@ class SteeringTables:
 
     def load(self, slot: int, data: bytes) -> dict[str, Any]:
         """Put the profile file `data` into `slot` (replacing what it held)."""
-        from steering_vectors.profile import Profile
+        from steering_vectors.core.profile import Profile
 
         if not 0 < slot < self.num_slots:
             raise ValueError(f"slot {slot} is outside 1..{self.num_slots - 1}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import SteeringError
+from ..core.errors import SteeringError
 
 Message = dict[str, str]
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")

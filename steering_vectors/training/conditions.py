@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .profile import CONDITION_READS, Condition
+from ..core.profile import CONDITION_READS, Condition
 
 Message = dict[str, str]
 

@@ -20,9 +20,9 @@ Shapes (every example is a pair: a positive side and a negative side):
 Methods, per layer ``l`` (states are the outputs of decoder layer ``l``, the layer an offset at ``l`` is
 added to):
 
-- ``caa``: the mean over pairs of (positive state - negative state) (`rahf.caa_offsets`);
+- ``caa``: the mean over pairs of (positive state - negative state) (`fit.caa_offsets`);
 - ``pca``: the first principal direction of those differences, signed and scaled by their mean
-  projection (`rahf.pca_offsets`; needs at least two pairs);
+  projection (`fit.pca_offsets`; needs at least two pairs);
 - ``mean``: the mean over every read token of the positive sides minus that of the negative sides
   (weighted by tokens, not by pairs; equal to ``caa`` when every side reads one token).
 """
@@ -39,10 +39,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.errors import SteeringError
+from ..core.layers import find_decoder_layers
+from ..core.profile import ModelFingerprint, Profile, validate_name
 from .data import Encoded, collate, encode_prompt
-from .errors import SteeringError
-from .layers import find_decoder_layers
-from .profile import ModelFingerprint, Profile, validate_name
 
 Method = Literal["caa", "pca", "mean"]
 METHODS: tuple[str, ...] = ("caa", "pca", "mean")
@@ -226,7 +226,7 @@ class SideStates:
 def read_batch(model: nn.Module, batch: Sequence[Side], layers: Sequence[int], pad_id: int) -> list[SideStates]:
     """One forward pass (no cache, stopped after the deepest of `layers`; the calling thread has no steering
     plan) over `batch`; returns each side's summed states at `layers` over its read tokens."""
-    from .rahf import forward_recorded, record_layers
+    from .collect import forward_recorded, record_layers
 
     encoded = collate([Encoded(side.input_ids, side.read_from) for side in batch], pad_id)
     with torch.no_grad(), record_layers(model, layers, stop=True) as recorded:
@@ -242,7 +242,8 @@ def read_batch(model: nn.Module, batch: Sequence[Side], layers: Sequence[int], p
 
 def offsets_from_states(states: Sequence[SideStates], layers: Sequence[int], method: str) -> dict[int, torch.Tensor]:
     """The per-layer offsets of `method` from every side's states (any order)."""
-    from .rahf import PatternRecord, caa_offsets, pca_offsets
+    from .collect import PatternRecord
+    from .fit import caa_offsets, pca_offsets
 
     if method not in METHODS:
         raise FitInputError(f"method: {method!r} is not one of {', '.join(METHODS)}", "method")

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from ..core.profile import Profile
+from .cli_options import add_run_options, check_layers, command_line, parse_count, setup
 from .pipeline import FitResult, Run, RunConfig, Stages, read_json, write_json
-from .profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class Comparison:
         if row.kind == "none":
             result.update(self._entry(self.unsteered(), self.base_ppl), parameters=0, pairs=0, train_s=0.0)
         elif row.kind == "prompt":
-            from .rahf import GOOD_INSTRUCTION
+            from .instruct import GOOD_INSTRUCTION
 
             score = self.score(system=GOOD_INSTRUCTION, desc="good instruction")
             result.update(self._entry(score, None), parameters=0, pairs=0, train_s=0.0)
@@ -377,7 +378,7 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def register(sub: argparse._SubParsersAction, add_run_options: Any, parse_floats: Any, parse_count: Any) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     compare = sub.add_parser("compare", help="compare every steering method on one preference set, fairly")
     compare.add_argument("--data", required=True, help="folder with train.jsonl and dev.jsonl")
     compare.add_argument("--out", type=Path, required=True, help="report folder (profiles go to <out>/profiles)")
@@ -421,12 +422,11 @@ def cpu_name() -> str:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from ..core.models import check_model, default_cache_dir, load_model
     from .data import load_pairs, resolve_split, sample_pairs
-    from .models import check_model, default_cache_dir, load_model
     from .pipeline import resolve_bf16
-    from .pipeline_cli import _check_layers, _command_line, _setup
 
-    _setup(args)
+    setup(args)
     bf16 = resolve_bf16(args.bf16, args.device)
     check_model(args.model)
     data_file = resolve_split(args.data, "train")
@@ -442,16 +442,16 @@ def run_compare(args: argparse.Namespace) -> int:
         rows = [next(r for r in rows if r.key == key) for key in dict.fromkeys(wanted)]  # computed in this order
     dev = sample_pairs(load_pairs(resolve_split(args.data, "dev")), args.eval_pairs, seed=0)
     loaded = load_model(args.model, device=args.device)
-    _check_layers(list(base.layers), loaded.model)
+    check_layers(list(base.layers), loaded.model)
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
-    comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, _command_line())
+    comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, command_line())
     started = time.perf_counter()
     summaries: list[dict[str, Any]] = []
     pending: list[str] = []
     carried: list[str] = []
     order = {r.key: i for i, r in enumerate(rows_for(args.rank))}
     # the command that computes every row (with --cached-only it reports only those earlier runs finished)
-    command = _command_line().replace(" --cached-only", "")
+    command = command_line().replace(" --cached-only", "")
 
     def write() -> Path:
         summaries.sort(key=lambda r: order[r["row"]])  # the report lists rows in one fixed order

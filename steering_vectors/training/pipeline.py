@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.profile import ModelFingerprint, atomic_write
 from .data import DataFormatError, PreferencePair, TokenBudget, load_pairs, sample_pairs, split_pairs
-from .profile import ModelFingerprint, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def instruct_stage(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Step 1 (SCIT or Dual LoRA) resumed from `folder`, with the likelihood gap on `gap_pairs` (held out
     from step 1) before and after. Returns the wrapped model and the stage's record (instruct.json)."""
-    from .rahf import likelihood_gap, train_dual, train_scit
+    from .instruct import likelihood_gap, train_dual, train_scit
 
     with stage_lock(folder) as clock:
         record_file = folder / "instruct.json"
@@ -279,7 +279,7 @@ def patterns_stage(
     bf16: bool,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Step 2 into `folder` (or loaded from it): the pattern records and the stage's record."""
-    from .rahf import PatternStore, collect_patterns
+    from .collect import PatternStore, collect_patterns
 
     patterns_file = folder / "patterns.pt"
     with stage_lock(folder) as clock:
@@ -411,7 +411,7 @@ class Run:
         return self.loaded.model
 
     def instruct_config(self) -> Any:
-        from .rahf import InstructConfig
+        from .instruct import InstructConfig
 
         c = self.config
         return InstructConfig(
@@ -478,15 +478,8 @@ class Run:
 
     def fit(self, fit: str) -> FitResult:
         """Step 3 by `fit` (rahf, lora, mean, caa, pca or pref), with the stages it needs."""
-        from .rahf import (
-            FitConfig,
-            PrefConfig,
-            caa_offsets,
-            fit_offsets,
-            fit_preference_offsets,
-            mean_pattern_offsets,
-            pca_offsets,
-        )
+        from .fit import FitConfig, caa_offsets, fit_offsets, mean_pattern_offsets, pca_offsets
+        from .pref import PrefConfig, fit_preference_offsets
 
         c, tokenizer = self.config, self.loaded.tokenizer
         layers = list(c.layers)
@@ -552,10 +545,10 @@ class Run:
         return FitResult(offsets, low_rank, provenance, seconds)
 
     def fit_lora(self) -> tuple[nn.Module, dict[str, Any]]:
-        """Step 3 as a LoRA adapter 'rahf' on the base model (`rahf.fit_lora`: the paper's parameterisation,
+        """Step 3 as a LoRA adapter 'rahf' on the base model (`fit.fit_lora`: the paper's parameterisation,
         not switchable per request), trained or resumed in its stage folder. Returns the wrapped model
         (`release` unwraps it) and the stage record with the seconds of the stages it used."""
-        from .rahf import FitConfig, fit_lora
+        from .fit import FitConfig, fit_lora
 
         c = self.config
         records, instruct_record, patterns_record = self.records()
@@ -584,8 +577,8 @@ class Run:
             k: instruct_record.get(k) for k in ("gap_before", "gap_after")}}
 
     def _fit_lora_terms(self) -> FitResult:
-        """The 'lora' fit: `fit_lora`'s adapter as per-row LoRA terms of a profile (`rahf.lora_terms`)."""
-        from .rahf import lora_terms
+        """The 'lora' fit: `fit_lora`'s adapter as per-row LoRA terms of a profile (`fit.lora_terms`)."""
+        from .fit import lora_terms
 
         model, record = self.fit_lora()
         try:
@@ -602,7 +595,7 @@ class Run:
         return FitResult(offsets, {}, provenance, record["stage_seconds"], lora=lora)
 
     def profile(self, fit: str, name: str, result: FitResult) -> Any:
-        from .rahf import make_profile
+        from .fit import make_profile
 
         data = Path(self.config.data_file).parent.name or Path(self.config.data_file).name
         return make_profile(
