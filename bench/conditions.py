@@ -158,8 +158,13 @@ def main() -> None:
     # the probe read from the prompt's own prefill equals one read by a separate forward (a check, on 8 prompts)
     states = prompt_states(backend.model, ids["harmful"][:8], [profile.condition.layer])
     probe = profile.condition.scores(states[profile.condition.reads][profile.condition.layer])
-    engine_scores = [c[0].score for _, c in run_all(ids["harmful"][:8], steerings["conditional"], tokens=1)]
-    report["probe_check_max_abs_diff"] = float((probe - torch.tensor(engine_scores)).abs().max())
+    # one at a time (each prompt in one prefill chunk), then together (prompts split across chunks where the
+    # step's budget ends: a chunk of a few tokens attends to the cached rest, which rounds differently)
+    for key, together in (("probe_check_max_abs_diff", False), ("probe_check_chunked_max_abs_diff", True)):
+        engine_scores = [c[0].score for _, c in run_all(ids["harmful"][:8], steerings["conditional"], tokens=1,
+                                                        together=together)]
+        report[key] = float((probe - torch.tensor(engine_scores)).abs().max())
+    report["probe_scores_abs_max"] = float(probe.abs().max())
     # decode throughput at c=8, 64 tokens, no stop: the profile conditional (fired on these harmful prompts) vs
     # the same profile unconditional, alternating, 3 rounds. Decode is the phase after the last of the 8 first
     # tokens (every row decoding); the conditional rows' second, steered prefill falls before it
