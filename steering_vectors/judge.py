@@ -270,7 +270,7 @@ def fit_bt_head(
     return weight.detach().float(), mean.float(), std.float()
 
 
-def _accuracy(diff: torch.Tensor) -> float:
+def diff_accuracy(diff: torch.Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()) if diff.numel() else float("nan")
 
 
@@ -306,7 +306,7 @@ def select_head(
                     continue
                 w, mu, sd = fit_bt_head(chosen[train], rejected[train], l2=l2)
                 diffs.append(((chosen[test] - mu) / sd - (rejected[test] - mu) / sd) @ w)
-            accuracy = _accuracy(torch.cat(diffs))
+            accuracy = diff_accuracy(torch.cat(diffs))
             table.append({"pools": list(pools), "layers": layers, "l2": l2, "cv_accuracy": accuracy})
             if best is None or accuracy > best[0]:
                 best = (accuracy, HeadParams(layers, list(pools), torch.zeros(0), torch.zeros(0), torch.zeros(0), l2))
@@ -357,6 +357,20 @@ class LoraJudgeConfig:
     seed: int = 0
     bf16: bool = False
     checkpoint_every: int = 10
+    max_pairs: int | None = None  # a seeded sample of the judge-train pairs (`training_subset`): CPU time
+    top_layers: int | None = None  # adapters on the last this many decoder layers only: less to backpropagate
+
+    def lora_settings(self) -> dict[str, Any]:
+        return {"rank": self.rank, "lora_alpha": self.lora_alpha, "targets": list(self.targets),
+                "top_layers": self.top_layers}  # fmt: skip
+
+
+def training_subset(pairs: Sequence[PreferencePair], n: int | None, seed: int = 0) -> list[PreferencePair]:
+    """The first `n` of a seeded shuffle of `pairs` (all when None): the same subset for every kind, so kinds
+    compared at equal data see the same pairs."""
+    from .data import sample_pairs
+
+    return list(pairs) if n is None or n >= len(pairs) else sample_pairs(pairs, n, seed=seed)
 
 
 class RewardModel(nn.Module):
@@ -378,12 +392,18 @@ class RewardModel(nn.Module):
         return self.head(last.float()).squeeze(-1)  # (B,)
 
 
-def wrap_lora(model: nn.Module, config: LoraJudgeConfig) -> nn.Module:
-    """`model` with a fresh LoRA adapter (peft), only the adapter trainable."""
+def wrap_lora(model: nn.Module, config: LoraJudgeConfig, layers: list[int] | None = None) -> nn.Module:
+    """`model` with a fresh LoRA adapter (peft) on `layers` (default: the config's top layers, else all), only
+    the adapter trainable."""
     from peft import LoraConfig, get_peft_model
 
+    from .layers import find_decoder_layers
+
+    if layers is None and config.top_layers:
+        count = len(find_decoder_layers(model))
+        layers = list(range(max(count - config.top_layers, 0), count))
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.targets),
-                      lora_dropout=0.0)  # fmt: skip
+                      lora_dropout=0.0, layers_to_transform=layers)  # fmt: skip
     return get_peft_model(model, lora)
 
 
@@ -397,6 +417,7 @@ def train_lora_judge(
 
     from .layers import hidden_size_of
 
+    pairs = training_subset(pairs, config.max_pairs, config.seed)
     torch.manual_seed(config.seed)
     reward = RewardModel(wrap_lora(model, config), hidden_size_of(model))
     reward.head.requires_grad_(True)
@@ -499,7 +520,9 @@ def save_judge(path: Path, judge: HeadJudge | LoraJudge, *, data_set: str, finge
         tensors["head.weight"] = judge.reward.head.weight.detach()
         tensors["head.bias"] = judge.reward.head.bias.detach()
         config = judge.reward.model.peft_config["default"]
-        settings = {"rank": config.r, "lora_alpha": config.lora_alpha, "targets": sorted(config.target_modules)}
+        layers = config.layers_to_transform
+        settings = {"rank": config.r, "lora_alpha": config.lora_alpha, "targets": sorted(config.target_modules),
+                    "layers": list(layers) if layers is not None else None}  # fmt: skip
     metadata = {
         "format": FORMAT, "kind": judge.kind, "set": data_set, "fingerprint": fingerprint.to_json(),
         "split_rule": SPLIT_RULE, "budget": json.dumps([judge.budget.prompt, judge.budget.response]),
@@ -549,7 +572,7 @@ def load_judge(path: Path, model: nn.Module, tokenizer: Any, *, bf16: bool = Fal
     config = LoraJudgeConfig(
         rank=settings["rank"], lora_alpha=settings["lora_alpha"], targets=tuple(settings["targets"])
     )
-    reward = RewardModel(wrap_lora(model, config), hidden_size_of(model))
+    reward = RewardModel(wrap_lora(model, config, settings.get("layers")), hidden_size_of(model))
     set_peft_model_state_dict(reward.model, {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")})
     reward.head.weight.data.copy_(tensors["head.weight"])
     reward.head.bias.data.copy_(tensors["head.bias"])
@@ -564,4 +587,4 @@ def length_baseline(pairs: Sequence[PreferencePair]) -> float:
     if not pairs:
         return math.nan
     diff = torch.tensor([float(len(p.chosen) - len(p.rejected)) for p in pairs])
-    return _accuracy(diff)
+    return diff_accuracy(diff)

@@ -28,6 +28,7 @@ from .judge import (
     HeadJudge,
     LoraJudge,
     LoraJudgeConfig,
+    diff_accuracy,
     feature_layers,
     judge_split,
     length_baseline,
@@ -37,6 +38,7 @@ from .judge import (
     save_judge,
     select_head,
     train_lora_judge,
+    training_subset,
 )
 from .layers import find_decoder_layers
 from .pipeline import digest, file_digest, read_json, write_json
@@ -87,10 +89,11 @@ def cached_features(
 
 def build_head(
     loaded: Any, data_set: str, train: list[PreferencePair], held: list[PreferencePair], work: Path, out: Path,
-    *, bf16: bool,
+    *, bf16: bool, curve_sizes: tuple[int, ...] = (128,),
 ) -> dict[str, Any]:  # fmt: skip
     """Kind "head" for one set: features, cross-validated head on judge-train, accuracy on judge-held-out,
-    the judge file `out/<set>-head.safetensors`. Returns the report entry."""
+    the judge file `out/<set>-head.safetensors`, and the held-out accuracy of heads fitted on `curve_sizes` pairs
+only (the comparison with a "lora" judge trained on as few). Returns the report entry."""
     started = time.perf_counter()
     model, tokenizer = loaded.model, loaded.tokenizer
     layers = feature_layers(len(find_decoder_layers(model)))
@@ -105,9 +108,19 @@ def build_head(
 
     def accuracy(x: torch.Tensor) -> float:
         diff = head.rewards(head.select(x, layers))
-        diff = diff[0::2] - diff[1::2]
-        return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+        return diff_accuracy(diff[0::2] - diff[1::2])
 
+    curve = []
+    for n in curve_sizes:  # at equal pairs with a "lora" judge trained on `training_subset(train, n)`
+        if n >= len(train):
+            continue
+        where = {id(p): i for i, p in enumerate(train)}
+        rows = torch.tensor([where[id(p)] for p in training_subset(train, n)])
+        both = torch.stack([2 * rows, 2 * rows + 1], dim=1).reshape(-1)
+        small, _ = select_head(train_x[both], [train[i] for i in rows.tolist()], layers)
+        diff = small.rewards(small.select(held_x, layers))
+        curve.append({"train_pairs": n, "held_accuracy": diff_accuracy(diff[0::2] - diff[1::2]),
+                      "chosen": {"layers": small.layers, "pools": small.pools, "l2": small.l2}})  # fmt: skip
     judge = HeadJudge(model, tokenizer, head, list(head.layers), bf16=bf16)
     check = pair_accuracy(judge, held[:16])  # the saved judge's own scoring path agrees with the features'
     report = {
@@ -115,7 +128,7 @@ def build_head(
         "held_accuracy": accuracy(held_x), "train_accuracy": accuracy(train_x),
         "cv_accuracy": max(r["cv_accuracy"] for r in table), "length_baseline_held": length_baseline(held),
         "chosen": {"layers": head.layers, "pools": head.pools, "l2": head.l2}, "cv_table": table,
-        "check_first16_held": check["accuracy"], "bf16": bf16,
+        "check_first16_held": check["accuracy"], "bf16": bf16, "curve": curve,
         "seconds": {"features": extracted, "select_fit": selected, "total": time.perf_counter() - started},
     }  # fmt: skip
     save_judge(out / f"{data_set}-head.safetensors", judge, data_set=data_set, fingerprint=loaded.fingerprint,
@@ -144,7 +157,8 @@ def build_lora(
     judge = LoraJudge(reward, loaded.tokenizer, bf16=bf16)
     held_score = pair_accuracy(judge, held)
     report = {
-        "kind": "lora", "set": data_set, "train_pairs": len(train), "held_pairs": len(held),
+        "kind": "lora", "set": data_set, "train_pairs": len(training_subset(train, config.max_pairs, config.seed)),
+        "held_pairs": len(held),
         "held_accuracy": held_score["accuracy"], "held_margin": held_score["margin"],
         "length_baseline_held": length_baseline(held), "bf16": bf16,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("bf16", "checkpoint_every")},

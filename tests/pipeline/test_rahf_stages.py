@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering_vectors.data import PreferencePair, TokenBudget, collate, encode
+from steering_vectors.data import PreferencePair, TokenBudget, collate, encode, load_pairs
 from steering_vectors.evaluate import sequence_logprobs
+from steering_vectors.judge import is_judge_prompt
 from steering_vectors.models import load_model
 from steering_vectors.pipeline import split_training_pairs
 from steering_vectors.profile import Profile
@@ -264,7 +265,8 @@ def test_calibration_pairs_never_share_a_prompt_with_fit_pairs(tmp_path: Path) -
         split = split_training_pairs(data, max_pairs=1000, calib_pairs=1000, held_out=0.2, seed=seed)
         fit_prompts = {json.dumps(p.prompt) for p in split.pairs}
         assert split.calib and fit_prompts and not fit_prompts & {json.dumps(p.prompt) for p in split.calib}
-        assert len(split.pairs) + len(split.calib) == 90
+        judge = sum(is_judge_prompt(p) for p in load_pairs(data))  # the judge's prompts are set aside first
+        assert 0 < judge < 90 and len(split.pairs) + len(split.calib) == 90 - judge
     # the held-out prompts do not depend on the run's seed
     a = split_training_pairs(data, max_pairs=10, calib_pairs=1000, held_out=0.2, seed=0)
     b = split_training_pairs(data, max_pairs=10, calib_pairs=1000, held_out=0.2, seed=7)
