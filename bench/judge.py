@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--lora-batch", type=int, default=4, help="pairs per optimiser step")
     parser.add_argument("--lora-pairs", type=int, default=None, help="train the lora kind on a seeded sample "
                         "of this many judge-train pairs (CPU time); the head kind also reports a head fitted on them")
+    parser.add_argument("--head-pairs", type=int, default=None, help="train the head kind on a seeded sample "
+                        "of this many judge-train pairs (CPU time)")
     parser.add_argument("--lora-top-layers", type=int, default=None, help="adapters on the last N layers only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -59,7 +61,7 @@ def main() -> None:
                            max_pairs=args.lora_pairs, top_layers=args.lora_top_layers)
     command = "python bench/judge.py " + shlex.join(sys.argv[1:])
     report = build(args.data, sets, kinds, args.out, args.work or default_cache_dir() / "judge",
-                   bf16=resolve_bf16(args.bf16), lora=lora, command=command)
+                   bf16=resolve_bf16(args.bf16), lora=lora, head_pairs=args.head_pairs, command=command)
     print("kept:", ", ".join(f"{s} {k}" for s, k in report["kept"].items()))
 
 

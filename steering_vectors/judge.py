@@ -286,6 +286,7 @@ HEAD_LAYERS = ("final", "upper", "all")  # the last index (final norm applied), 
 
 def select_head(
     features: torch.Tensor, pairs: Sequence[PreferencePair], all_layers: Sequence[int], *, folds: int = 5,
+    l2_grid: Sequence[float] = HEAD_L2,
 ) -> tuple[HeadParams, list[dict[str, Any]]]:  # fmt: skip
     """Choose the pools, layers and L2 of a head by `folds`-fold cross-validation on judge-train pairs
     (features: (2P, L, 2, H), chosen then rejected per pair), then fit it on all of them.
@@ -298,7 +299,7 @@ def select_head(
         probe = HeadParams(layers, list(pools), torch.zeros(0), torch.zeros(0), torch.zeros(0), 0.0)
         x = probe.select(features, all_layers)
         chosen, rejected = x[0::2], x[1::2]
-        for l2 in HEAD_L2:
+        for l2 in l2_grid:
             diffs = []
             for f in range(folds):
                 train, test = fold != f, fold == f

@@ -89,7 +89,7 @@ def cached_features(
 
 def build_head(
     loaded: Any, data_set: str, train: list[PreferencePair], held: list[PreferencePair], work: Path, out: Path,
-    *, bf16: bool, curve_sizes: tuple[int, ...] = (128,),
+    *, bf16: bool, curve_sizes: tuple[int, ...] = (64, 128),
 ) -> dict[str, Any]:  # fmt: skip
     """Kind "head" for one set: features, cross-validated head on judge-train, accuracy on judge-held-out,
     the judge file `out/<set>-head.safetensors`, and the held-out accuracy of heads fitted on `curve_sizes` pairs
@@ -190,12 +190,21 @@ def keep_better(report: dict[str, Any]) -> dict[str, str]:
     return kept
 
 
+def kept_judge_file(directory: Path, data_set: str) -> Path:
+    """The file of the kind kept for `data_set` in a judges folder (its report.json says which)."""
+    kind = read_json(directory / "report.json").get("kept", {}).get(data_set)
+    if kind is None:
+        raise FileNotFoundError(f"{directory / 'report.json'}: no judge kept for {data_set}; run bench/judge.py")
+    return directory / f"{data_set}-{kind}.safetensors"
+
+
 def build(
     data_root: Path, sets: list[str], kinds: list[str], out: Path, work: Path, *, bf16: bool,
-    lora: LoraJudgeConfig | None = None, command: str = "",
+    lora: LoraJudgeConfig | None = None, head_pairs: int | None = None, command: str = "",
 ) -> dict[str, Any]:  # fmt: skip
     """The whole build: for each set and kind, the judge file and its entry in `out/report.json` (entries of
-    kinds not rebuilt this time are kept), and the kept kind per set."""
+    kinds not rebuilt this time are kept), and the kept kind per set. `head_pairs`: the head kind learns from a
+    seeded sample of this many judge-train pairs (`training_subset`; all when None)."""
     from .models import load_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -212,13 +221,15 @@ def build(
         log.info("%s: %d judge-train and %d judge-held-out pairs", data_set, len(split.train), len(split.held))
         for kind in kinds:
             if kind == "head":
-                entry = build_head(loaded, data_set, split.train, split.held, work, out, bf16=bf16)
+                train = training_subset(split.train, head_pairs)  # a seeded sample when CPU time is short
+                entry = build_head(loaded, data_set, train, split.held, work, out, bf16=bf16)
             else:
                 entry = build_lora(load_model, data_set, split.train, split.held, work, out, bf16=bf16,
                                    config=lora or LoraJudgeConfig())  # fmt: skip
             entry["data_digest"] = file_digest(data_file)
-            report["judges"].setdefault(data_set, {})[kind] = entry
-            report["commands"][f"{data_set}/{kind}"] = command
+            report = {**read_json(report_path), **{k: v for k, v in report.items() if k not in ("judges", "commands")}}
+            report.setdefault("judges", {}).setdefault(data_set, {})[kind] = entry  # read again: another build of
+            report.setdefault("commands", {})[f"{data_set}/{kind}"] = command  # another kind may have written since
             report["kept"] = keep_better(report)
             write_json(report_path, report)
             print(f"{data_set} {kind}: held-out pair accuracy {100 * entry['held_accuracy']:.1f} % of "
