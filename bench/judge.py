@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lora-epochs", type=int, default=1)
     parser.add_argument("--lora-lr", type=float, default=2e-4)
+    parser.add_argument("--lora-head-lr", type=float, default=1e-3, help="learning rate of the scalar head")
     parser.add_argument("--lora-batch", type=int, default=4, help="pairs per optimiser step")
     parser.add_argument("--lora-pairs", type=int, default=None, help="train the lora kind on a seeded sample "
                         "of this many judge-train pairs (CPU time); the head kind also reports a head fitted on them")
@@ -57,8 +58,8 @@ def main() -> None:
         parser.error(f"--data {args.data}: no such folder")
     sets = list(SETS) if args.data_set == "both" else [args.data_set]
     kinds = ["head", "lora"] if args.kind == "both" else [args.kind]
-    lora = LoraJudgeConfig(epochs=args.lora_epochs, lr=args.lora_lr, batch_pairs=args.lora_batch,
-                           max_pairs=args.lora_pairs, top_layers=args.lora_top_layers)
+    lora = LoraJudgeConfig(epochs=args.lora_epochs, lr=args.lora_lr, head_lr=args.lora_head_lr,
+                           batch_pairs=args.lora_batch, max_pairs=args.lora_pairs, top_layers=args.lora_top_layers)
     command = "python bench/judge.py " + shlex.join(sys.argv[1:])
     report = build(args.data, sets, kinds, args.out, args.work or default_cache_dir() / "judge",
                    bf16=resolve_bf16(args.bf16), lora=lora, head_pairs=args.head_pairs, command=command)
