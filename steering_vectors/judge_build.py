@@ -154,6 +154,7 @@ def build_lora(
     reward, losses = train_lora_judge(loaded.model, loaded.tokenizer, train, config, folder / "train.ckpt")
     trained = record.get("seconds") or time.perf_counter() - started  # a resumed run keeps the first full time
     write_json(folder / "train.json", {"seconds": trained})
+    edge = max(1, min(20, len(losses) // 4))  # mean loss of the first and the last quarter, at most 20 steps each
     judge = LoraJudge(reward, loaded.tokenizer, bf16=bf16)
     held_score = pair_accuracy(judge, held)
     report = {
@@ -162,7 +163,7 @@ def build_lora(
         "held_accuracy": held_score["accuracy"], "held_margin": held_score["margin"],
         "length_baseline_held": length_baseline(held), "bf16": bf16,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("bf16", "checkpoint_every")},
-        "loss_first_last20": [_mean(losses[:20]), _mean(losses[-20:])],
+        "loss_first_last": [_mean(losses[:edge]), _mean(losses[-edge:])], "loss_window": edge,
         "steps": len(losses), "seconds": {"train": trained, "total": time.perf_counter() - started},
     }  # fmt: skip
     save_judge(out / f"{data_set}-lora.safetensors", judge, data_set=data_set, fingerprint=loaded.fingerprint,
