@@ -279,7 +279,7 @@ def _folds(pairs: Sequence[PreferencePair], k: int) -> list[int]:
     return [min(int(_bucket("judge-fold", pair) * k), k - 1) for pair in pairs]
 
 
-HEAD_L2 = (1e-3, 1e-2, 1e-1, 1.0)
+HEAD_L2 = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # 1.0 won on both sets at first: the grid goes past it
 HEAD_POOLS: tuple[tuple[str, ...], ...] = (("mean",), ("last",), ("mean", "last"))
 HEAD_LAYERS = ("final", "upper", "all")  # the last index (final norm applied), the one before it, all of them
 

@@ -72,7 +72,7 @@ def cached_features(
     kept in `folder` as they finish, so an interrupted build resumes from the last chunk."""
     folder.mkdir(parents=True, exist_ok=True)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    parts = []
+    parts, computed = [], 0
     starts = range(0, len(pairs), chunk)
     for number, start in enumerate(starts):
         path = folder / f"chunk-{start:05d}.pt"
@@ -83,7 +83,10 @@ def cached_features(
         part = pooled_features(model, examples, layers, pad=pad, bf16=bf16,
                                desc=f"{desc} {number + 1}/{len(starts)}")  # fmt: skip
         torch.save(part.to(torch.float16), path)  # half the disk; the head standardises in float64 anyway
+        computed += 1
         parts.append(part.to(torch.float16))
+    if reused := sum((folder / f"chunk-{start:05d}.pt").is_file() for start in starts) - computed:
+        log.info("%s: %d of %d feature chunks from an earlier run", folder.name, reused, len(starts))
     return torch.cat(parts).float()
 
 
@@ -100,8 +103,9 @@ only (the comparison with a "lora" judge trained on as few). Returns the report 
     key = digest({"pairs": [p.id for p in train + held], "model": loaded.fingerprint.digest, "layers": layers,
                   "budget": dataclasses.astuple(JUDGE_BUDGET), "bf16": bf16})  # fmt: skip
     folder = work / f"{data_set}-features-{key}"
+    cached = len(list(folder.glob("chunk-*.pt")))
     features = cached_features(model, tokenizer, train + held, layers, folder, bf16=bf16, desc=f"{data_set} features")
-    extracted = time.perf_counter() - started
+    extracted = time.perf_counter() - started  # of this run: chunks from an earlier run cost nothing here
     train_x, held_x = features[: 2 * len(train)], features[2 * len(train) :]
     head, table = select_head(train_x, train, layers)
     selected = time.perf_counter() - started - extracted
@@ -122,13 +126,15 @@ only (the comparison with a "lora" judge trained on as few). Returns the report 
         curve.append({"train_pairs": n, "held_accuracy": diff_accuracy(diff[0::2] - diff[1::2]),
                       "chosen": {"layers": small.layers, "pools": small.pools, "l2": small.l2}})  # fmt: skip
     judge = HeadJudge(model, tokenizer, head, list(head.layers), bf16=bf16)
-    check = pair_accuracy(judge, held[:16])  # the saved judge's own scoring path agrees with the features'
+    probe = held[:4]  # the judge's own scoring path gives the rewards the features gave (cached in float16)
+    scored = judge.score([p.prompt for p in probe], [p.chosen for p in probe])
+    check = float((scored - head.rewards(head.select(held_x[0 : 2 * len(probe) : 2], layers))).abs().max())
     report = {
         "kind": "head", "set": data_set, "train_pairs": len(train), "held_pairs": len(held),
         "held_accuracy": accuracy(held_x), "train_accuracy": accuracy(train_x),
         "cv_accuracy": max(r["cv_accuracy"] for r in table), "length_baseline_held": length_baseline(held),
         "chosen": {"layers": head.layers, "pools": head.pools, "l2": head.l2}, "cv_table": table,
-        "check_first16_held": check["accuracy"], "bf16": bf16, "curve": curve,
+        "feature_chunks_from_earlier_run": cached, "check_max_abs_reward_diff": check, "bf16": bf16, "curve": curve,
         "seconds": {"features": extracted, "select_fit": selected, "total": time.perf_counter() - started},
     }  # fmt: skip
     save_judge(out / f"{data_set}-head.safetensors", judge, data_set=data_set, fingerprint=loaded.fingerprint,
