@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Message, TokenBudget, collate, encode, pad_id
+from .data import Message, PreferencePair, TokenBudget, collate, encode, pad_id
 from .evaluate import _autocast, _everywhere, loops, steered
 from .profile import Profile
 
@@ -44,6 +44,16 @@ Prompt = str | Sequence[Message]
 
 def _messages(prompt: Prompt) -> list[Message]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def unique_prompts(pairs: Sequence[PreferencePair]) -> list[tuple[Message, ...]]:
+    """The distinct prompts of `pairs`, in first-seen order. Dev files hold several pairs per prompt (alpaca_helpful:
+    outputs of many models for one instruction); generation metrics count each prompt once, or a bootstrap
+    over prompts would take copies for independent draws."""
+    seen: dict[str, tuple[Message, ...]] = {}
+    for pair in pairs:
+        seen.setdefault(json.dumps(pair.prompt, sort_keys=True), pair.prompt)
+    return list(seen.values())
 
 
 def generate_replies(

@@ -274,6 +274,26 @@ def diff_accuracy(diff: torch.Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean()) if diff.numel() else float("nan")
 
 
+def accuracy_interval(
+    diff: torch.Tensor, pairs: Sequence[PreferencePair], *, samples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of the pair accuracy of reward differences `diff` (P,), by resampling prompts with all their
+    pairs: pairs of one prompt (one alpaca instruction, several models' outputs) are not independent draws."""
+    won = (diff > 0).double() + 0.5 * (diff == 0).double()
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(_prompt_key(pair), []).append(i)
+    members = list(groups.values())
+    generator = torch.Generator().manual_seed(seed)
+    means = []
+    for _ in range(samples):
+        picked = torch.randint(0, len(members), (len(members),), generator=generator).tolist()
+        means.append(float(won[[i for g in picked for i in members[g]]].mean()))
+    quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    low, high = torch.quantile(torch.tensor(means, dtype=torch.float64), quantiles)
+    return float(low), float(high)
+
+
 def _folds(pairs: Sequence[PreferencePair], k: int) -> list[int]:
     """A fold per pair, by a hash of its prompt (pairs of one prompt share a fold)."""
     return [min(int(_bucket("judge-fold", pair) * k), k - 1) for pair in pairs]

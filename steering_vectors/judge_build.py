@@ -13,6 +13,7 @@ that fits neither set's profiles.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 import time
@@ -28,11 +29,11 @@ from .judge import (
     HeadJudge,
     LoraJudge,
     LoraJudgeConfig,
+    accuracy_interval,
     diff_accuracy,
     feature_layers,
     judge_split,
     length_baseline,
-    pair_accuracy,
     pair_sequences,
     pooled_features,
     save_judge,
@@ -110,9 +111,12 @@ only (the comparison with a "lora" judge trained on as few). Returns the report 
     head, table = select_head(train_x, train, layers)
     selected = time.perf_counter() - started - extracted
 
+    def differences(x: torch.Tensor) -> torch.Tensor:
+        rewards = head.rewards(head.select(x, layers))
+        return rewards[0::2] - rewards[1::2]
+
     def accuracy(x: torch.Tensor) -> float:
-        diff = head.rewards(head.select(x, layers))
-        return diff_accuracy(diff[0::2] - diff[1::2])
+        return diff_accuracy(differences(x))
 
     curve = []
     for n in curve_sizes:  # at equal pairs with a "lora" judge trained on `training_subset(train, n)`
@@ -131,7 +135,8 @@ only (the comparison with a "lora" judge trained on as few). Returns the report 
     check = float((scored - head.rewards(head.select(held_x[0 : 2 * len(probe) : 2], layers))).abs().max())
     report = {
         "kind": "head", "set": data_set, "train_pairs": len(train), "held_pairs": len(held),
-        "held_accuracy": accuracy(held_x), "train_accuracy": accuracy(train_x),
+        "held_accuracy": accuracy(held_x), "held_interval": accuracy_interval(differences(held_x), held),
+        "held_prompts": len({json.dumps(p.prompt, sort_keys=True) for p in held}), "train_accuracy": accuracy(train_x),
         "cv_accuracy": max(r["cv_accuracy"] for r in table), "length_baseline_held": length_baseline(held),
         "chosen": {"layers": head.layers, "pools": head.pools, "l2": head.l2}, "cv_table": table,
         "feature_chunks_from_earlier_run": cached, "check_max_abs_reward_diff": check, "bf16": bf16, "curve": curve,
@@ -162,11 +167,14 @@ def build_lora(
     write_json(folder / "train.json", {"seconds": trained})
     edge = max(1, min(20, len(losses) // 4))  # mean loss of the first and the last quarter, at most 20 steps each
     judge = LoraJudge(reward, loaded.tokenizer, bf16=bf16)
-    held_score = pair_accuracy(judge, held)
+    prompts = [p.prompt for p in held]
+    diff = judge.score(prompts, [p.chosen for p in held]) - judge.score(prompts, [p.rejected for p in held])
+    held_score = {"accuracy": diff_accuracy(diff), "margin": float(diff.mean())}
     report = {
         "kind": "lora", "set": data_set, "train_pairs": len(training_subset(train, config.max_pairs, config.seed)),
         "held_pairs": len(held),
         "held_accuracy": held_score["accuracy"], "held_margin": held_score["margin"],
+        "held_interval": accuracy_interval(diff, held),
         "length_baseline_held": length_baseline(held), "bf16": bf16,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("bf16", "checkpoint_every")},
         "loss_first_last": [_mean(losses[:edge]), _mean(losses[-edge:])], "loss_window": edge,

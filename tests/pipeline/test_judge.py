@@ -116,6 +116,17 @@ def test_win_rate_counts_ties_half_with_a_paired_bootstrap_interval() -> None:
     assert got["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
 
 
+def test_accuracy_interval_resamples_prompts_with_all_their_pairs() -> None:
+    from steering_vectors.judge import accuracy_interval
+
+    one, two = ({"role": "user", "content": "one"},), ({"role": "user", "content": "two"},)
+    pairs = [PreferencePair(str(i), one if i < 3 else two, "a", "b") for i in range(4)]
+    diff = torch.tensor([1.0, 1.0, 1.0, -1.0])  # prompt "one": 3 of 3 right; prompt "two": 0 of 1
+    low, high = accuracy_interval(diff, pairs, samples=400)
+    assert (low, high) == (0.0, 1.0)  # a draw is both copies of one prompt (0 or 1) or one of each (3/4)
+    assert accuracy_interval(torch.ones(4), pairs) == (1.0, 1.0)
+
+
 def _rows(score: list[float], looped: list[bool], nll: float) -> gm.GenerationRows:
     return gm.GenerationRows(score=score, looped=looped, nll=[(nll, 1)] * len(score))
 
@@ -145,6 +156,11 @@ def test_half_split_strength_choice_respects_loop_and_perplexity_limits() -> Non
     assert gm.choose_strength_half_split(prompts, worse, halves=halves).strength == 0.0
     with pytest.raises(ValueError, match="unsteered"):
         gm.choose_strength_half_split(prompts, {1.0: rows[1.0]}, halves=halves)
+
+
+def test_unique_prompts_keeps_each_prompt_once_in_first_seen_order() -> None:
+    pairs = [PreferencePair(str(i), ({"role": "user", "content": q},), "a", "b") for i, q in enumerate("xyxzy")]
+    assert [p[0]["content"] for p in gm.unique_prompts(pairs)] == ["x", "y", "z"]
 
 
 def test_dev_halves_are_fixed_by_the_prompt() -> None:
