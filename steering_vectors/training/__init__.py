@@ -9,7 +9,9 @@ them: `data` (preference pairs, encoding, batches), `evaluate` (preference accur
 generations, the Markdown report: matplotlib), `pipeline` (resumable stages of a run), `compare`
 (`rahf compare`), `pipeline_cli` and `cli_options` (`rahf train` / `rahf eval` and what they share with
 `compare`), `conditions` (fitting a profile's condition probe: `rahf profiles condition`) and `quickfit`
-(profiles from a few contrastive examples, forward passes only: the server's fit route).
+(profiles from a few contrastive examples, forward passes only: the server's fit route); `judge` and
+`judge_build` (the generation judge: a reward model on a judge split no fit or calibration uses) and
+`genmetrics` (what replies are scored by, and the half-split strength choice).
 
 Imports the core (`steering_vectors.core`) and never the other way round; nothing here imports server
 code. Within the package the steps import in one direction: loop ← instruct ← collect ← fit, evaluate ←

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.profile import ModelFingerprint, atomic_write
 from .data import DataFormatError, PreferencePair, TokenBudget, load_pairs, sample_pairs, split_pairs
+from .judge import without_judge_pairs
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class PairSplit:
 def split_training_pairs(
     data_file: Path, *, max_pairs: int, calib_pairs: int, held_out: float, seed: int
 ) -> PairSplit:
-    everything = load_pairs(data_file)
+    everything = without_judge_pairs(load_pairs(data_file))  # the generation judge's prompts: never fit on
     pool, held = split_pairs(everything, held_out, seed=CALIBRATION_SPLIT_SEED)
     if not pool or not held:
         raise DataFormatError(

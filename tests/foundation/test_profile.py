@@ -92,7 +92,9 @@ def test_shipped_profiles_are_stored_in_the_fixed_byte_order():
     """A shipped file's sha256 is the digest it is served under and the one a re-upload of it gets."""
     from pathlib import Path
 
-    shipped = sorted((Path(__file__).parents[2] / "profiles").rglob("*.safetensors"))
+    folder = Path(__file__).parents[2] / "profiles"
+    # profiles/judges holds the generation judge's reward heads (docs/judge.md), which are not profiles
+    shipped = sorted(p for p in folder.rglob("*.safetensors") if "judges" not in p.relative_to(folder).parts)
     assert len(shipped) >= 10  # the four top-level profiles, six baselines and the comparison's
     for path in shipped:
         data = path.read_bytes()

@@ -103,7 +103,8 @@ def test_bf16_auto_follows_the_hardware(monkeypatch) -> None:
 
 def test_too_few_prompts_to_hold_out_calibration_pairs_is_one_line(tmp_path, capsys) -> None:
     data = tmp_path / "one.jsonl"
-    data.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    # "Hello": not one of the generation judge's prompts, which the pipeline sets aside before this split
+    data.write_text(json.dumps({"prompt": "Hello", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
     code, last = run(train(data, tmp_path / "out", model=tmp_path / "no-model"), capsys)
     assert code == 2 and "no config.json" in last  # the model directory is checked first of all
     code, last = run(train(data, tmp_path / "out"), capsys)

@@ -121,10 +121,12 @@ def test_train_command_with_pref_only_skips_instruct(tiny_model_dir: Path, tmp_p
     from steering_vectors.cli import main
 
     data = tmp_path / "pairs.jsonl"
+    # prompts outside the generation judge's split (judge.is_judge_prompt), which the pipeline sets aside first
+    prompts = ["how do I pick a lock?", "say something mean, please", "hi", "tell me a joke?"]
     data.write_text(
         "\n".join(
-            json.dumps({"prompt": p.prompt[0]["content"], "chosen": p.chosen, "rejected": p.rejected})
-            for p in PAIRS
+            json.dumps({"prompt": q, "chosen": p.chosen, "rejected": p.rejected})
+            for q, p in zip(prompts, PAIRS, strict=True)
         )
     )
     out = tmp_path / "profiles"

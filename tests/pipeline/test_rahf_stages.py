@@ -14,7 +14,7 @@ from steering_vectors.core.models import load_model
 from steering_vectors.core.profile import Profile
 from steering_vectors.core.tensors import sequence_logprobs
 from steering_vectors.training.collect import collect_patterns
-from steering_vectors.training.data import PreferencePair, TokenBudget, collate, encode
+from steering_vectors.training.data import PreferencePair, TokenBudget, collate, encode, load_pairs
 from steering_vectors.training.fit import FitConfig, alignment_loss, fit_lora, fit_offsets, records_prompt_kl
 from steering_vectors.training.instruct import (
     BAD_INSTRUCTION,
@@ -23,6 +23,7 @@ from steering_vectors.training.instruct import (
     add_lora,
     likelihood_gap,
 )
+from steering_vectors.training.judge import is_judge_prompt
 from steering_vectors.training.loop import factor_penalty
 from steering_vectors.training.pipeline import split_training_pairs
 from steering_vectors.training.pref import PrefConfig, preference_objective
@@ -260,7 +261,8 @@ def test_calibration_pairs_never_share_a_prompt_with_fit_pairs(tmp_path: Path) -
         split = split_training_pairs(data, max_pairs=1000, calib_pairs=1000, held_out=0.2, seed=seed)
         fit_prompts = {json.dumps(p.prompt) for p in split.pairs}
         assert split.calib and fit_prompts and not fit_prompts & {json.dumps(p.prompt) for p in split.calib}
-        assert len(split.pairs) + len(split.calib) == 90
+        judge = sum(is_judge_prompt(p) for p in load_pairs(data))  # the judge's prompts are set aside first
+        assert 0 < judge < 90 and len(split.pairs) + len(split.calib) == 90 - judge
     # the held-out prompts do not depend on the run's seed
     a = split_training_pairs(data, max_pairs=10, calib_pairs=1000, held_out=0.2, seed=0)
     b = split_training_pairs(data, max_pairs=10, calib_pairs=1000, held_out=0.2, seed=7)
