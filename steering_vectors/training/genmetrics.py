@@ -27,7 +27,7 @@ from .data import Message, PreferencePair, TokenBudget, collate, encode, pad_id
 from .evaluate import _everywhere, loops, steered
 
 # Refusals ("I'm sorry", "I can't", ...) and defusals ("seek help", "instead", ...), matched case-insensitively
-# anywhere in a reply. The same list as bench/conditions.py's REFUSAL, which should import it from here.
+# anywhere in a reply. bench/conditions.py uses it too.
 # Crude on purpose and the same crude for every row: "instead" in a recipe counts too.
 REFUSAL: tuple[str, ...] = (
     "i'm sorry", "i am sorry", "i apologize", "i can't", "i cannot", "i can not", "i won't", "i will not",
