@@ -75,6 +75,23 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="repetition_penalty of those generations, as the server applies it (default 1: off)")
 
 
+def add_generation_eval_options(parser: argparse.ArgumentParser) -> None:
+    """The generation evaluation (`geneval`) of `rahf eval` and `rahf compare`: off unless --generation."""
+    group = parser.add_argument_group("generation evaluation (replies judged; docs/judge.md)")
+    group.add_argument("--generation", action="store_true",
+                       help="also judge greedy replies to the dev prompts at every strength against unsteered")
+    group.add_argument("--judge", type=Path, default=None,
+                       help="judge file (default: the one --judges keeps for the data folder's name)")
+    group.add_argument("--judges", type=Path, default=Path("profiles/judges"), help="judges folder with report.json")
+    group.add_argument("--gen-limit", type=parse_count, default=None, help="at most this many dev prompts")
+    group.add_argument("--gen-samples", type=parse_count0, default=0,
+                       help="seeded sampled reply sets beside the greedy one (temperature 0.7, top-p 0.9)")
+    group.add_argument("--gen-strengths", type=parse_floats, default=None,
+                       help="strength grid of the generation rows (default: --strengths)")
+    group.add_argument("--gen-compose", action="store_true",
+                       help="rahf eval: one more row with every given profile together, each at its default strength")
+
+
 def parse_fraction(text: str) -> float:
     try:
         value = float(text)

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from ..core.profile import Profile
-from .cli_options import add_run_options, check_layers, command_line, parse_count, setup
+from .cli_options import (
+    add_generation_eval_options,
+    add_generation_options,
+    add_run_options,
+    check_layers,
+    command_line,
+    parse_count,
+    setup,
+)
 from .pipeline import FitResult, Run, RunConfig, Stages, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -175,6 +183,40 @@ class Comparison:
         else:
             result.update(self._profile_row(row, seed))
         result["row_s"] = time.perf_counter() - started
+        write_json(path, result)
+        return result
+
+    def generation(self, args: argparse.Namespace, rows: list[Row], seed: int) -> dict[str, Any]:
+        """The generation evaluation (`geneval`) of the rows that steer by a profile (their calibrated files,
+        seed `seed`) or by the good instruction, over the strength grid; cached in the work folder by its
+        settings, so a `--cached-only` rerun reads it back."""
+        from .data import load_pairs, resolve_split
+        from .geneval import GenRow, evaluate_from_args, judge_file_for
+        from .genmetrics import unique_prompts
+        from .instruct import GOOD_INSTRUCTION
+
+        grid = list(args.gen_strengths or self.strengths)
+        gen_rows: list[GenRow] = []
+        for row in rows:
+            if row.kind == "prompt":
+                gen_rows.append(GenRow(row.key, [], [1.0], system=GOOD_INSTRUCTION, method="prompting"))
+            elif row.kind == "profile" and self._kept(row, seed).is_file():
+                gen_rows.append(GenRow.of_profile(Profile.load(self._kept(row, seed)), grid, name=row.key))
+        if not gen_rows:
+            return {}
+        judge = judge_file_for(args.judge, args.judges, args.data)
+        key = {"rows": [(r.name, r.strengths) for r in gen_rows], "judge": judge.name, "tokens": args.gen_tokens,
+               "samples": args.gen_samples, "limit": args.gen_limit, "seed": seed}  # fmt: skip
+        path = self.stages.folder("generation", {"compare": self.folder.name, **key}) / "generation.json"
+        cached = read_json(path)
+        if cached:
+            return cached
+        if args.cached_only:
+            log.info("generation evaluation not computed yet (--cached-only)")
+            return {}
+        prompts = unique_prompts(load_pairs(resolve_split(args.data, "dev")))
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        result = evaluate_from_args(args, model, tokenizer, prompts, gen_rows, self.base.bf16)
         write_json(path, result)
         return result
 
@@ -373,6 +415,12 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
         lines += ["", "Not computed yet (this report was written with `--cached-only` from the rows runs had "
                   f"finished): {', '.join(report['pending'])}."]  # fmt: skip
     lines += ["", "![accuracy against perplexity](comparison.png)", ""]
+    if report.get("generation"):
+        from .geneval import generation_lines, plot_generation
+
+        plot_generation(report["generation"], out / "generation.png")
+        lines += [*generation_lines(report["generation"]), "", "![win rate and loop rate vs strength]"
+                  "(generation.png)", ""]  # fmt: skip
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -389,6 +437,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--seed-rows", default="rahf-dual-rank,pref-rank", help="rows run with every seed")
     compare.add_argument("--eval-pairs", type=parse_count, default=1000, help="dev pairs (seeded sample)")
     compare.add_argument("--threads", type=parse_count, default=None)
+    add_generation_options(compare)
+    add_generation_eval_options(compare)
     compare.add_argument("--cached-only", action="store_true",
                          help="compute no row: report the rows earlier runs finished (in the work folder, or in "
                               "--out's report of the same comparison) and list the others as pending")
@@ -446,6 +496,7 @@ def run_compare(args: argparse.Namespace) -> int:
     stages = Stages(args.work_dir or default_cache_dir() / "runs")
     comparison = Comparison(base, loaded, stages, dev, list(args.strengths), args.out, command_line())
     started = time.perf_counter()
+    generation: dict[str, Any] = {}
     summaries: list[dict[str, Any]] = []
     pending: list[str] = []
     carried: list[str] = []
@@ -478,6 +529,8 @@ def run_compare(args: argparse.Namespace) -> int:
             "pending": pending,
             "carried_over": carried,
         }
+        if generation:
+            report["generation"] = generation
         return write_comparison(report, args.out)
 
     earlier = earlier_rows(args.out, comparison.folder.name) if args.cached_only else {}
@@ -506,6 +559,9 @@ def run_compare(args: argparse.Namespace) -> int:
             write()  # after every row, so a partial comparison is readable
     if not summaries:
         raise SystemExit("rahf compare: error: --cached-only: no row of this comparison is computed yet")
+    if args.generation:
+        generation.update(comparison.generation(args, [r for r in rows if r.key in {s["row"] for s in summaries}],
+                                                seeds[0]))  # fmt: skip
     path = write()
     print(json.dumps({"report": str(path), "rows": [r["row"] for r in summaries], "pending": pending}, indent=2))
     return 0

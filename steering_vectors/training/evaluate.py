@@ -58,9 +58,22 @@ def steered(
     if profile is None or strength == 0.0:
         yield
         return
-    entries = [(profile, strength)]
+    with steered_entries(model, [(profile, strength)], batch):
+        yield
+
+
+@contextlib.contextmanager
+def steered_entries(
+    model: nn.Module, entries: Sequence[tuple[Profile, float]], batch: Batch | None = None
+) -> Iterator[None]:
+    """Apply several profiles at once, each at its strength, to every row (the server's weighted sum of
+    terms), in the first profile's position mode; no entries: unsteered."""
+    entries = [(p, s) for p, s in entries if s != 0.0]
+    if not entries:
+        yield
+        return
     with steered_offsets(
-        model, combine_offsets(entries), profile.position_mode, batch, low_rank=combine_low_rank(entries),
+        model, combine_offsets(entries), entries[0][0].position_mode, batch, low_rank=combine_low_rank(entries),
         lora=combine_lora(entries),
     ):
         yield
@@ -552,6 +565,12 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str, command: st
         counts = ", ".join(f"{name} {count}" for name, count in looping.items())
         total = len(generations["prompts"])
         lines += [f"Replies with some token 4-gram three or more times (looping), of {total}: {counts}.", ""]
+    if results.get("generation_eval"):
+        from .geneval import generation_lines, plot_generation
+
+        plot_generation(results["generation_eval"], out_dir / "generation.png")
+        lines += [*generation_lines(results["generation_eval"]), "", "![win rate and loop rate vs strength]"
+                  "(generation.png)", ""]  # fmt: skip
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

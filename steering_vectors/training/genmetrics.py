@@ -24,7 +24,7 @@ from torch import nn
 from ..core.profile import Profile
 from ..core.tensors import autocast, response_token_logprobs
 from .data import Message, PreferencePair, TokenBudget, collate, encode, pad_id
-from .evaluate import _everywhere, loops, steered
+from .evaluate import _everywhere, loops, steered_entries
 
 # Refusals ("I'm sorry", "I can't", ...) and defusals ("seek help", "instead", ...), matched case-insensitively
 # anywhere in a reply. bench/conditions.py uses it too.
@@ -61,21 +61,28 @@ def generate_replies(
     model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], profile: Profile | None = None,
     strength: float = 1.0, *, max_new_tokens: int = 64, sample: bool = False, seed: int = 0,
     temperature: float = 0.7, top_p: float = 0.9, bf16: bool = False,
+    entries: Sequence[tuple[Profile, float]] | None = None, system: str | None = None,
 ) -> list[str]:  # fmt: skip
     """Replies to `prompts` (single-turn strings or conversations), steered at every position as
     `evaluate.generate` steers: greedy, or sampled with the generator seeded by `seed` and the prompt's
-    index, so a prompt's sample does not depend on which other prompts are asked."""
+    index, so a prompt's sample does not depend on which other prompts are asked. `entries` (profile,
+    strength) steer together instead of `profile` (a composition); `system` is put before each conversation
+    as its system message (good-instruction prompting)."""
     replies = []
-    flat = _everywhere(profile)
+    chosen = list(entries) if entries is not None else ([(profile, strength)] if profile is not None else [])
+    flat = [(_everywhere(p), s) for p, s in chosen]
     device = next(model.parameters()).device
     for index, prompt in enumerate(prompts):
-        text = tokenizer.apply_chat_template(_messages(prompt), tokenize=False, add_generation_prompt=True)
+        messages = _messages(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
         options: dict[str, Any] = {"do_sample": False}
         if sample:
             torch.manual_seed(seed * 1_000_003 + index)
             options = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        with torch.no_grad(), autocast(bf16, model), steered(model, flat, strength):
+        with torch.no_grad(), autocast(bf16, model), steered_entries(model, flat):
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id(tokenizer), **options)  # fmt: skip
         replies.append(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip())

@@ -19,6 +19,7 @@ from typing import Any
 from ..core.models import check_model, default_cache_dir, load_model
 from .cli_options import (
     DEFAULT_STRENGTHS,
+    add_generation_eval_options,
     add_generation_options,
     add_run_options,
     check_layers,
@@ -92,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast")
     ev.add_argument("--gen-prompts", type=parse_count0, default=3, help="fixed prompts for side-by-side generations")
     add_generation_options(ev)
+    add_generation_eval_options(ev)
     ev.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     ev.add_argument("--threads", type=parse_count, default=None)
     ev.set_defaults(handler=run_eval)
@@ -194,6 +196,10 @@ def run_eval(args: argparse.Namespace) -> int:
     setup(args)
     check_model(args.model)
     unchecked = [Profile.load(p) for p in args.profiles]  # unreadable files and bad data fail before the model loads
+    if args.generation:
+        from .geneval import judge_file_for
+
+        judge_file_for(args.judge, args.judges, args.data)  # a missing judge fails before any work is done
     all_pairs = load_pairs(resolve_split(args.data, args.split))
     loaded = load_model(args.model, device=args.device)
     profiles = [profile.validate_for(loaded.fingerprint) for profile in unchecked]
@@ -205,6 +211,18 @@ def run_eval(args: argparse.Namespace) -> int:
         prompts=GENERATION_PROMPTS[: args.gen_prompts], max_new_tokens=args.gen_tokens,
         repetition_penalty=args.gen_repetition_penalty,
     )
+    if args.generation:
+        from .geneval import GenRow, evaluate_from_args
+        from .genmetrics import unique_prompts
+
+        grid = args.gen_strengths or args.strengths
+        rows = [GenRow.of_profile(profile, grid) for profile in profiles]
+        if args.gen_compose and len(profiles) > 1:
+            rows.append(GenRow("+".join(p.name for p in profiles), [(p, p.default_strength) for p in profiles],
+                               [1.0], method="composition of " + ", ".join(p.method for p in profiles)))  # fmt: skip
+        results["generation_eval"] = evaluate_from_args(
+            args, loaded.model, loaded.tokenizer, unique_prompts(all_pairs), rows, bf16
+        )
     results["command"] = command_line()
     report = write_report(results, args.out, args.title, command=command_line())
     print(json.dumps({"report": str(report), "baseline": results["baseline"]}, indent=2))

@@ -217,3 +217,46 @@ def test_report_shows_default_strengths_to_three_digits_and_marks_those_below_th
     assert _strength({"default_strength": 0.5}, grid) == "0.5"
     assert _strength({"default_strength": 0.1796875}, grid) == "0.18 (below grid)"
     assert _strength({"row": "unsteered"}, grid) == "–"
+
+
+def test_compare_generation_judges_the_profile_and_prompt_rows_and_caches_it(tiny_model_dir: Path, tmp_path: Path,
+                                                                              capsys) -> None:  # fmt: skip
+    from steering_vectors.cli import main
+    from steering_vectors.training.judge import HeadJudge, HeadParams, save_judge
+
+    tiny = load_model(tiny_model_dir)
+    head = HeadParams([1], ["mean"], torch.randn(64, generator=torch.Generator().manual_seed(0)), torch.zeros(64),
+                      torch.ones(64), 0.01)  # fmt: skip
+    judge = tmp_path / "toy-head.safetensors"
+    save_judge(judge, HeadJudge(tiny.model, tiny.tokenizer, head, [1]), data_set="toy", fingerprint=tiny.fingerprint,
+               report={})  # fmt: skip
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_split(data, "train", 12)
+    _write_split(data, "dev", 4)
+    out, work = tmp_path / "comparison", tmp_path / "work"
+    argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
+            "--rows", "unsteered,prompt-good,pref", "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3",
+            "--calib-pairs", "2", "--gap-pairs", "0", "--pref-steps", "2", "--pref-batch", "2", "--prompt-tokens",
+            "24", "--response-tokens", "8", "--eval-response-tokens", "10", "--strengths", "0.5,1",
+            "--work-dir", str(work), "--bf16", "off", "--generation", "--judge", str(judge), "--gen-tokens", "4"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    generation = report["generation"]
+    assert sorted(generation["rows"]) == ["pref", "prompt-good"]
+    assert generation["rows"]["prompt-good"]["system"] and list(generation["rows"]["prompt-good"]["strengths"]) == ["1"]
+    pref = Profile.load(out / "profiles" / "comparison-pref-seed0.safetensors")
+    grid = sorted({0.5, 1.0, pref.default_strength})
+    assert list(generation["rows"]["pref"]["strengths"]) == [f"{s:g}" for s in grid]
+    assert generation["prompts"] == len({json.dumps(p) for p in (json.loads(line)["prompt"] for line in
+                                         (data / "dev.jsonl").read_text().splitlines())})  # fmt: skip
+    assert "## Generations judged" in (out / "report.md").read_text() and (out / "generation.png").is_file()
+    # the evaluation is kept in the work folder: --cached-only reads it back and computes nothing
+    kept = list(work.glob("generation-*/generation.json"))
+    assert len(kept) == 1
+    stamp = kept[0].stat().st_mtime_ns
+    assert main([*argv, "--cached-only"]) == 0
+    capsys.readouterr()
+    assert kept[0].stat().st_mtime_ns == stamp
+    assert json.loads((out / "report.json").read_text())["generation"] == generation
