@@ -488,8 +488,11 @@ def evaluate_profiles(
     return results
 
 
-def write_report(results: dict[str, Any], out_dir: Path, title: str, command: str = "") -> Path:
-    """Write report.json, plots and report.md into `out_dir`; return the Markdown path."""
+def write_report(
+    results: dict[str, Any], out_dir: Path, title: str, command: str = "", extra: Sequence[str] = ()
+) -> Path:
+    """Write report.json, plots and report.md into `out_dir`; return the Markdown path. `extra`: Markdown lines
+    appended at the end (the generation evaluation's section)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,12 +568,7 @@ def write_report(results: dict[str, Any], out_dir: Path, title: str, command: st
         counts = ", ".join(f"{name} {count}" for name, count in looping.items())
         total = len(generations["prompts"])
         lines += [f"Replies with some token 4-gram three or more times (looping), of {total}: {counts}.", ""]
-    if results.get("generation_eval"):
-        from .geneval import generation_lines, plot_generation
-
-        plot_generation(results["generation_eval"], out_dir / "generation.png")
-        lines += [*generation_lines(results["generation_eval"]), "", "![win rate and loop rate vs strength]"
-                  "(generation.png)", ""]  # fmt: skip
+    lines += list(extra)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -224,6 +224,13 @@ def run_eval(args: argparse.Namespace) -> int:
             args, loaded.model, loaded.tokenizer, unique_prompts(all_pairs), rows, bf16
         )
     results["command"] = command_line()
-    report = write_report(results, args.out, args.title, command=command_line())
+    extra: list[str] = []
+    if args.generation:
+        from .geneval import generation_lines, plot_generation
+
+        plot_generation(results["generation_eval"], args.out / "generation.png")
+        extra = [*generation_lines(results["generation_eval"]), "", "![win rate and loop rate vs strength]"
+                 "(generation.png)", ""]  # fmt: skip
+    report = write_report(results, args.out, args.title, command=command_line(), extra=extra)
     print(json.dumps({"report": str(report), "baseline": results["baseline"]}, indent=2))
     return 0
