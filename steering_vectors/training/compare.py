@@ -200,8 +200,8 @@ class Comparison:
         for row in rows:
             if row.kind == "prompt":
                 gen_rows.append(GenRow(row.key, [], [1.0], system=GOOD_INSTRUCTION, method="prompting"))
-            elif row.kind == "profile" and self._kept(row, seed).is_file():
-                gen_rows.append(GenRow.of_profile(Profile.load(self._kept(row, seed)), grid, name=row.key))
+            elif row.kind == "profile" and (kept := self._kept(row, seed)).is_file():
+                gen_rows.append(GenRow.of_profile(Profile.load(kept), grid, name=row.key))
         if not gen_rows:
             return {}
         judge = judge_file_for(args.judge, args.judges, args.data)
@@ -216,7 +216,7 @@ class Comparison:
             return {}
         prompts = unique_prompts(load_pairs(resolve_split(args.data, "dev")))
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        result = evaluate_from_args(args, model, tokenizer, prompts, gen_rows, self.base.bf16)
+        result = evaluate_from_args(args, model, tokenizer, prompts, gen_rows, self.base.bf16, judge)
         write_json(path, result)
         return result
 

@@ -278,13 +278,13 @@ def judge_file_for(judge: Path | None, judges: Path, data: str | Path) -> Path:
 
 
 def evaluate_from_args(args: Any, model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt],
-                       rows: Sequence[GenRow], bf16: bool) -> dict[str, Any]:  # fmt: skip
-    """The whole evaluation with the library's replies, as `rahf eval` / `rahf compare --generation` run it."""
+                       rows: Sequence[GenRow], bf16: bool, judge_path: Path) -> dict[str, Any]:  # fmt: skip
+    """The whole evaluation with the library's replies, as `rahf eval` / `rahf compare --generation` run it;
+    `judge_path` as `judge_file_for` resolved it (the commands resolve it first, to fail before any work)."""
     import logging
 
     from .judge import load_judge
 
-    judge_path = judge_file_for(args.judge, args.judges, args.data)
     settings = GenSettings(max_new_tokens=args.gen_tokens, samples=args.gen_samples, bf16=bf16)
     prompts = list(prompts)[: args.gen_limit] if args.gen_limit else list(prompts)
     judge = load_judge(judge_path, model, tokenizer, bf16=bf16)  # checks the base model before any reply is made

@@ -196,10 +196,11 @@ def run_eval(args: argparse.Namespace) -> int:
     setup(args)
     check_model(args.model)
     unchecked = [Profile.load(p) for p in args.profiles]  # unreadable files and bad data fail before the model loads
+    judge_path = None
     if args.generation:
         from .geneval import judge_file_for
 
-        judge_file_for(args.judge, args.judges, args.data)  # a missing judge fails before any work is done
+        judge_path = judge_file_for(args.judge, args.judges, args.data)  # a missing judge fails before any work
     all_pairs = load_pairs(resolve_split(args.data, args.split))
     loaded = load_model(args.model, device=args.device)
     profiles = [profile.validate_for(loaded.fingerprint) for profile in unchecked]
@@ -221,7 +222,7 @@ def run_eval(args: argparse.Namespace) -> int:
             rows.append(GenRow("+".join(p.name for p in profiles), [(p, p.default_strength) for p in profiles],
                                [1.0], method="composition of " + ", ".join(p.method for p in profiles)))  # fmt: skip
         results["generation_eval"] = evaluate_from_args(
-            args, loaded.model, loaded.tokenizer, unique_prompts(all_pairs), rows, bf16
+            args, loaded.model, loaded.tokenizer, unique_prompts(all_pairs), rows, bf16, judge_path
         )
     results["command"] = command_line()
     extra: list[str] = []
