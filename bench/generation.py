@@ -1,16 +1,43 @@
-"""Profiles judged by their replies: greedy replies to a set's dev prompts at several strengths, scored by the
-set's generation judge (profiles/judges, docs/judge.md) against the unsteered replies, with loop rate,
-distinct-2, length, refusal rate and the replies' perplexity under the unsteered model; the default strength
-chosen on half A of the dev prompts (`genmetrics.choose_strength_half_split`: best win rate with loop rate no
-higher than unsteered's and perplexity at most +10 %) and reported on half B.
+"""Profiles judged by their replies, made by the server's engine: greedy replies to a set's dev prompts at
+several strengths, scored by the library's generation evaluation (`geneval.score_replies`, docs/judge.md): win
+rate against the unsteered replies under the set's judge (profiles/judges; ties half, bootstrap interval),
+loop rate, distinct-2, length, refusal rate and perplexity under the unsteered model; the strength chosen on
+half A of the dev prompts (`genmetrics.choose_strength_half_split`: best win rate with loop rate no higher than
+unsteered's and perplexity at most +10 %) and reported on half B.
 
     python bench/generation.py --profile profiles/helpful.safetensors --set alpaca_helpful \\
         --strengths 0.5 1 2 --out docs/bench-generation-helpful.json
 
 Replies come from the server's own engine (the transformers backend, in process, batched, greedy), so they are
-what a request gets; each profile steers in its own position mode. Prompts: each dev prompt once
-(`genmetrics.unique_prompts`). The judge, the loop detector (a token 4-gram three times) and the refusal phrases
-are the library's (`steering_vectors.training.judge`, `evaluate.loops`, `genmetrics.REFUSAL`).
+what a request gets; each profile steers in its own position mode (a profile's condition is not read: it
+steers every prompt). The grid is `--strengths` plus the file's default strength (`geneval.GenRow.of_profile`);
+prompts: each dev prompt once (`genmetrics.unique_prompts`). Only the replies are made here; every number is
+`geneval.score_replies`', as in `rahf eval --generation`, whose replies come from `model.generate` instead.
+
+The profile carries its result (`--annotate`): a copy of the profile file with the section
+`provenance.generation` (`steering_vectors.core.generation_record`: set, judge and its sha256, prompts of each
+half, the chosen strength and, per strength on half B, win rate [95 % CI], loop and refusal rates, perplexity,
+beside the unsteered row); the tensors are unchanged (so is the steering), the file's digest is new. From a
+fresh run, or from the JSON of an earlier one (no model loaded):
+
+    python bench/generation.py --profile profiles/harmless.safetensors --set hh_harmless --strengths 0.5 1 2 \\
+        --out docs/bench-generation-harmless.json --annotate profiles/harmless.safetensors
+    python bench/generation.py --profile profiles/helpful.safetensors \\
+        --from-json docs/bench-generation-helpful.json --annotate profiles/helpful.safetensors
+
+`--annotate` may name the profile itself (rewritten in place, atomically). `--from-json` checks that the JSON
+measured this profile: its row has the profile's name and method, and, in files written since the section
+exists, the same tensors (`tensors_sha256`).
+
+The JSON (`--out`) is `score_replies`' result (`prompts`, `half_a`, `half_b`, `judge`, `settings`,
+`unsteered`, `rows` with one row named after the profile: `method`, `chosen_strength`, `file_default`,
+`unsteered_half_a`, `strengths` keyed "0.5", "1", ... each with `half_a`, `half_b`, `all`, `examples`) plus
+`profile`, `set`, `replies` ("engine"), `repetition_penalty`, `judge_sha256`, `tensors_sha256`, `cpu` and
+`seconds`. Files written before (docs/bench-generation-{helpful,helpful-pref,harmless,harmless-pref}.json, by
+d1d4c00) have the older layout that tabulated here: `strengths` keyed "0.0", "0.5", ... (the unsteered row
+among them), `chosen_strength`, `method`, `profile_default_strength` and `max_tokens` at the top, examples
+apart; the same numbers. `--from-json` reads both; for an old file the judge's sha256 is that of the file of
+that name in `--judges` (profiles/judges has not changed since those runs).
 """
 
 from __future__ import annotations
@@ -20,17 +47,120 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from steering_vectors.core.profile import Profile  # noqa: E402
+from steering_vectors.training import geneval  # noqa: E402
+from steering_vectors.training.genmetrics import Prompt  # noqa: E402
+
+
+def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float = 1.0) -> geneval.Generate:
+    """Greedy replies from `backend`'s engine (started), all prompts of a call batched as the engine batches
+    concurrent requests, each profile in its position mode. No sampled replies, no system messages."""
+    from server.backends.base import GenerationRequest, SamplingParams
+    from steering_vectors.core.hooks import RowSteering
+    from steering_vectors.training.conditions import render_prompt
+
+    engine, tokenizer = backend.engine, backend.tokenizer
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=backend.stop_token_ids,
+                            repetition_penalty=repetition_penalty)  # fmt: skip
+    calls = 0
+
+    async def one(rid: str, prompt: list[int], steering: RowSteering | None) -> list[int]:
+        out: list[int] = []
+        async for event in engine.generate(GenerationRequest(rid, prompt, params, steering=steering)):
+            out += event.token_ids
+        return out
+
+    def generate(prompts: Sequence[Prompt], entries: list[tuple[Profile, float]], system: str | None,
+                 seed: int | None) -> list[str]:  # fmt: skip
+        nonlocal calls
+        if system is not None or seed is not None:
+            raise ValueError("the engine bench makes greedy replies to the dev prompts only")
+        calls += 1
+        steering = RowSteering.from_profiles(entries, model=backend.fingerprint) if entries else None
+        ids = [render_prompt(tokenizer, list(p)) for p in prompts]
+
+        async def every() -> list[list[int]]:
+            return await asyncio.gather(*(one(f"g{calls}-{i}", p, steering) for i, p in enumerate(ids)))
+
+        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in asyncio.run(every())]
+
+    return generate
+
+
+def measure(
+    backend: Any, profile: Profile, prompts: Sequence[Prompt], strengths: Sequence[float], judge_file: Path, *,
+    max_new_tokens: int = 96, repetition_penalty: float = 1.0, log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`geneval.score_replies`' result for one profile, its replies made by `backend`'s engine."""
+    from steering_vectors.training.judge import load_judge
+
+    settings = geneval.GenSettings(max_new_tokens=max_new_tokens)
+    rows = [geneval.GenRow.of_profile(profile, strengths)]
+    # 1. replies at every strength, from the engine
+    backend.engine.start()
+    try:
+        generate = engine_generate(backend, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+        replies = geneval.collect_replies(prompts, rows, generate, settings, log=log)
+    finally:
+        backend.engine.shutdown(10)
+    # 2. scored by the library; the engine has stopped, so no steering is active for the judge and the perplexity
+    judge = load_judge(judge_file, backend.model, backend.tokenizer)
+    return geneval.score_replies(backend.model, backend.tokenizer, prompts, rows, replies, judge, settings,
+                                 judge_name=judge_file.name)  # fmt: skip
+
+
+def library_layout(report: dict[str, Any]) -> dict[str, Any]:
+    """`report` in `score_replies`' layout: as it is when written since that layout, else converted from the
+    layout of the files written before (see the module docstring); the numbers are not touched."""
+    if "rows" in report:
+        return report
+    by_strength = {float(s): entry for s, entry in report["strengths"].items()}
+    base = by_strength.pop(0.0)
+    return {
+        "prompts": report["prompts"], "half_a": report["half_a"], "half_b": report["half_b"], "judge": report["judge"],
+        "settings": {"max_new_tokens": report["max_tokens"], "samples": 0},
+        "unsteered": {"half_b": base["half_b"], "all": base["all"], "examples": report["examples"]["0.0"]},
+        "rows": {Path(report["profile"]).stem: {
+            "method": report["method"], "system": None, "chosen_strength": report["chosen_strength"],
+            "file_default": report["profile_default_strength"], "unsteered_half_a": base["half_a"],
+            "strengths": {f"{s:g}": {**entry, "examples": report["examples"][str(s)]}
+                          for s, entry in by_strength.items()},
+        }},
+        **{key: report[key] for key in ("profile", "set", "repetition_penalty", "cpu", "seconds")},
+    }  # fmt: skip
+
+
+def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: Path, source: str = "") -> Profile:
+    """Write `profile_path`'s profile to `out` with `report`'s result (either layout) as its generation section;
+    refuse a report of another profile."""
+    profile = Profile.load(profile_path)
+    result = library_layout(report)
+    row = result["rows"].get(profile.name)
+    if row is None or row["method"] != profile.method:
+        raise SystemExit(f"{source or 'the report'} measured {sorted(result['rows'])}, not {profile.name} "
+                         f"({profile.method})")
+    if report.get("tensors_sha256", profile.tensor_digest()) != profile.tensor_digest():
+        raise SystemExit(f"{source or 'the report'} measured other tensors than {profile_path}'s")
+    judge_sha256 = report.get("judge_sha256") or geneval.file_sha256(judges / result["judge"])
+    record = geneval.generation_record(result, profile.name, data_set=result["set"], replies="engine",
+                                       judge_sha256=judge_sha256, source=source)  # fmt: skip
+    annotated = profile.with_generation(record)
+    annotated.save(out)
+    return annotated
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", type=Path, required=True)
-    parser.add_argument("--set", choices=["alpaca_helpful", "hh_harmless"], required=True,
-                        help="the dev prompts and the judge of this preference set")
+    parser.add_argument("--set", choices=["alpaca_helpful", "hh_harmless"], default=None,
+                        help="the dev prompts and the judge of this preference set (a fresh run needs it)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="steered strengths (the unsteered model, strength 0, is always run)")
     parser.add_argument("--max-tokens", type=int, default=96)
@@ -38,111 +168,57 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many dev prompts (the first ones)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--judges", type=Path, default=ROOT / "profiles" / "judges")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
+    parser.add_argument("--annotate", type=Path, default=None, metavar="PROFILE_OUT",
+                        help="write the profile with its result as provenance.generation here (may be --profile)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="with --annotate: take the result from this earlier --out file instead of a run")
     args = parser.parse_args()
 
-    from server.backends.base import GenerationRequest, SamplingParams
+    if args.from_json is not None:
+        if args.annotate is None:
+            parser.error("--from-json goes with --annotate")
+        report = json.loads(args.from_json.read_text())
+        annotated = annotate(args.profile, report, args.annotate, judges=args.judges, source=str(args.from_json))
+        _say_annotated(annotated, args.annotate)
+        return
+    if args.set is None:
+        parser.error("a run needs --set (or annotate from an earlier result with --from-json)")
+
     from server.backends.transformers import create
     from server.config import Settings
-    from steering_vectors.core.hooks import RowSteering
-    from steering_vectors.core.profile import Profile
-    from steering_vectors.training import genmetrics as gm
-    from steering_vectors.training.conditions import render_prompt
     from steering_vectors.training.data import load_pairs
-    from steering_vectors.training.evaluate import loops
-    from steering_vectors.training.judge import load_judge
+    from steering_vectors.training.genmetrics import unique_prompts
     from steering_vectors.training.judge_build import cpu_name, kept_judge_file
 
     started = time.perf_counter()
     backend = create(Settings(max_batch_size=args.batch, max_queue=1024))
-    engine, tokenizer = backend.engine, backend.tokenizer
     profile = Profile.load(args.profile).validate_for(backend.fingerprint)
-    prompts = gm.unique_prompts(load_pairs(ROOT.parent / "shared" / "data" / args.set / "dev.jsonl"))
+    prompts = unique_prompts(load_pairs(ROOT.parent / "shared" / "data" / args.set / "dev.jsonl"))
     prompts = prompts[: args.limit] if args.limit else prompts
-    ids = [render_prompt(tokenizer, list(p)) for p in prompts]
-    stop = backend.stop_token_ids
-
-    async def one(rid: str, prompt: list[int], steering: RowSteering | None) -> list[int]:
-        out: list[int] = []
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, stop_token_ids=stop,
-                                repetition_penalty=args.repetition_penalty)
-        async for event in engine.generate(GenerationRequest(rid, prompt, params, steering=steering)):
-            out += event.token_ids
-        return out
-
-    async def replies_at(strength: float) -> list[str]:
-        fp = backend.fingerprint
-        steering = None if strength == 0 else RowSteering.from_profiles([(profile, strength)], model=fp)
-        tokens = await asyncio.gather(*(one(f"g{strength}-{i}", p, steering) for i, p in enumerate(ids)))
-        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-
-    # 1. replies at every strength, from the engine
-    engine.start()
-    strengths = [0.0, *sorted({s for s in args.strengths if s != 0})]
-    replies: dict[float, list[str]] = {}
-    for strength in strengths:
-        t0 = time.perf_counter()
-        replies[strength] = asyncio.run(replies_at(strength))
-        print(f"strength {strength:g}: {len(prompts)} replies in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    engine.shutdown(10)
-
-    # 2. judge rewards, loops and perplexity under the unsteered model (the engine has stopped: no steering)
     judge_file = kept_judge_file(args.judges, args.set)
-    judge = load_judge(judge_file, backend.model, tokenizer)
-    rewards = {s: judge.score(list(prompts), r).tolist() for s, r in replies.items()}
-    rows: dict[float, gm.GenerationRows] = {}
-    for strength, texts in replies.items():
-        same = [a == b for a, b in zip(texts, replies[0.0], strict=True)]
-        rows[strength] = gm.GenerationRows(
-            score=gm.win_outcomes(rewards[strength], rewards[0.0], same=same, tie=1e-4),
-            looped=[loops(t) for t in gm.reply_tokens(tokenizer, texts)],
-            nll=gm.reply_nll(backend.model, tokenizer, list(prompts), texts),
-        )
-
-    # 3. the strength chosen on half A, reported on half B (and the whole dev set beside it)
-    choice = gm.choose_strength_half_split(list(prompts), rows)
-    halves = [gm.dev_half(p) for p in prompts]
-    in_b = [h == "b" for h in halves]
-    table = {}
-    for strength in strengths:
-        texts = replies[strength]
-        same = [a == b for a, b in zip(texts, replies[0.0], strict=True)]
-        pick = [i for i, keep in enumerate(in_b) if keep]
-        table[strength] = {
-            "half_a": choice.half_a[strength],
-            "half_b": {**choice.half_b[strength], **gm.reply_metrics(tokenizer, [texts[i] for i in pick]),
-                       "win": gm.win_rate_from_scores([rewards[strength][i] for i in pick],
-                                                      [rewards[0.0][i] for i in pick],
-                                                      same=[same[i] for i in pick], tie=1e-4)},
-            "all": {**gm.reply_metrics(tokenizer, texts), "perplexity": gm.pooled_perplexity(rows[strength].nll),
-                    "win": gm.win_rate_from_scores(rewards[strength], rewards[0.0], same=same, tie=1e-4)},
-        }
-    report = {
-        "profile": str(args.profile), "method": profile.method, "set": args.set, "judge": str(judge_file.name),
-        "prompts": len(prompts), "half_a": halves.count("a"), "half_b": halves.count("b"),
-        "max_tokens": args.max_tokens, "repetition_penalty": args.repetition_penalty, "chosen_strength":
-        choice.strength, "profile_default_strength": profile.default_strength, "strengths": table,
-        "examples": {str(s): replies[s][:3] for s in strengths}, "cpu": cpu_name(),
-        "seconds": time.perf_counter() - started,
-    }
-    print(_markdown(report))
+    result = measure(backend, profile, prompts, args.strengths, judge_file, max_new_tokens=args.max_tokens,
+                     repetition_penalty=args.repetition_penalty, log=lambda line: print(line, file=sys.stderr))
+    report = {**result, "profile": str(args.profile), "set": args.set, "replies": "engine",
+              "repetition_penalty": args.repetition_penalty, "judge_sha256": geneval.file_sha256(judge_file),
+              "tensors_sha256": profile.tensor_digest(), "cpu": cpu_name(),
+              "seconds": time.perf_counter() - started}  # fmt: skip
+    print("\n".join(geneval.generation_lines(result)))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.annotate:
+        annotated = annotate(args.profile, report, args.annotate, judges=args.judges,
+                             source=str(args.out) if args.out else "")  # fmt: skip
+        _say_annotated(annotated, args.annotate)
 
 
-def _markdown(report: dict) -> str:
-    lines = [f"{report['profile']} ({report['method']}) on {report['set']} dev, {report['prompts']} prompts "
-             f"(half A {report['half_a']}, half B {report['half_b']}); judge {report['judge']}; chosen on half A: "
-             f"strength {report['chosen_strength']:g} (file default {report['profile_default_strength']:g})",
-             "", "| strength | win rate vs unsteered, half B [95 % CI] | loops | distinct-2 | length | refusals | "
-             "perplexity | half A: win / loops / ppl / meets |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for strength, row in report["strengths"].items():
-        b, a, win = row["half_b"], row["half_a"], row["half_b"]["win"]
-        lines.append(f"| {strength:g} | {win['win_rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}] | "
-                     f"{b['loop_rate']:.1%} | {b['distinct_2']:.3f} | {b['length']:.0f} | {b['refusal_rate']:.1%} | "
-                     f"{b['perplexity']:.2f} | {a['score']:.1%} / {a['loop_rate']:.1%} / {a['perplexity']:.2f} / "
-                     f"{'yes' if a['meets'] else 'no'} |")
-    return "\n".join(lines)
+def _say_annotated(profile: Profile, path: Path) -> None:
+    record = profile.generation
+    assert record is not None
+    chosen = next((row for row in record.strengths if row.strength == record.chosen_strength), None)
+    where = f"win rate {chosen.win_rate:.1%} on half B" if chosen and chosen.win_rate is not None else "unsteered"
+    print(f"wrote {path}: generation on {record.data_set}, chosen strength {record.chosen_strength:g} ({where})",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

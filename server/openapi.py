@@ -264,6 +264,28 @@ MODEL = {
 }
 MODEL_LIST = {"type": "object", "required": ["object", "data"],
               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL}}}
+_SHARE = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+_REPLY_RATES = {"loop_rate": _SHARE, "refusal_rate": _SHARE, "perplexity": {"type": ["number", "null"]}}
+GENERATION = {  # steering_vectors/core/generation_record.py
+    "type": "object",
+    "description": "the profile's replies judged against the unsteered model's on a preference set's dev prompts "
+                   "(docs/judge.md): every number of dev half B, the strength chosen on half A; null when the file "
+                   "carries no generation result",
+    "required": ["set", "judge", "replies", "prompts", "half_a", "half_b", "chosen_strength", "unsteered",
+                 "strengths"],
+    "properties": {
+        "set": {"type": "string"}, "judge": {"type": "string"}, "judge_sha256": {"type": "string"},
+        "replies": {"enum": ["engine", "library"]}, "max_new_tokens": {"type": "integer", "minimum": 1},
+        "prompts": {"type": "integer"}, "half_a": {"type": "integer"}, "half_b": {"type": "integer"},
+        "chosen_strength": {"type": "number", "description": "0: no strength met the loop and perplexity limits"},
+        "unsteered": {"type": "object", "properties": _REPLY_RATES},
+        "strengths": {"type": "array", "items": {"type": "object", "properties": {
+            "strength": {"type": "number"}, "win_rate": _SHARE, "low": _SHARE, "high": _SHARE, **_REPLY_RATES,
+            "perplexity_change": {"type": ["number", "null"], "description": "relative to unsteered: 0.05 is +5 %"},
+        }}},
+        "source": {"type": "string"},
+    },
+}
 PROFILE = {
     "type": "object",
     "required": ["id", "object", "digest", "name", "layers", "hidden_size", "default_strength", "position_mode",
@@ -284,6 +306,7 @@ PROFILE = {
         "lora": {"type": "object",
                  "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
                  "description": "the rank of the LoRA term of each attention projection, per layer that has one"},
+        "generation": {"anyOf": [GENERATION, {"type": "null"}]},
     },
 }
 PROFILE_LIST = {

@@ -84,3 +84,23 @@ def default_model():
     from steering_vectors.core.models import load_model
 
     return load_model()
+
+
+TOY_GENERATION = {  # a generation section (steering_vectors.core.generation_record) with hand-picked numbers
+    "set": "toy", "judge": "toy-head.safetensors", "judge_sha256": "", "replies": "engine", "max_new_tokens": 8,
+    "prompts": 5, "half_a": 3, "half_b": 2, "chosen_strength": 1.0,
+    "unsteered": {"loop_rate": 0.5, "refusal_rate": 0.0, "perplexity": 2.0},
+    "strengths": [{"strength": 1.0, "win_rate": 0.75, "low": 0.5, "high": 1.0, "loop_rate": 0.0,
+                   "refusal_rate": 0.5, "perplexity": 2.2},
+                  {"strength": 2.0, "win_rate": 1.0, "low": 1.0, "high": 1.0, "loop_rate": 1.0,
+                   "refusal_rate": None, "perplexity": 3.0}],
+    "source": "",
+}  # fmt: skip
+
+
+@pytest.fixture
+def generation_record():
+    """`TOY_GENERATION` as a record (a fresh copy of the dict for tests that break it: `TOY_GENERATION`)."""
+    from steering_vectors.core.generation_record import GenerationRecord
+
+    return GenerationRecord.from_json(TOY_GENERATION)

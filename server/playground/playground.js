@@ -148,19 +148,55 @@ function showDetails(profile) {
   const table = el("table", {}, ...rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, String(v)))));
   box.replaceChildren(el("h3", {}, profile.id), table);
   const calibration = p.calibration;
+  const likelihood = el("div", { class: "evaluation" });
   if (calibration && Array.isArray(calibration.rows)) {
     const head = el("tr", {}, ...["strength", "accuracy", "margin", "perplexity"].map((h) => el("th", {}, h)));
     const body = calibration.rows.map((r) => el("tr", {},
       ...[r.strength, r.accuracy, r.margin, r.perplexity].map((v) => el("td", {}, v === null ? "–" : fmt(v)))));
     const unsteered = calibration.unsteered ? " Unsteered: accuracy " + fmt(calibration.unsteered.accuracy) +
       ", perplexity " + fmt(calibration.unsteered.perplexity) + "." : "";
-    box.append(el("h4", {}, "Evaluation (held-out calibration pairs)"),
+    likelihood.append(el("h4", {}, "Evaluation (held-out calibration pairs)"),
       el("p", { class: "muted" }, (calibration.pairs || "?") + " pairs; chosen strength " +
         fmt(calibration.strength) + "." + unsteered),
       el("table", { class: "calibration" }, head, ...body));
   } else {
-    box.append(el("p", { class: "muted" }, "No evaluation recorded in this profile."));
+    likelihood.append(el("p", { class: "muted" }, "No evaluation recorded in this profile."));
   }
+  box.append(el("div", { class: "evaluations" }, likelihood, generationBox(profile.generation)));
+}
+
+function pct(x) {
+  return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + " %";
+}
+
+// the rows of the "Generation (dev half B)" table: the unsteered row, then each strength measured
+function generationRows(gen) {
+  const head = ["strength", "win rate vs unsteered [95 % CI]", "loops", "refusals", "perplexity"];
+  const base = gen.unsteered;
+  const body = [["0 (unsteered)", "–", pct(base.loop_rate), pct(base.refusal_rate), fmt(base.perplexity ?? "–")]];
+  for (const r of gen.strengths) {
+    const change = r.perplexity_change === null || r.perplexity_change === undefined ? "" :
+      " (" + (r.perplexity_change >= 0 ? "+" : "") + pct(r.perplexity_change) + ")";
+    body.push([fmt(r.strength) + (r.strength === gen.chosen_strength ? " (chosen)" : ""),
+      pct(r.win_rate) + " [" + pct(r.low) + ", " + pct(r.high) + "]", pct(r.loop_rate), pct(r.refusal_rate),
+      fmt(r.perplexity ?? "–") + change]);
+  }
+  return [head, ...body];
+}
+
+function generationBox(gen) {
+  const box = el("div", { class: "evaluation" }, el("h4", {}, "Generation (dev half B)"));
+  if (!gen) {
+    box.append(el("p", { class: "muted" }, "No generation result recorded in this profile."));
+    return box;
+  }
+  const chosen = gen.chosen_strength === 0 ? "none (no strength kept loops and perplexity within the limits)"
+    : fmt(gen.chosen_strength);
+  box.append(el("p", { class: "muted" }, gen.set + ": " + gen.half_b + " of " + gen.prompts + " dev prompts, " +
+      "judge " + gen.judge + ", replies from the " + gen.replies + ". Strength chosen on half A: " + chosen + "."),
+    el("table", { class: "calibration generation" }, ...generationRows(gen).map((cells, i) =>
+      el("tr", {}, ...cells.map((c) => el(i === 0 ? "th" : "td", {}, c))))));
+  return box;
 }
 
 // -- side-by-side comparison --------------------------------------------------------------------------------

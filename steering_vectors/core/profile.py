@@ -28,12 +28,15 @@ File layout (format version 1, or 2 when the profile has low-rank terms):
   version 4 rather than serve such a profile unconditionally.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
-  ``provenance`` (JSON), ``created``.
+  ``provenance`` (JSON), ``created``. The provenance is free-form but for one checked section,
+  ``generation`` (optional, any version: older readers keep it as text): the profile's replies judged against
+  the unsteered model's (`generation_record`); a malformed one makes the file unreadable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -58,6 +61,7 @@ from .errors import (
     ProfileShapeError,
     ProfileValueError,
 )
+from .generation_record import GenerationRecord
 
 FORMAT_NAME = "rahf-profile"
 # the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms
@@ -334,6 +338,7 @@ class Profile:
                     f"values, its offsets {sizes[0]}"
                 )
             self.format_version = max(self.format_version, 4)
+        _ = self.generation  # a malformed generation section fails here, as a malformed condition does
 
     def _clean_lora(self) -> LoraTerms:
         clean: LoraTerms = {}
@@ -393,6 +398,20 @@ class Profile:
         """layer -> projection -> rank of its LoRA term (layers without one are left out)."""
         return {layer: {name: int(a.shape[0]) for name, (a, _) in terms.items()} for layer, terms in self.lora.items()}
 
+    @property
+    def generation(self) -> GenerationRecord | None:
+        """The checked generation section of the provenance (None when there is none)."""
+        section = self.provenance.get("generation") if isinstance(self.provenance, dict) else None
+        return None if section is None else GenerationRecord.from_json(section)
+
+    def with_generation(self, record: GenerationRecord) -> Profile:
+        """A copy with `record` as its generation section (replacing any); the same tensors, so the same
+        steering, under a new file digest."""
+        return dataclasses.replace(
+            self, provenance={**self.provenance, "generation": record.to_json()}, offsets=dict(self.offsets),
+            low_rank=dict(self.low_rank), lora=dict(self.lora),
+        )
+
     def renamed(self, name: str) -> Profile:
         return dataclasses.replace(
             self, name=name, offsets=dict(self.offsets), low_rank=dict(self.low_rank), lora=dict(self.lora)
@@ -430,6 +449,7 @@ class Profile:
             "low_rank": {str(k): v for k, v in self.ranks().items()},
             "lora": {str(k): v for k, v in self.lora_ranks().items()},
             "condition": self.condition.summary() if self.condition is not None else None,
+            "generation": generation.summary() if (generation := self.generation) is not None else None,
             "created": int(self.created),
             "format_version": self.format_version,
         })
@@ -475,6 +495,12 @@ class Profile:
         return self
 
     # -- bytes and files ----------------------------------------------------------------------------
+
+    def tensor_digest(self) -> str:
+        """sha256 of the file's tensor data (all that follows its header): the same for two files with the same
+        tensors whatever their metadata, e.g. a profile before and after `with_generation`."""
+        data = self.to_bytes()
+        return hashlib.sha256(data[_safetensors_header(data, self.name)[1] :]).hexdigest()
 
     def to_bytes(self) -> bytes:
         tensors = {f"offset.{layer}": t for layer, t in self.offsets.items()}

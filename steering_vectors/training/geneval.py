@@ -11,11 +11,14 @@ engine in bench/generation.py) and are always scored the same way:
    the default strength chosen on half A of the prompts (`genmetrics.choose_strength_half_split`) and every
    number reported on half B, with the whole set beside it. Sampled replies are scored against the unsteered
    model's sampled replies of the same seed, over all prompts.
-`generation_lines` and `plot_generation` turn the result into a report section and a picture.
+`generation_lines` and `plot_generation` turn the result into a report section and a picture;
+`generation_record` into the section a profile file carries (`core.generation_record`, `rahf eval
+--generation --gen-annotate DIR`, `bench/generation.py --annotate`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.generation_record import GenerationRecord
 from ..core.profile import Profile
 from . import genmetrics as gm
 from .evaluate import loops
@@ -260,6 +264,42 @@ def plot_generation(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def generation_record(
+    result: dict[str, Any], row: str, *, data_set: str, replies: str, judge_sha256: str = "", source: str = "",
+) -> GenerationRecord:  # fmt: skip
+    """The generation section of row `row`'s profile, from a `score_replies` result: half B's win rate, loop and
+    refusal rates and perplexity at every strength, the unsteered row and the strength chosen on half A.
+    `replies`: "engine" or "library" (who made them)."""
+    if row not in result["rows"]:
+        raise ValueError(f"the generation result has no row {row!r} (its rows: {sorted(result['rows'])})")
+    entry = result["rows"][row]
+
+    def rates(half_b: dict[str, Any]) -> dict[str, Any]:
+        return {key: half_b[key] for key in ("loop_rate", "refusal_rate", "perplexity")}
+
+    strengths = sorted(
+        ({"strength": float(strength), **{k: measured["half_b"]["win"][k] for k in ("win_rate", "low", "high")},
+          **rates(measured["half_b"])} for strength, measured in entry["strengths"].items()),
+        key=lambda r: r["strength"],
+    )  # fmt: skip
+    record = {"set": data_set, "judge": result["judge"], "judge_sha256": judge_sha256, "replies": replies,
+              "max_new_tokens": result["settings"]["max_new_tokens"], "prompts": result["prompts"],
+              "half_a": result["half_a"], "half_b": result["half_b"], "chosen_strength": entry["chosen_strength"],
+              "unsteered": rates(result["unsteered"]["half_b"]), "strengths": strengths, "source": source}
+    return GenerationRecord.from_json(record)  # checked as a file's section is checked
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (a judge's, for the generation section)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def data_set_name(data: str | Path) -> str:
+    """The preference set a data path names: the folder (alpaca_helpful) or the folder of a .jsonl file."""
+    data = Path(data)
+    return data.parent.name if data.suffix == ".jsonl" else data.name
+
+
 def judge_file_for(judge: Path | None, judges: Path, data: str | Path) -> Path:
     """`judge` when given, else the judge `judges/report.json` keeps for the data folder's name (alpaca_helpful,
     hh_harmless); a clear error when there is none."""
@@ -269,8 +309,7 @@ def judge_file_for(judge: Path | None, judges: Path, data: str | Path) -> Path:
         return Path(judge)
     from .judge_build import kept_judge_file
 
-    data = Path(data)
-    name = data.parent.name if data.suffix == ".jsonl" else data.name
+    name = data_set_name(data)
     path = kept_judge_file(judges, name)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the judge kept for {name} is missing; run bench/judge.py")

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.models import check_model, default_cache_dir, load_model
 from .cli_options import (
@@ -33,6 +33,9 @@ from .cli_options import (
 )
 from .data import TokenBudget, load_pairs, resolve_split, sample_pairs
 from .evaluate import GENERATION_PROMPTS
+
+if TYPE_CHECKING:
+    from ..core.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--gen-prompts", type=parse_count0, default=3, help="fixed prompts for side-by-side generations")
     add_generation_options(ev)
     add_generation_eval_options(ev)
+    ev.add_argument("--gen-annotate", type=Path, default=None, metavar="DIR",
+                    help="with --generation: write each profile, with its generation result in its provenance "
+                         "('generation'; tensors unchanged), to DIR under its file name")
     ev.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     ev.add_argument("--threads", type=parse_count, default=None)
     ev.set_defaults(handler=run_eval)
@@ -196,6 +202,7 @@ def run_eval(args: argparse.Namespace) -> int:
     setup(args)
     check_model(args.model)
     unchecked = [Profile.load(p) for p in args.profiles]  # unreadable files and bad data fail before the model loads
+    _check_annotate(args)
     judge_path = None
     if args.generation:
         from .geneval import judge_file_for
@@ -224,6 +231,8 @@ def run_eval(args: argparse.Namespace) -> int:
         results["generation_eval"] = evaluate_from_args(
             args, loaded.model, loaded.tokenizer, unique_prompts(all_pairs), rows, bf16, judge_path
         )
+        if args.gen_annotate is not None:
+            _annotate(args, profiles, results["generation_eval"], judge_path)
     results["command"] = command_line()
     extra: list[str] = []
     if args.generation:
@@ -235,3 +244,28 @@ def run_eval(args: argparse.Namespace) -> int:
     report = write_report(results, args.out, args.title, command=command_line(), extra=extra)
     print(json.dumps({"report": str(report), "baseline": results["baseline"]}, indent=2))
     return 0
+
+
+def _check_annotate(args: argparse.Namespace) -> None:
+    """--gen-annotate needs --generation and writes copies, never over a profile it reads."""
+    from ..core.errors import SteeringError
+
+    if args.gen_annotate is None:
+        return
+    if not args.generation:
+        raise SteeringError("--gen-annotate needs --generation (it stores the generation result)")
+    inputs = {Path(p).resolve() for p in args.profiles}
+    if any((args.gen_annotate / Path(p).name).resolve() in inputs for p in args.profiles):
+        raise SteeringError(f"--gen-annotate {args.gen_annotate}: would write over an input profile; give "
+                            "another folder")
+
+
+def _annotate(args: argparse.Namespace, profiles: list[Profile], result: dict[str, Any], judge_path: Path) -> None:
+    """--gen-annotate: each profile under its file name in the folder, with its row's result."""
+    from .geneval import data_set_name, file_sha256, generation_record
+
+    for path, profile in zip(args.profiles, profiles, strict=True):
+        record = generation_record(result, profile.name, data_set=data_set_name(args.data), replies="library",
+                                   judge_sha256=file_sha256(judge_path), source=str(args.out / "report.json"))
+        out = profile.with_generation(record).save(args.gen_annotate / Path(path).name)
+        log.info("wrote %s with its generation result (chosen strength %g)", out, record.chosen_strength)

@@ -22,7 +22,7 @@ from steering_vectors import (
 )
 from steering_vectors.core.gguf_io import read_control_vector, write_control_vector
 from steering_vectors.core.models import model_fingerprint
-from tests.conftest import TINY_HIDDEN, TINY_LAYERS, make_tiny_llama
+from tests.conftest import TINY_HIDDEN, TINY_LAYERS, TOY_GENERATION, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +215,54 @@ def test_summary_is_strict_json_with_non_finite_provenance(fingerprint):
     summary = json.loads(json.dumps(loaded.summary(), allow_nan=False))
     assert summary["provenance"] == {"calibration": {"rows": [{"accuracy": None}], "limit": None, "pairs": [1, 2.5]}}
     assert loaded.provenance["calibration"]["limit"] == float("inf")  # the stored record itself is untouched
+
+
+def test_a_generation_section_travels_with_the_file_and_leaves_the_tensors_alone(fingerprint, generation_record):
+    profile = _profile(fingerprint)
+    assert profile.generation is None and profile.summary()["generation"] is None  # older files: no section
+    annotated = Profile.from_bytes(profile.with_generation(generation_record).to_bytes())
+    assert annotated.generation == generation_record
+    assert annotated.provenance == {**profile.provenance, "generation": TOY_GENERATION}
+    assert annotated.format_version == profile.format_version == 1  # older readers keep reading it
+    shown = json.loads(json.dumps(annotated.summary(), allow_nan=False))["generation"]
+    assert [row["perplexity_change"] for row in shown["strengths"]] == pytest.approx([0.1, 0.5])
+    assert {k: v for k, v in shown.items() if k != "strengths"} == {
+        k: v for k, v in TOY_GENERATION.items() if k != "strengths"}
+    # the same tensors, byte for byte: only the header differs
+    before, after = profile.to_bytes(), annotated.to_bytes()
+    assert before != after and profile.tensor_digest() == annotated.tensor_digest()
+    assert before[-len(profile.offsets) * TINY_HIDDEN * 4 :] == after[-len(profile.offsets) * TINY_HIDDEN * 4 :]
+    _assert_same(profile, Profile.from_bytes(before))
+    # keys this version does not know are kept in the file and left out of the record
+    extra = {**TOY_GENERATION, "judged_by": "someone"}
+    kept = Profile("x", dict(profile.offsets), provenance={"generation": extra})
+    assert Profile.from_bytes(kept.to_bytes()).provenance["generation"] == extra
+    assert kept.generation is not None and "judged_by" not in kept.summary()["generation"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"set": ""}, "set and judge"),
+    ({"replies": "elsewhere"}, "replies 'elsewhere'"),
+    ({"judge_sha256": "abc"}, "judge_sha256"),
+    ({"half_b": 3}, "half A"),
+    ({"chosen_strength": 0.5}, "chosen strength 0.5"),
+    ({"unsteered": {"loop_rate": 1.5}}, "loop_rate 1.5 is not a share"),
+    ({"strengths": []}, "at least one"),
+    ({"strengths": [{**TOY_GENERATION["strengths"][1]}, {**TOY_GENERATION["strengths"][0]}]}, "sorted"),
+    ({"strengths": [{**TOY_GENERATION["strengths"][0], "low": 0.9, "high": 0.6}]}, "reversed"),
+    ({"strengths": [{**TOY_GENERATION["strengths"][0], "strength": 0}]}, "unsteered row"),
+    ({"strengths": [{**TOY_GENERATION["strengths"][0], "win_rate": "high"}]}, "not a number"),
+    ({"prompts": None}, "not a count"),
+])  # fmt: skip
+def test_a_malformed_generation_section_is_refused(fingerprint, change, message):
+    from safetensors.torch import load as st_load
+
+    profile = _profile(fingerprint)
+    metadata = {**profile.metadata(), "provenance": json.dumps({"generation": {**TOY_GENERATION, **change}})}
+    with pytest.raises(ProfileFormatError, match=f"generation section of the provenance: .*{message}"):
+        Profile.from_bytes(st_save(st_load(profile.to_bytes()), metadata=metadata))
+    with pytest.raises(ProfileFormatError, match="generation section"):
+        Profile("x", dict(profile.offsets), provenance={"generation": {**TOY_GENERATION, **change}})
 
 
 def test_wrong_hidden_size_raises_shape_error(fingerprint):

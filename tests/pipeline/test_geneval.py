@@ -1,20 +1,24 @@
 """The generation evaluation (`geneval`, `rahf eval --generation`): hand-computed scores with a stand-in judge,
-replies that equal the library's generation, compositions, and the command end to end on the tiny model."""
+replies that equal the library's generation, compositions, and the command end to end on the tiny model
+(with --gen-annotate); bench/generation.py's numbers are `score_replies`', its annotations, and the shipped
+profiles' generation sections hold exactly the numbers of their docs/bench-generation-*.json."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import generation as bench_generation
 from steering_vectors.cli import main
 from steering_vectors.core.models import load_model
 from steering_vectors.core.profile import Profile
 from steering_vectors.training import geneval
 from steering_vectors.training import genmetrics as gm
-from steering_vectors.training.judge import HeadJudge, HeadParams, save_judge
+from steering_vectors.training.judge import HeadJudge, HeadParams, load_judge, save_judge
 
 
 class LengthJudge:  # a stand-in judge: the longer reply is better
@@ -69,6 +73,16 @@ def test_scores_are_the_hand_computed_win_rates_and_the_half_a_choice_respects_l
     text = "\n".join(geneval.generation_lines(result))
     assert "| p | 1 (chosen) | 75.0 % [" in text and "| p | 2 | 0.0 % [0.0 %, 0.0 %] | 0.0 % |" in text
     assert json.loads(json.dumps(result))["rows"]["p"]["chosen_strength"] == 1.0  # JSON-ready as it is
+    # the section a profile file carries: half B's numbers, as scored
+    record = geneval.generation_record(result, "p", data_set="toy", replies="library", judge_sha256="0" * 64)
+    assert (record.data_set, record.judge, record.prompts, record.half_a, record.half_b) == ("toy", "len", 4, 2, 2)
+    assert record.chosen_strength == 1.0 and [r.strength for r in record.strengths] == [1.0, 2.0]
+    assert [(r.win_rate, r.low, r.high) for r in record.strengths] == [
+        (w["win_rate"], w["low"], w["high"]) for w in (got["strengths"][s]["half_b"]["win"] for s in ("1", "2"))]
+    assert record.strengths[1].loop_rate == got["strengths"]["2"]["half_b"]["loop_rate"] == 0.0  # loops on half A only
+    assert record.unsteered.perplexity == result["unsteered"]["half_b"]["perplexity"] == pytest.approx(math.e)
+    with pytest.raises(ValueError, match="no row 'q'"):
+        geneval.generation_record(result, "q", data_set="toy", replies="library")
 
 
 def test_replies_are_the_librarys_and_a_composition_sums_its_profiles(tiny) -> None:
@@ -116,7 +130,8 @@ def test_rahf_eval_generation_end_to_end(tiny, tiny_model_dir: Path, tmp_path: P
     out = tmp_path / "report"
     argv = ["eval", *map(str, files), "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
             "--max-pairs", "2", "--strengths", "1", "--gen-prompts", "0", "--bf16", "off", "--generation",
-            "--judge", str(judge), "--gen-tokens", "5", "--gen-limit", "4", "--gen-compose"]  # fmt: skip
+            "--judge", str(judge), "--gen-tokens", "5", "--gen-limit", "4", "--gen-compose",
+            "--gen-annotate", str(tmp_path / "judged")]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())["generation_eval"]
     assert report["prompts"] == 4 and report["half_a"] + report["half_b"] == 4
@@ -131,7 +146,18 @@ def test_rahf_eval_generation_end_to_end(tiny, tiny_model_dir: Path, tmp_path: P
     text = (out / "report.md").read_text()
     assert "## Generations judged" in text and "judge `toy-head.safetensors`" in text
     assert (out / "generation.png").stat().st_size > 1000
+    # --gen-annotate: each profile again, with its row's result as its generation section, the same tensors
+    for original in (p, q):
+        annotated = Profile.load(tmp_path / "judged" / f"{original.name}.safetensors")
+        assert annotated.generation == geneval.generation_record(
+            report, original.name, data_set=tmp_path.name, replies="library",
+            judge_sha256=geneval.file_sha256(judge), source=str(out / "report.json"))
+        assert annotated.tensor_digest() == original.tensor_digest() and annotated.generation.prompts == 4
     capsys.readouterr()
+    # --gen-annotate without --generation, or over an input file: refused before any work
+    for extra in (["--gen-annotate", str(tmp_path / "x")], ["--generation", "--gen-annotate", str(tmp_path)]):
+        assert main(["eval", str(files[0]), "--data", str(data), "--out", str(tmp_path / "r3"), *extra]) == 2
+        assert "--gen-annotate" in capsys.readouterr().err and not (tmp_path / "r3").exists()
     # no judge for the data: one line, before the model loads or anything is written
     missing = tmp_path / "report2"
     argv = ["eval", str(files[0]), "--data", str(data), "--out", str(missing), "--model", str(tiny_model_dir),
@@ -139,3 +165,68 @@ def test_rahf_eval_generation_end_to_end(tiny, tiny_model_dir: Path, tmp_path: P
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("rahf eval: error: ") and "no judge kept" in err[-1] and not missing.exists()
+
+
+# -- bench/generation.py: replies from the server's engine, every number the library's ----------------------
+
+
+def test_the_engine_bench_reports_the_librarys_numbers_and_annotates_the_profile(tiny, tiny_model_dir,
+                                                                                   tmp_path: Path) -> None:
+    from server.backends.transformers import create
+    from server.config import Settings
+
+    backend = create(Settings(max_batch_size=4, max_queue=64), model=load_model(tiny_model_dir))
+    p = _profile(tiny, "p", 1, default=2.0)
+    prompts = [({"role": "user", "content": f"Question {i}?"},) for i in range(3)]  # halves b, a, b
+    judge = _judge_file(tiny, tmp_path / "toy-head.safetensors")
+    result = bench_generation.measure(backend, p, prompts, [1.0], judge, max_new_tokens=5)
+    # three prompts: the examples are every reply, so the library can score them again
+    at = {float(s): {"greedy": e["examples"], "sampled": []} for s, e in result["rows"]["p"]["strengths"].items()}
+    assert sorted(at) == [1.0, 2.0] and at[2.0]["greedy"] != result["unsteered"]["examples"]
+    replies = {"unsteered": {"greedy": result["unsteered"]["examples"], "sampled": []}, "rows": {"p": at}}
+    want = geneval.score_replies(backend.model, backend.tokenizer, prompts, [geneval.GenRow.of_profile(p, [1.0])],
+                                 replies, load_judge(judge, backend.model, backend.tokenizer),
+                                 geneval.GenSettings(max_new_tokens=5), judge_name=judge.name)  # fmt: skip
+    assert result == want
+
+    report = {**result, "profile": "p.safetensors", "set": "toy", "replies": "engine",
+              "judge_sha256": geneval.file_sha256(judge), "tensors_sha256": p.tensor_digest()}  # fmt: skip
+    source = p.save(tmp_path / "p.safetensors")
+    annotated = bench_generation.annotate(source, report, tmp_path / "out" / "p.safetensors", judges=tmp_path)
+    assert Profile.load(tmp_path / "out" / "p.safetensors").generation == annotated.generation == (
+        geneval.generation_record(result, "p", data_set="toy", replies="engine",
+                                  judge_sha256=geneval.file_sha256(judge)))  # fmt: skip
+    other = _profile(tiny, "p", 2).save(tmp_path / "other" / "p.safetensors")
+    with pytest.raises(SystemExit, match="other tensors"):
+        bench_generation.annotate(other, report, tmp_path / "x.safetensors", judges=tmp_path)
+    with pytest.raises(SystemExit, match=r"measured \['p'\], not q"):
+        bench_generation.annotate(_profile(tiny, "q", 1).save(tmp_path / "q.safetensors"), report,
+                                  tmp_path / "x.safetensors", judges=tmp_path)  # fmt: skip
+
+
+SHIPPED = ("helpful", "helpful-pref", "harmless-pref")  # annotated from docs/bench-generation-<name>.json
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_profiles_carry_the_numbers_of_their_bench_files(name: str) -> None:
+    root = Path(__file__).parents[2]
+    old = json.loads((root / "docs" / f"bench-generation-{name}.json").read_text())  # the layout before
+    record = Profile.load(root / "profiles" / f"{name}.safetensors").generation
+    assert record is not None and record.source == f"docs/bench-generation-{name}.json"
+    assert (record.data_set, record.judge, record.replies, record.max_new_tokens) == (
+        old["set"], old["judge"], "engine", old["max_tokens"])
+    assert (record.prompts, record.half_a, record.half_b) == (old["prompts"], old["half_a"], old["half_b"])
+    assert record.chosen_strength == old["chosen_strength"]
+    assert record.judge_sha256 == geneval.file_sha256(root / "profiles" / "judges" / old["judge"])
+    base = old["strengths"]["0.0"]["half_b"]
+    assert record.unsteered.to_json() == {k: base[k] for k in ("loop_rate", "refusal_rate", "perplexity")}
+    assert [row.strength for row in record.strengths] == [float(s) for s in old["strengths"] if float(s) != 0]
+    for row in record.strengths:
+        half_b = old["strengths"][str(row.strength)]["half_b"]
+        assert (row.win_rate, row.low, row.high) == tuple(half_b["win"][k] for k in ("win_rate", "low", "high"))
+        assert (row.loop_rate, row.refusal_rate, row.perplexity) == tuple(
+            half_b[k] for k in ("loop_rate", "refusal_rate", "perplexity"))
+    # --from-json reads that layout into the same record
+    again = geneval.generation_record(bench_generation.library_layout(old), name, data_set=old["set"],
+                                      replies="engine", judge_sha256=record.judge_sha256, source=record.source)
+    assert again == record

@@ -267,3 +267,24 @@ def test_lora_profile_upload_listing_steering_and_mixing(fresh, tiny_loaded, tin
     error = assert_envelope(put(fresh, "lora", bad.to_bytes()), 422, "body")
     assert "v_proj outputs 64 features" in error["message"]
     assert Profile.load(fresh.profile_dir / "lora.safetensors").lora_ranks() == {2: {"q_proj": 2, "v_proj": 2}}
+
+
+def test_a_profile_shows_its_generation_result(fresh, tiny_loaded, generation_record) -> None:
+    judged = make_profile(tiny_loaded, "judged", seed=14).with_generation(generation_record)
+    created = put(fresh, "judged", judged.to_bytes())
+    assert created.status_code == 201, created.text
+    shown = httpx.get(fresh.v1 + "/profiles/judged").json()
+    assert created.json()["generation"] == shown["generation"] == generation_record.summary()
+    assert shown["generation"]["chosen_strength"] == 1.0 and shown["generation"]["half_b"] == 2
+    assert [row["win_rate"] for row in shown["generation"]["strengths"]] == [0.75, 1.0]
+    assert shown["generation"]["strengths"][0]["perplexity_change"] == pytest.approx(0.1)
+    listed = {p["id"]: p for p in httpx.get(fresh.v1 + "/profiles").json()["data"]}
+    assert listed["judged"]["generation"] == shown["generation"] and listed["alpha"]["generation"] is None
+    # a malformed section makes the file no profile: refused, the stored one unchanged
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    metadata = {**judged.metadata(), "provenance": json.dumps({"generation": {"set": "toy"}})}
+    error = assert_envelope(put(fresh, "judged", st_save(st_load(judged.to_bytes()), metadata=metadata)), 400, "body")
+    assert "generation section" in error["message"]
+    assert httpx.get(fresh.v1 + "/profiles/judged").json()["generation"] == shown["generation"]
