@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def main() -> None:
                         help="the prompt sets to run (with --only: a sweep on one set)")
     parser.add_argument("--split", choices=["dev", "train"], default="dev",
                         help="the prompts' split: dev (the report) or train (choosing a strength)")
+    parser.add_argument("--exclude", type=Path, nargs="*", default=[],
+                        help="leave out the prompts of these JSONL files (e.g. the profile's own training pairs, in "
+                             "a strength sweep on train prompts)")
     parser.add_argument("--only", nargs="+", choices=["unsteered", "always-on", "conditional"], default=None,
                         help="run these settings only (a strength sweep; skips the identity and throughput parts)")
     args = parser.parse_args()
@@ -78,8 +82,15 @@ def main() -> None:
         raise SystemExit(f"{args.profile} has no condition (only `--only unsteered always-on` runs without one)")
     strength = profile.default_strength if args.strength is None else args.strength
     data = ROOT.parent / "shared" / "data"
-    sets = {"harmful": read_prompts(str(data / "hh_harmless" / f"{args.split}.jsonl"), args.limit or 10**6),
-            "benign": read_prompts(str(data / "alpaca_helpful" / f"{args.split}.jsonl"), args.limit or 10**6)}
+    excluded = {json.dumps(m, sort_keys=True) for f in args.exclude for m in read_prompts(str(f), 10**6)}
+
+    def prompts_of(folder: str) -> list:
+        kept = [m for m in read_prompts(str(data / folder / f"{args.split}.jsonl"), 10**6)
+                if json.dumps(m, sort_keys=True) not in excluded]
+        # --limit: a seeded sample, as read_prompts takes one (the same prompts as before when nothing is excluded)
+        return random.Random(0).sample(kept, args.limit) if args.limit and len(kept) > args.limit else kept
+
+    sets = {"harmful": prompts_of("hh_harmless"), "benign": prompts_of("alpaca_helpful")}
     if args.only:
         sets = {k: v for k, v in sets.items() if k in args.sets}
     elif set(args.sets) != {"harmful", "benign"}:
@@ -117,7 +128,7 @@ def main() -> None:
     report: dict = {"profile": str(args.profile.relative_to(ROOT)) if args.profile.is_relative_to(ROOT) else str(
         args.profile), "strength": strength, "condition": profile.condition and profile.condition.summary(),
         "max_tokens": args.max_tokens, "split": args.split, "repetition_penalty": args.repetition_penalty,
-        "prompts": {k: len(v) for k, v in ids.items()}, "sets": {}}
+        "prompts": {k: len(v) for k, v in ids.items()}, "excluded": [str(f) for f in args.exclude], "sets": {}}
     texts: dict = {}
     for name, prompts in ids.items():
         row = {}

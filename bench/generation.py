@@ -59,9 +59,12 @@ from steering_vectors.training import geneval  # noqa: E402
 from steering_vectors.training.genmetrics import Prompt  # noqa: E402
 
 
-def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float = 1.0) -> geneval.Generate:
+def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float = 1.0,
+                    honour_conditions: bool = False) -> geneval.Generate:
     """Greedy replies from `backend`'s engine (started), all prompts of a call batched as the engine batches
-    concurrent requests, each profile in its position mode. No sampled replies, no system messages."""
+    concurrent requests, each profile in its position mode. No sampled replies, no system messages.
+    `honour_conditions`: a profile with a condition steers only the prompts its condition fires on, as a request
+    naming it gets (bench/composition.py); otherwise every profile steers every prompt."""
     from server.backends.base import GenerationRequest, SamplingParams
     from steering_vectors.core.hooks import RowSteering
     from steering_vectors.training.conditions import render_prompt
@@ -83,7 +86,10 @@ def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: fl
         if system is not None or seed is not None:
             raise ValueError("the engine bench makes greedy replies to the dev prompts only")
         calls += 1
-        steering = RowSteering.from_profiles(entries, model=backend.fingerprint) if entries else None
+        gated = [(p, w) for p, w in entries if honour_conditions and p.condition is not None]
+        always = [(p, w) for p, w in entries if not (honour_conditions and p.condition is not None)]
+        steering = (RowSteering.from_profiles(always, model=backend.fingerprint, conditional=gated)
+                    if entries else None)  # fmt: skip
         ids = [render_prompt(tokenizer, list(p)) for p in prompts]
 
         async def every() -> list[list[int]]:
