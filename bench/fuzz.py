@@ -13,9 +13,9 @@ server log line at level error (an unhandled exception) or on an unclean stop.
 `--default-config` runs schemathesis as someone who has only the server would: no bench/schemathesis.toml
 (its per-operation expected statuses), no bench/fuzz_hooks.py (its real profile files for valid uploads),
 every check on in its default configuration; only the keys (`--header`) and the run's size are given.
-The description alone has to make every schema-valid request one the server accepts; the two rules it
-cannot state (an upload's bytes must be a profile file, a fit's texts are limited in tokens) remain as two
-findings there (docs/reliability.md, "As a new user runs it").
+The description alone has to make every schema-valid request one the server accepts; the rules it cannot
+state (an upload's bytes must be a profile file; a chat `response_format` schema must be one llguidance
+compiles) remain as findings there (docs/reliability.md, "As a new user runs it").
 
 Needs the `test` extra (schemathesis). Reports (JUnit XML, NDJSON events) go to --report-dir.
 """

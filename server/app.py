@@ -128,7 +128,8 @@ def create_app(
         serving = app.state.serving
         vocab = len(serving.tokenizer) if serving is not None else None
         schema = build_openapi(app, settings, vocab=vocab)
-        fit.document(schema, settings, app.state.backend.fingerprint.num_layers if serving is not None else None)
+        fit.document(schema, settings, app.state.backend.fingerprint.num_layers if serving is not None else None,
+                     serving.tokenizer if serving is not None else None)
         if serving is not None:  # complete once the model is loaded: keep it
             app.openapi_schema = schema
         return schema

@@ -4,6 +4,7 @@ API key like the API they describe."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -14,7 +15,8 @@ router = APIRouter(tags=["docs"], dependencies=[Depends(require_api_key)], inclu
 
 @router.get("/openapi.json")
 async def openapi(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
+    # built once the model is loaded, then kept; building probes the tokenizer (a fraction of a second)
+    return JSONResponse(await run_in_threadpool(request.app.openapi))
 
 
 @router.get("/docs")

@@ -1,6 +1,8 @@
 """`POST /v1/profiles/{name}/fit`: a profile from a few contrastive examples, saved to the store (admin).
 
-Parses and checks the body, tokenises the examples (`steering_vectors.training.quickfit`), runs their forward
+Parses and checks the body, tokenises the examples (`steering_vectors.training.quickfit`, which truncates a
+side longer than its token budget rather than refusing it: the schema can bound characters, not tokens,
+so no schema-valid body is refused for its tokens), runs their forward
 passes through the engine's `run_between_steps` one batch at a time (running requests wait at most one
 batch between two of their steps), fits the offsets, stores the profile like an upload and returns its
 summary. One fit runs at a time; others wait for it.
@@ -9,6 +11,7 @@ summary. One fit runs at a time; others wait for it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from typing import Annotated, Any, Literal
 
@@ -62,8 +65,9 @@ class Instructions(_Strict):
 
 class FitRequest(_Strict):
     """Contrastive examples: `examples` (pairs of texts, or prompts with two replies), or `instructions`
-    with `prompts`. At most 64 examples, 512 tokens per side (chat template included) and 32768 tokens
-    in all; `layers` must exist in the model (default: a middle band)."""
+    with `prompts`. At most 64 examples; a side over 512 tokens (chat template included) is truncated, not
+    refused (the response's `truncated` lists the truncated sides); `layers` must exist in the model (default: a
+    middle band)."""
 
     examples: (
         Annotated[list[PairExample], Field(min_length=1, max_length=LIMITS.max_pairs)]
@@ -127,18 +131,37 @@ PCA_NEEDS_TWO = {
 }
 FIT_INVALID = (
     "Invalid fit: a field is invalid; the body mixes the two shapes (`examples`, or `instructions` with "
-    "`prompts`) or gives neither; a text encodes to no tokens, a side has more than "
-    f"{LIMITS.max_side_tokens} tokens (chat template included) or all sides more than {LIMITS.max_total_tokens}; "
-    "`default_strength` is outside the server's bounds; a layer is not in the model; `pca` has fewer than two "
-    "examples; or the fit gives non-finite offsets"
+    "`prompts`) or gives neither; `default_strength` is outside the server's bounds; a layer is not in the "
+    "model; `pca` has fewer than two examples; a text of a pair or a reply encodes to no tokens (it is made "
+    "of characters the tokenizer drops, which the texts' `pattern` excludes where there are any); or the fit "
+    f"gives non-finite offsets. Long texts are not refused: a side over {LIMITS.max_side_tokens} tokens (chat "
+    "template included) is truncated and listed in the response's `truncated`"
 )
+TRUNCATED = {
+    "type": "array",
+    "description": "the sides the fit truncated, as it or (sharing its prompt) the other side of its example "
+                   f"had over {LIMITS.max_side_tokens} tokens, chat template included: a text of a pair and "
+                   "a reply keep their first tokens, a reply's prompt its last ones, an instructions prompt (then "
+                   "an instruction) its first ones; empty when none was",
+    "items": {"type": "object", "required": ["example", "side", "tokens_before", "tokens_after"],
+              "properties": {"example": {"type": "integer", "minimum": 0},
+                             "side": {"enum": ["positive", "negative"]},
+                             "tokens_before": {"type": "integer", "minimum": 1},
+                             "tokens_after": {"type": "integer", "minimum": 1,
+                                              "maximum": LIMITS.max_side_tokens}}},
+}
+FITTED = copy.deepcopy(PROFILE)
+FITTED["required"].append("truncated")
+FITTED["properties"]["truncated"] = TRUNCATED
 
 
-def document(schema: dict[str, Any], settings: Any, num_layers: int | None) -> None:
+def document(schema: dict[str, Any], settings: Any, num_layers: int | None, tokenizer: Any = None) -> None:
     """Put what the route checks beyond the model's types into the API description: one of the two body
     shapes, pca's two examples, the strength bounds of the settings and, once the model is loaded, the
-    highest layer index."""
-    request = schema.get("components", {}).get("schemas", {}).get("FitRequest")
+    highest layer index and the characters its tokenizer encodes to nothing (a text that is read, of a
+    pair or a reply, needs another one)."""
+    components = schema.get("components", {}).get("schemas", {})
+    request = components.get("FitRequest")
     if request is None:
         return
     request["oneOf"] = [dict(shape) for shape in FIT_SHAPES]
@@ -148,6 +171,15 @@ def document(schema: dict[str, Any], settings: Any, num_layers: int | None) -> N
                                  "maximum": settings.strength_max, "default": 1.0}
     if num_layers is not None:
         props["layers"]["anyOf"][0]["items"]["maximum"] = num_layers - 1
+    silent = quickfit.silent_characters(tokenizer) if tokenizer is not None else ""
+    if silent:
+        listed = ", ".join(f"U+{ord(char):04X}" for char in silent)
+        for model in ("PairExample", "ReplyExample"):
+            for side in ("positive", "negative"):
+                text = components[model]["properties"][side]
+                text["pattern"] = "[^" + "".join(f"\\u{ord(char):04x}" for char in silent) + "]"
+                text["description"] = (f"read by the fit: at least one character other than {listed}, which "
+                                       "this model's tokenizer encodes to no tokens")
 
 
 def _fit_lock(request: Request) -> asyncio.Lock:
@@ -160,11 +192,12 @@ def _fit_lock(request: Request) -> asyncio.Lock:
 @router.post(
     "/{name}/fit",
     responses=responses(400, 401, 403, 413, 500, 503, 507, ok={
-        200: json_ok(PROFILE, "replaced"), 201: json_ok(PROFILE, "created")}, why={400: FIT_INVALID}),
+        200: json_ok(FITTED, "replaced"), 201: json_ok(FITTED, "created")}, why={400: FIT_INVALID}),
 )
 async def fit_profile(name: str, body: FitRequest, request: Request, serving: ServingDep, _: AdminKey) -> JSONResponse:
     """Fit a profile (CAA, PCA or difference of means) from a few contrastive examples with forward passes
-    only, store it as `name` (created or replaced) and return its summary."""
+    only, store it as `name` (created or replaced) and return its summary with `truncated`: the sides the fit
+    truncated (a side over 512 tokens, chat template included, is truncated rather than refused)."""
     name = _name(name)
     settings = request.app.state.settings
     if not settings.strength_min <= body.default_strength <= settings.strength_max:
@@ -181,7 +214,8 @@ async def fit_profile(name: str, body: FitRequest, request: Request, serving: Se
                        param=None, code="unsupported")
     fingerprint = backend.fingerprint
     layers = _checked(lambda: quickfit.check_layers(body.layers, fingerprint.num_layers))
-    sides = _checked(lambda: quickfit.encode_examples(serving.tokenizer, examples, LIMITS))
+    sides = await run_in_threadpool(_checked, lambda: quickfit.encode_examples(serving.tokenizer, examples, LIMITS))
+    truncated = quickfit.truncations(sides)
     pad = quickfit.pad_token_id(serving.tokenizer)
     async with _fit_lock(request):
         started = time.perf_counter()
@@ -198,7 +232,7 @@ async def fit_profile(name: str, body: FitRequest, request: Request, serving: Se
         profile = quickfit.make_quick_profile(
             name, offsets, examples=examples, method=body.method, fingerprint=fingerprint,
             default_strength=body.default_strength, position_mode=body.position_mode, description=body.description,
-            tokens=sum(len(s.input_ids) for s in sides), seconds=seconds,
+            tokens=sum(len(s.input_ids) for s in sides), seconds=seconds, truncated=truncated,
         )
         stored, created = await run_in_threadpool(serving.registry.put, name, profile.to_bytes())
     except ProfileError as exc:
@@ -206,7 +240,8 @@ async def fit_profile(name: str, body: FitRequest, request: Request, serving: Se
     except OSError as exc:
         raise store_error(exc, f"store profile {name!r}") from None
     # the digest of the file as stored (what /v1/profiles and X-Steering report), not of a re-serialisation
-    return JSONResponse(describe(stored, serving.registry.state().digest(name)), status_code=201 if created else 200)
+    summary = {**describe(stored, serving.registry.state().digest(name)), "truncated": truncated}
+    return JSONResponse(summary, status_code=201 if created else 200)
 
 
 def _checked(work):  # noqa: ANN001, ANN202 - a small adapter: the library's input errors as 400s

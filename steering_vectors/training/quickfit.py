@@ -17,6 +17,24 @@ Shapes (every example is a pair: a positive side and a negative side):
   system message, to each of a list of prompts; read: the state at the last token of the rendered prompt
   (where the assistant's reply would start), as repeng does.
 
+A side longer than `FitLimits.max_side_tokens` (chat template included) is truncated, never refused, so
+that what the fit reads stays what the shape means (`encode_examples`; the sides report it and the
+profile's provenance records it):
+
+- ``pairs``: the text's first ``max_side_tokens`` tokens;
+- ``replies``: the reply's first tokens and the prompt's last ones. The reply keeps what the rendered
+  prompt leaves, but at least half the budget; the prompt's text then loses tokens at its start until the
+  rendered prompt fits the rest. The chat template stays whole (its assistant header right before the
+  reply included), and both sides keep the same prompt, so the pair still differs only in its replies;
+- ``instructions``: the prompt's text loses tokens at its end until both sides fit (the same prompt on
+  both sides: the instructions stay the only difference); an instruction that does not fit even with an
+  empty prompt loses tokens at its end too, and the prompt is then empty.
+
+The texts that are read (a text of a pair, a reply) lose tokens: the read tokens are exactly the text's
+first ones. The texts that the chat template wraps (a prompt, an instruction) lose characters at token
+boundaries: what stays is a prefix or suffix of the original characters (never a decode of tokens),
+rendered and measured again, so the template stays whole and the side is that of the shortened text.
+
 Methods, per layer ``l`` (states are the outputs of decoder layer ``l``, the layer an offset at ``l`` is
 added to):
 
@@ -59,11 +77,11 @@ class FitInputError(SteeringError):
 
 @dataclass(frozen=True)
 class FitLimits:
-    """What one fit may take: pairs, tokens of one side (template included) and tokens in all."""
+    """What one fit may take: pairs, and tokens of one side (template included; a longer side is truncated).
+    The tokens in all are at most ``2 * max_pairs * max_side_tokens`` (65536 by default)."""
 
     max_pairs: int = 64
     max_side_tokens: int = 512
-    max_total_tokens: int = 32768
     batch_tokens: int = 256  # tokens per forward pass (padding included); one batch is one unit of work
 
 
@@ -122,6 +140,13 @@ class Side:
     label: int  # 1 positive, 0 negative
     input_ids: tuple[int, ...]
     read_from: int
+    untruncated: int | None = None  # the side's tokens before truncation; None: not truncated
+
+
+def truncations(sides: Sequence[Side]) -> list[dict[str, Any]]:
+    """The truncated sides as JSON: ``{"example", "side", "tokens_before", "tokens_after"}`` each, in order."""
+    return [{"example": s.pair, "side": "positive" if s.label else "negative", "tokens_before": s.untruncated,
+             "tokens_after": len(s.input_ids)} for s in sides if s.untruncated is not None]
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -152,9 +177,123 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def silent_characters(tokenizer: Any, below: int = 0x10000) -> str:
+    """The characters under `below` (default: the Basic Multilingual Plane) that `tokenizer` encodes, alone, to
+    no tokens: control characters missing from a byte-level vocabulary (6 for the default model's), or what
+    a normaliser removes. With a byte-level or a character tokenizer a text encodes to no tokens exactly when
+    it is made of these; `encode_examples` refuses such a pair text or reply (nothing to read)."""
+    chars = [chr(c) for c in range(below) if not 0xD800 <= c < 0xE000]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer in one batch: a fraction of a second for the whole plane
+        encoded = [item.ids for item in backend.encode_batch(chars, add_special_tokens=False)]
+    else:
+        encoded = tokenizer(chars, add_special_tokens=False)["input_ids"]
+    return "".join(char for char, ids in zip(chars, encoded, strict=True) if not ids)
+
+
+def _chat(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    return encode_prompt(tokenizer, [{"role": "user", "content": prompt}], system=system, budget=1 << 30)
+
+
+def _drop_tokens(tokenizer: Any, text: str, drop: int, *, from_end: bool) -> str:
+    """`text` without the characters of its last `drop` tokens (its first, `from_end`: the end is kept): a
+    prefix (suffix) of `text`, shorter by one character at least."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = encoded["input_ids"], encoded["offset_mapping"]
+    except NotImplementedError:  # a tokenizer without offsets: the same share of the characters
+        ids = _ids(tokenizer, text)
+        spans = None
+    count = len(ids) - drop  # the tokens kept
+    if count <= 0:
+        return ""
+    if spans is None:
+        chars = len(text) * count // len(ids)
+    else:
+        chars = len(text) - spans[len(ids) - count][0] if from_end else spans[count - 1][1]
+    chars = min(chars, len(text) - 1)  # a token may span no character: cut one at least
+    return text[len(text) - chars:] if from_end else text[:chars]
+
+
+def _shorten(tokenizer: Any, text: str, measure: Callable[[str], int], budget: int, *, from_end: bool) -> str:
+    """`text` cut by whole tokens (its end kept with `from_end`, else its start) until `measure(text)`, the
+    tokens of the side it goes into, is at most `budget` ("" when even that is too long): the excess comes
+    off `text`'s own tokens, again while the side, re-encoded, still overflows."""
+    length = measure(text)
+    while length > budget and text:
+        text = _drop_tokens(tokenizer, text, length - budget, from_end=from_end)
+        length = measure(text)
+    return text
+
+
+# what each shape's encoder gives per side: (ids, read_from, the side's tokens before truncation or None)
+Encoding = tuple[list[int], int, int | None]
+
+
+def _pair_sides(tokenizer: Any, texts: tuple[str, str], budget: int) -> list[Encoding]:
+    """The positive and the negative text, each its first `budget` tokens."""
+    out: list[Encoding] = []
+    for text in texts:
+        ids = _ids(tokenizer, text)
+        out.append((ids[:budget], 0, len(ids) if len(ids) > budget else None))
+    return out
+
+
+def _reply_sides(tokenizer: Any, prompt: str, replies: tuple[str, str], budget: int, param: str
+                 ) -> list[Encoding]:
+    """The rendered prompt (the same on both sides) followed by each reply; see the module docstring."""
+    head = _chat(tokenizer, prompt)
+    tails = [_ids(tokenizer, reply) for reply in replies]
+    longest = max(len(tail) for tail in tails)
+    if len(head) + longest <= budget:
+        return [(head + tail, len(head), None) for tail in tails]
+    cap = max(budget - len(head), budget // 2)  # the reply keeps what the prompt leaves, half the budget at least
+    kept = [tail[:cap] for tail in tails]
+    room = budget - max(len(tail) for tail in kept)
+    short = _shorten(tokenizer, prompt, lambda text: len(_chat(tokenizer, text)), room, from_end=True)
+    cut = _chat(tokenizer, short)
+    if len(cut) > room:
+        raise FitInputError(f"{param}: the chat template alone takes {len(cut)} tokens; the replies need at least "
+                            f"{budget - room} of the {budget} a side may have", param)
+    return [(cut + tail, len(cut), None if cut == head and tail == full else len(head) + len(full))
+            for tail, full in zip(kept, tails, strict=True)]
+
+
+def _fitted_instructions(tokenizer: Any, instructions: tuple[str, str], budget: int) -> tuple[str, str]:
+    """Each instruction, cut (its start kept) where it does not fit a side even with an empty prompt."""
+    out = []
+    for instruction in instructions:
+        short = _shorten(tokenizer, instruction, lambda text: len(_chat(tokenizer, "", text)), budget, from_end=False)
+        alone = len(_chat(tokenizer, "", short))
+        if alone > budget:
+            raise FitInputError(f"instructions: the chat template alone takes {alone} tokens; a side may have "
+                                f"{budget}", "instructions")
+        out.append(short)
+    return out[0], out[1]
+
+
+def _instruction_sides(tokenizer: Any, prompt: str, instructions: tuple[str, str], fitted: tuple[str, str],
+                       budget: int) -> list[Encoding]:
+    """The prompt under each instruction (the system message); see the module docstring."""
+    full = [_chat(tokenizer, prompt, instruction) for instruction in instructions]
+    if max(len(ids) for ids in full) <= budget:
+        return [(ids, len(ids) - 1, None) for ids in full]
+    if fitted == instructions:
+        def longest(text: str) -> int:
+            return max(len(_chat(tokenizer, text, instruction)) for instruction in instructions)
+
+        prompt = _shorten(tokenizer, prompt, longest, budget, from_end=False)
+    else:  # an instruction alone fills the side: it keeps what it can, the prompt nothing
+        prompt = ""
+    sides = [_chat(tokenizer, prompt, instruction) for instruction in fitted]
+    return [(ids, len(ids) - 1, None if ids == before else len(before))
+            for ids, before in zip(sides, full, strict=True)]
+
+
 def encode_examples(tokenizer: Any, examples: Examples, limits: FitLimits = DEFAULT_LIMITS) -> list[Side]:
-    """Token ids and read positions of every side, checked against `limits` (FitInputError naming the
-    field otherwise)."""
+    """Token ids and read positions of every side, a side over `limits.max_side_tokens` truncated (see the
+    module docstring; `Side.untruncated` says which); FitInputError naming the field for too many or no
+    examples, or a text that encodes to no tokens."""
     if examples.shape not in SHAPES:
         raise FitInputError(f"unknown shape {examples.shape!r}; one of {', '.join(SHAPES)}", "examples")
     count = len(examples)
@@ -163,38 +302,27 @@ def encode_examples(tokenizer: Any, examples: Examples, limits: FitLimits = DEFA
         raise FitInputError(f"{field}: give at least one example", field)
     if count > limits.max_pairs:
         raise FitInputError(f"{field}: {count} examples; at most {limits.max_pairs}", field)
+    budget = limits.max_side_tokens
+    fitted = None
+    if examples.shape == "instructions":
+        assert examples.instructions is not None
+        fitted = _fitted_instructions(tokenizer, examples.instructions, budget)
     sides: list[Side] = []
     for i in range(count):
-        for label in (1, 0):
-            key = "positive" if label else "negative"
-            if examples.shape == "pairs":
-                param = f"examples[{i}].{key}"
-                ids = _ids(tokenizer, examples.pairs[i][1 - label])
-                read_from = 0
-            elif examples.shape == "replies":
-                param = f"examples[{i}].{key}"
-                prompt = encode_prompt(tokenizer, [{"role": "user", "content": examples.prompts[i]}], budget=1 << 30)
-                reply = _ids(tokenizer, examples.pairs[i][1 - label])
-                if not reply:
-                    raise FitInputError(f"{param}: the reply encodes to no tokens", param)
-                ids, read_from = prompt + reply, len(prompt)
-            else:
-                assert examples.instructions is not None
-                param = f"prompts[{i}]"
-                ids = encode_prompt(tokenizer, [{"role": "user", "content": examples.prompts[i]}],
-                                    system=examples.instructions[1 - label], budget=1 << 30)
-                read_from = len(ids) - 1
-            if not ids or read_from >= len(ids):
+        if examples.shape == "pairs":
+            params = [f"examples[{i}].positive", f"examples[{i}].negative"]
+            encoded = _pair_sides(tokenizer, examples.pairs[i], budget)
+        elif examples.shape == "replies":
+            params = [f"examples[{i}].positive", f"examples[{i}].negative"]
+            encoded = _reply_sides(tokenizer, examples.prompts[i], examples.pairs[i], budget, f"examples[{i}].prompt")
+        else:
+            assert examples.instructions is not None and fitted is not None
+            params = [f"prompts[{i}]"] * 2
+            encoded = _instruction_sides(tokenizer, examples.prompts[i], examples.instructions, fitted, budget)
+        for label, param, (ids, read_from, before) in zip((1, 0), params, encoded, strict=True):
+            if read_from >= len(ids):  # a tokenizer that maps some non-empty text to nothing
                 raise FitInputError(f"{param}: the text encodes to no tokens", param)
-            if len(ids) > limits.max_side_tokens:
-                raise FitInputError(
-                    f"{param}: {len(ids)} tokens (with the chat template); at most {limits.max_side_tokens}", param)
-            sides.append(Side(i, label, tuple(ids), read_from))
-    total = sum(len(side.input_ids) for side in sides)
-    if total > limits.max_total_tokens:
-        raise FitInputError(
-            f"{field}: {total} tokens in all (both sides, chat template included); at most {limits.max_total_tokens}",
-            field)
+            sides.append(Side(i, label, tuple(ids), read_from, before))
     return sides
 
 
@@ -280,8 +408,10 @@ def make_quick_profile(
     description: str = "",
     tokens: int | None = None,
     seconds: float | None = None,
+    truncated: Sequence[dict[str, Any]] = (),
 ) -> Profile:
-    """The profile with its provenance: method, the examples' shape, count and sha256, layers."""
+    """The profile with its provenance: method, the examples' shape, count, sha256, tokens and truncated
+    sides (`truncations`), layers."""
     layers = sorted(offsets)
     return Profile(
         name=validate_name(name),
@@ -294,7 +424,7 @@ def make_quick_profile(
         provenance={
             "fit": method,
             "examples": {"shape": examples.shape, "count": len(examples), "sha256": examples.digest(),
-                         "tokens": tokens},
+                         "tokens": tokens, "truncated": [dict(entry) for entry in truncated]},
             "layers": layers,
             "fit_seconds": None if seconds is None else round(seconds, 3),
             "created_unix": int(time.time()),
@@ -340,5 +470,5 @@ def fit_profile(
     return make_quick_profile(
         name, offsets, examples=examples, method=method, fingerprint=fingerprint, default_strength=default_strength,
         position_mode=position_mode, description=description, tokens=sum(len(s.input_ids) for s in sides),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, truncated=truncations(sides),
     )

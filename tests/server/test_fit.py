@@ -152,12 +152,9 @@ def test_default_layers_a_refit_replaces_and_the_profile_steers_at_once(live, ti
 
 # -- bad input ---------------------------------------------------------------------------------------
 
-LONG = "x" * 600  # the tiny tokenizer reads one token per character
 BAD = [
     ("empty examples", {"examples": []}, "examples"),
     ("too many examples", {"examples": [{"positive": "a", "negative": "b"}] * 65}, "examples"),
-    ("a side too long", {"examples": [{"positive": LONG, "negative": "b"}]}, "examples[0].positive"),
-    ("too many tokens in all", {"examples": [{"positive": "y" * 300, "negative": "z" * 300}] * 60}, "examples"),
     ("empty text", {"examples": [{"positive": "", "negative": "b"}]}, "examples[0].positive"),
     ("layer out of range", {**body_for("pairs"), "layers": [1, 4]}, "layers"),
     ("negative layer", {**body_for("pairs"), "layers": [-1]}, "layers[0]"),
@@ -186,6 +183,56 @@ def test_bad_input_is_a_400_in_the_error_envelope(live, case, body, param) -> No
     if param is not None:
         assert error["param"] == param, (case, error)
     assert not (live.profile_dir / "bad-input.safetensors").exists()
+
+
+# -- long texts: truncated, reported, and fitted as the shortened examples -------------------------------------
+
+# the tiny tokenizer reads one token per character; its template renders a user prompt U as 19 + len(U)
+# tokens, with a system instruction I as 29 + len(I) + len(U); a side may have 512
+LONG = {
+    "pairs": ({"examples": [{"positive": "x" * 600, "negative": "b"}, {"positive": "ok", "negative": "z" * 513}]},
+              {"examples": [{"positive": "x" * 512, "negative": "b"}, {"positive": "ok", "negative": "z" * 512}]},
+              [(0, "positive", 600, 512), (1, "negative", 513, 512)]),
+    # the reply keeps half (256), the prompt the rest: 19 template tokens and its last 237 characters
+    "replies": ({"examples": [{"prompt": "ab" * 300, "positive": "p" * 600, "negative": "n" * 10},
+                              {"prompt": "q", "positive": "yes", "negative": "no"}]},
+                {"examples": [{"prompt": ("ab" * 300)[-237:], "positive": "p" * 256, "negative": "n" * 10},
+                              {"prompt": "q", "positive": "yes", "negative": "no"}]},
+                [(0, "positive", 619 + 600, 512), (0, "negative", 619 + 10, 266)]),
+    # the prompt keeps its first 476 characters on both sides (29 + 7 + 476 = 512)
+    "instructions": ({"instructions": {"positive": "be glad", "negative": "be sad"}, "prompts": ["w" * 600, "hi"]},
+                     {"instructions": {"positive": "be glad", "negative": "be sad"}, "prompts": ["w" * 476, "hi"]},
+                     [(0, "positive", 636, 512), (0, "negative", 635, 511)]),
+}
+
+
+@pytest.mark.parametrize("shape", list(LONG))
+def test_long_sides_are_truncated_reported_and_fit_as_the_shortened_examples(live, shape) -> None:
+    long, short, expected = LONG[shape]
+    truncated = [{"example": i, "side": side, "tokens_before": before, "tokens_after": after}
+                 for i, side, before, after in expected]
+    fitted = {}
+    for key, body in (("long", long), ("short", short)):
+        response = fit(live, f"trunc-{shape}-{key}", {**body, "method": "mean", "layers": [1, 3]})
+        assert response.status_code == 201, response.text
+        fitted[key] = response.json()
+    assert fitted["long"]["truncated"] == fitted["long"]["provenance"]["examples"]["truncated"] == truncated
+    assert fitted["short"]["truncated"] == fitted["short"]["provenance"]["examples"]["truncated"] == []
+    assert fitted["long"]["provenance"]["examples"]["tokens"] == fitted["short"]["provenance"]["examples"]["tokens"]
+    assert fitted["long"]["provenance"]["examples"]["sha256"] != fitted["short"]["provenance"]["examples"]["sha256"]
+    stored = {key: Profile.load(live.profile_dir / f"trunc-{shape}-{key}.safetensors") for key in fitted}
+    assert all(torch.equal(stored["long"].offsets[k], stored["short"].offsets[k]) for k in (1, 3))
+    assert stored["long"].provenance["examples"]["truncated"] == truncated
+
+
+def test_the_largest_fit_is_accepted(live) -> None:
+    # 64 pairs of sides over the budget: once 76800 tokens in all (refused over 32768), now 128 sides of 512
+    examples = [{"positive": chr(97 + i % 26) * 600, "negative": chr(65 + i % 26) * 600} for i in range(64)]
+    response = fit(live, "largest", {"examples": examples, "layers": [3]})
+    assert response.status_code == 201, response.text
+    assert response.json()["provenance"]["examples"]["tokens"] == 128 * 512
+    assert {(e["tokens_before"], e["tokens_after"]) for e in response.json()["truncated"]} == {(600, 512)}
+    assert len(response.json()["truncated"]) == 128
 
 
 def test_bad_names_and_bodies(live) -> None:
@@ -244,7 +291,7 @@ def test_a_stream_keeps_streaming_while_a_fit_runs(live) -> None:
     end = time.monotonic()
     thread.join(300)
     assert response.status_code == 201, response.text
-    assert response.json()["provenance"]["examples"]["tokens"] == 30000
+    assert response.json()["provenance"]["examples"]["tokens"] == 30000 and response.json()["truncated"] == []
     assert finish == ["length"]  # the stream ran to its end
     during = [t for t in arrivals if begin < t < end]
     # the engine ran one fit batch after each step: the stream got tokens all through the fit

@@ -284,6 +284,13 @@ FIT_CASES = [  # (a fit body, valid per the description): its shapes exclude eac
     ({"examples": [PAIR], "layers": [1.5]}, False),
     ({"examples": [PAIR], "layers": [4]}, False),  # the tiny model has 4 layers
     ({"examples": [PAIR], "default_strength": 10.5}, False),
+    # texts are bounded in characters; a side over its tokens is truncated, not refused
+    ({"examples": [{"positive": "x" * 8192, "negative": "y"}]}, True),
+    ({"examples": [{"positive": "x" * 8193, "negative": "y"}]}, False),
+    ({"examples": [{"prompt": "q" * 8192, "positive": "p" * 8192, "negative": "n" * 8192}]}, True),
+    ({"instructions": {"positive": "i" * 8192, "negative": "j"}, "prompts": ["u" * 8192, "v"]}, True),
+    ({"examples": [{"positive": "x" * 600, "negative": "y" * 600}] * 64}, True),  # once refused: 76800 tokens
+    ({"examples": [{"positive": "\x16", "negative": "\u200b"}]}, True),  # the tiny tokenizer reads both
 ]
 
 
@@ -292,6 +299,26 @@ def test_fit_description_and_server_agree(agreeing, body, valid) -> None:
     assert _validator(agreeing.spec, "FitRequest").is_valid(body) is valid, body
     response = httpx.post(agreeing.v1 + "/profiles/agreed/fit", json=body, timeout=60)
     assert response.status_code in ((200, 201) if valid else (400,)), (body, response.text)
+
+
+@pytest.mark.slow
+def test_the_characters_the_default_tokenizer_drops_are_in_the_fit_description() -> None:
+    from server.routes import fit
+    from steering_vectors.core.models import load_tokenizer, model_directory
+
+    spec = spec_for(Settings())
+    fit.document(spec, Settings(), 30, load_tokenizer(model_directory()[0]))
+    validator = _validator(spec, "FitRequest")
+    pattern = spec["components"]["schemas"]["PairExample"]["properties"]["positive"]["pattern"]
+    assert pattern == "[^\\u0004\\u0006\\u0013\\u0014\\u0016\\u001d]"
+    # a text that is read needs a character the tokenizer encodes (the server refuses the others: 400,
+    # tests/pipeline/test_quickfit_truncation.py); prompts and instructions are wrapped in the template
+    for body, valid in [({"examples": [{"positive": "\x16\x04", "negative": "b"}]}, False),
+                        ({"examples": [{"positive": "\x16a", "negative": "b"}]}, True),
+                        ({"examples": [{"prompt": "q", "positive": "a", "negative": "\x1d"}]}, False),
+                        ({"examples": [{"prompt": "\x1d", "positive": "a", "negative": "b"}]}, True),
+                        ({"instructions": {"positive": "\x16", "negative": "\x04"}, "prompts": ["\x06"]}, True)]:
+        assert validator.is_valid(body) is valid, body
 
 
 def test_profile_name_pattern_matches_the_server(agreeing) -> None:
@@ -337,6 +364,10 @@ def test_responses_match_their_documented_schemas(agreeing, tiny_loaded) -> None
     _valid(spec, "/v1/profiles/{name}", "put", httpx.put(v1 + "/profiles/schema-check", content=b"nope"))
     _valid(spec, "/v1/profiles/{name}", "delete", httpx.delete(v1 + "/profiles/schema-check"))
     _valid(spec, "/v1/profiles/-/reload", "post", httpx.post(v1 + "/profiles/-/reload"))
+    fitted = httpx.post(v1 + "/profiles/schema-fit/fit", json={"examples": [{"positive": "x" * 600, "negative": "y"}]},
+                        timeout=60)
+    assert fitted.status_code in (200, 201) and len(fitted.json()["truncated"]) == 1
+    _valid(spec, "/v1/profiles/{name}/fit", "post", fitted)
     _valid(spec, "/readyz", "get", httpx.get(agreeing.url + "/readyz"))
     _valid(spec, "/healthz", "get", httpx.get(agreeing.url + "/healthz"))
     assert httpx.get(agreeing.url + "/metrics").headers["content-type"].startswith("text/plain")
