@@ -201,8 +201,10 @@ class Grammars:
         """A matcher for `schema`, or the ResponseFormatError that says why there is none."""
         llguidance = _import_llguidance()
         try:
+            # as JSON text, so that llguidance reads numbers as any JSON parser does (an integer beyond 64 bits is
+            # a double), not through Python's conversion, which refuses such integers
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={**JSON_OPTIONS, "lenient": not strict}
+                json.dumps(schema), overrides={**JSON_OPTIONS, "lenient": not strict}
             )
         except (ValueError, TypeError) as exc:
             return ResponseFormatError(f"the schema is not usable: {exc}")

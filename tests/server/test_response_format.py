@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 
 import httpx
 import jsonschema_rs
@@ -265,6 +266,20 @@ def test_schemas_nested_beyond_python_s_recursion_limit_are_refused(tiny_loaded)
     grammars = Grammars(tiny_loaded.tokenizer, {2, 5})
     with pytest.raises(ResponseFormatError, match="nested too deeply"):
         grammars.compile(Format("json_schema", nested(5000)).parsed)
+
+
+def test_integers_beyond_64_bits_in_a_schema_are_json_numbers(client, model_name) -> None:
+    """A schema is JSON, whose numbers have no size: an integer beyond 64 bits (here a bound no reply reaches) is
+    read as a JSON parser reads it (a double), not refused as Python's conversion to llguidance would."""
+    huge = -1116377387411423539959573103247360
+    schema = {"type": "array", "items": {"type": "boolean"}, "maxItems": 2, "x-bound": huge}
+    reply = ask(client, model_name, response_format={"type": "json_schema", "json_schema": {
+        "name": "flags", "schema": schema}}).choices[0]
+    assert isinstance(json.loads(reply.message.content), list) and reply.finish_reason == "stop"
+    pinned = ask(client, model_name, max_tokens=32, response_format={"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"const": 2**70}}}).choices[0]
+    # 2**70 read as a double, which llguidance prints as an integer within one unit in the last place
+    assert math.isclose(json.loads(pinned.message.content), 2**70, rel_tol=1e-15) and pinned.finish_reason == "stop"
 
 
 def test_completions_take_no_response_format(server, model_name) -> None:
