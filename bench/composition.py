@@ -14,13 +14,19 @@ Each profile's own metric and its gain over unsteered, all prompts of the set:
   profile); its win rate under the hh_harmless judge is reported beside it.
 "kept" = the pair's gain / the profile's solo gain on that metric (the issue's bar: at least 80 % for each).
 
+`--gate-helpful` gives `helpful` the inverse of `harmless`'s condition (the same probe, firing below the
+threshold instead of above), so that the two take turns: a prompt `harmless`'s probe reads as harmful gets
+`harmless` only, any other `helpful` only — the remedy measured for when the pair interferes.
+
     python bench/composition.py --out docs/bench-composition.json          # ~40 min on 2 cores
+    python bench/composition.py --gate-helpful --out docs/bench-composition-gated.json
     python bench/composition.py --limit 20 --max-tokens 32                  # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -50,6 +56,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many dev prompts of each set (first)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ignore-conditions", action="store_true", help="steer every prompt, conditions or not")
+    parser.add_argument("--gate-helpful", action="store_true",
+                        help="helpful acts only where harmless's condition does not fire (its inverse)")
     parser.add_argument("--judges", type=Path, default=ROOT / "profiles" / "judges")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -65,6 +73,11 @@ def main() -> None:
     backend = create(Settings(max_batch_size=args.batch, max_queue=1024))
     helpful = Profile.load(args.helpful).validate_for(backend.fingerprint)
     harmless = Profile.load(args.harmless).validate_for(backend.fingerprint)
+    if args.gate_helpful:
+        if harmless.condition is None:
+            raise SystemExit(f"--gate-helpful: {args.harmless} has no condition to invert")
+        flipped = "<" if harmless.condition.comparison == ">" else ">"
+        helpful = dataclasses.replace(helpful, condition=dataclasses.replace(harmless.condition, comparison=flipped))
     # each profile at its default strength: a row's strength 1 is the weights below
     rows = [geneval.GenRow("helpful", [(helpful, helpful.default_strength)], [1.0], method=helpful.method),
             geneval.GenRow("harmless", [(harmless, harmless.default_strength)], [1.0], method=harmless.method),
@@ -74,7 +87,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "helpful": str(args.helpful), "harmless": str(args.harmless),
         "strengths": {"helpful": helpful.default_strength, "harmless": harmless.default_strength},
-        "conditions": "ignored" if args.ignore_conditions else "honoured",
+        "conditions": "ignored" if args.ignore_conditions else "honoured", "helpful_gated": args.gate_helpful,
         "harmless_condition": harmless.condition.summary() if harmless.condition is not None else None,
         "max_new_tokens": args.max_tokens, "sets": {},
     }  # fmt: skip
