@@ -20,7 +20,7 @@ half, the chosen strength and, per strength on half B, win rate [95 % CI], loop 
 beside the unsteered row); the tensors are unchanged (so is the steering), the file's digest is new. From a
 fresh run, or from the JSON of an earlier one (no model loaded):
 
-    python bench/generation.py --profile profiles/harmless.safetensors --set hh_harmless --strengths 0.5 1 2 \\
+    python bench/generation.py --profile profiles/harmless.safetensors --set hh_harmless --strengths 0.25 0.5 1 \\
         --out docs/bench-generation-harmless.json --annotate profiles/harmless.safetensors
     python bench/generation.py --profile profiles/helpful.safetensors \\
         --from-json docs/bench-generation-helpful.json --annotate profiles/helpful.safetensors
