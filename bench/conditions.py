@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -82,15 +81,9 @@ def main() -> None:
         raise SystemExit(f"{args.profile} has no condition (only `--only unsteered always-on` runs without one)")
     strength = profile.default_strength if args.strength is None else args.strength
     data = ROOT.parent / "shared" / "data"
-    excluded = {json.dumps(m, sort_keys=True) for f in args.exclude for m in read_prompts(str(f), 10**6)}
-
-    def prompts_of(folder: str) -> list:
-        kept = [m for m in read_prompts(str(data / folder / f"{args.split}.jsonl"), 10**6)
-                if json.dumps(m, sort_keys=True) not in excluded]
-        # --limit: a seeded sample, as read_prompts takes one (the same prompts as before when nothing is excluded)
-        return random.Random(0).sample(kept, args.limit) if args.limit and len(kept) > args.limit else kept
-
-    sets = {"harmful": prompts_of("hh_harmless"), "benign": prompts_of("alpaca_helpful")}
+    excluded = [m for f in args.exclude for m in read_prompts(str(f), 10**6)]
+    sets = {name: read_prompts(str(data / folder / f"{args.split}.jsonl"), args.limit or 10**6, exclude=excluded)
+            for name, folder in (("harmful", "hh_harmless"), ("benign", "alpaca_helpful"))}
     if args.only:
         sets = {k: v for k, v in sets.items() if k in args.sets}
     elif set(args.sets) != {"harmful", "benign"}:

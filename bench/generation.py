@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from steering_vectors.core.profile import Profile  # noqa: E402
 from steering_vectors.training import geneval  # noqa: E402
 from steering_vectors.training.genmetrics import Prompt  # noqa: E402
+from steering_vectors.training.pipeline import file_sha256  # noqa: E402
 
 
 def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float = 1.0,
@@ -154,7 +155,7 @@ def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: P
                          f"({profile.method})")
     if report.get("tensors_sha256", profile.tensor_digest()) != profile.tensor_digest():
         raise SystemExit(f"{source or 'the report'} measured other tensors than {profile_path}'s")
-    judge_sha256 = report.get("judge_sha256") or geneval.file_sha256(judges / result["judge"])
+    judge_sha256 = report.get("judge_sha256") or file_sha256(judges / result["judge"])
     record = geneval.generation_record(result, profile.name, data_set=result["set"], replies="engine",
                                        judge_sha256=judge_sha256, source=source)  # fmt: skip
     annotated = profile.with_generation(record)
@@ -206,7 +207,7 @@ def main() -> None:
     result = measure(backend, profile, prompts, args.strengths, judge_file, max_new_tokens=args.max_tokens,
                      repetition_penalty=args.repetition_penalty, log=lambda line: print(line, file=sys.stderr))
     report = {**result, "profile": str(args.profile), "set": args.set, "replies": "engine",
-              "repetition_penalty": args.repetition_penalty, "judge_sha256": geneval.file_sha256(judge_file),
+              "repetition_penalty": args.repetition_penalty, "judge_sha256": file_sha256(judge_file),
               "tensors_sha256": profile.tensor_digest(), "cpu": cpu_name(),
               "seconds": time.perf_counter() - started}  # fmt: skip
     print("\n".join(geneval.generation_lines(result)))

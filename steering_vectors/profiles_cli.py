@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .core.errors import SteeringError
@@ -203,9 +204,11 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompts(source: str, limit: int, *, seed: int = 0) -> list[list[dict[str, str]]]:
-    """The conversations of `source` (module `condition` help), without repeats, `limit` of them at most (a
-    seeded sample)."""
+def read_prompts(
+    source: str, limit: int, *, seed: int = 0, exclude: Sequence[Sequence[dict[str, str]]] = ()
+) -> list[list[dict[str, str]]]:
+    """The conversations of `source` (module `condition` help), without repeats and without those in `exclude`,
+    `limit` of them at most (a seeded sample)."""
     import random
 
     from .training.conditions import unique_prompts
@@ -218,7 +221,8 @@ def read_prompts(source: str, limit: int, *, seed: int = 0) -> list[list[dict[st
     else:
         file = resolve_split(path, "train") if path.is_dir() else path
         conversations = [pair.messages for pair in load_pairs(file)]
-    prompts = unique_prompts(conversations)
+    left_out = {json.dumps(list(messages), sort_keys=True) for messages in exclude}
+    prompts = [p for p in unique_prompts(conversations) if json.dumps(p, sort_keys=True) not in left_out]
     if len(prompts) > limit:
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts

@@ -18,7 +18,6 @@ engine in bench/generation.py) and are always scored the same way:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -287,11 +286,6 @@ def generation_record(
               "half_a": result["half_a"], "half_b": result["half_b"], "chosen_strength": entry["chosen_strength"],
               "unsteered": rates(result["unsteered"]["half_b"]), "strengths": strengths, "source": source}
     return GenerationRecord.from_json(record)  # checked as a file's section is checked
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (a judge's, for the generation section)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def data_set_name(data: str | Path) -> str:

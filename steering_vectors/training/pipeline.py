@@ -65,12 +65,18 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
     sha = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
-    return sha.hexdigest()[:16]
+    return sha.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """A file's digest as stage keys and records carry it (the sha256's first 16 hex digits)."""
+    return file_sha256(path)[:16]
 
 
 def read_json(path: Path) -> dict[str, Any]:

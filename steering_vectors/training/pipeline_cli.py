@@ -262,7 +262,8 @@ def _check_annotate(args: argparse.Namespace) -> None:
 
 def _annotate(args: argparse.Namespace, profiles: list[Profile], result: dict[str, Any], judge_path: Path) -> None:
     """--gen-annotate: each profile under its file name in the folder, with its row's result."""
-    from .geneval import data_set_name, file_sha256, generation_record
+    from .geneval import data_set_name, generation_record
+    from .pipeline import file_sha256
 
     for path, profile in zip(args.profiles, profiles, strict=True):
         record = generation_record(result, profile.name, data_set=data_set_name(args.data), replies="library",

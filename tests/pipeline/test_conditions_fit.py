@@ -113,3 +113,18 @@ def test_the_condition_command_on_the_tiny_model(tiny_model_dir, tmp_path) -> No
     assert body["condition"]["layer"] == attached.condition.layer and set(body["held_out"]) >= {"tp", "fn", "fp", "tn"}
     assert attached.provenance["condition"]["held_out_confusion"] == {k: body["held_out"][k] for k in
                                                                       ("tp", "fn", "fp", "tn")}
+
+
+def test_read_prompts_leaves_out_excluded_conversations_before_sampling(tmp_path) -> None:
+    from steering_vectors.profiles_cli import read_prompts
+
+    lines = [f"prompt {i}" for i in range(10)] + ["prompt 3"]  # a repeat counts once
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(lines) + "\n")
+    every = read_prompts(str(source), 100)
+    assert [m[0]["content"] for m in every] == [f"prompt {i}" for i in range(10)]
+    left = read_prompts(str(source), 100, exclude=[every[3], every[7]])
+    assert left == [m for i, m in enumerate(every) if i not in (3, 7)]
+    sample = read_prompts(str(source), 4, exclude=[every[3], every[7]])
+    assert len(sample) == 4 and all(m in left for m in sample)
+    assert read_prompts(str(source), 4, exclude=[]) == read_prompts(str(source), 4)  # the same seeded sample

@@ -19,6 +19,7 @@ from steering_vectors.core.profile import Profile
 from steering_vectors.training import geneval
 from steering_vectors.training import genmetrics as gm
 from steering_vectors.training.judge import HeadJudge, HeadParams, load_judge, save_judge
+from steering_vectors.training.pipeline import file_sha256
 
 
 class LengthJudge:  # a stand-in judge: the longer reply is better
@@ -151,7 +152,7 @@ def test_rahf_eval_generation_end_to_end(tiny, tiny_model_dir: Path, tmp_path: P
         annotated = Profile.load(tmp_path / "judged" / f"{original.name}.safetensors")
         assert annotated.generation == geneval.generation_record(
             report, original.name, data_set=tmp_path.name, replies="library",
-            judge_sha256=geneval.file_sha256(judge), source=str(out / "report.json"))
+            judge_sha256=file_sha256(judge), source=str(out / "report.json"))
         assert annotated.tensor_digest() == original.tensor_digest() and annotated.generation.prompts == 4
     capsys.readouterr()
     # --gen-annotate without --generation, or over an input file: refused before any work
@@ -190,12 +191,12 @@ def test_the_engine_bench_reports_the_librarys_numbers_and_annotates_the_profile
     assert result == want
 
     report = {**result, "profile": "p.safetensors", "set": "toy", "replies": "engine",
-              "judge_sha256": geneval.file_sha256(judge), "tensors_sha256": p.tensor_digest()}  # fmt: skip
+              "judge_sha256": file_sha256(judge), "tensors_sha256": p.tensor_digest()}  # fmt: skip
     source = p.save(tmp_path / "p.safetensors")
     annotated = bench_generation.annotate(source, report, tmp_path / "out" / "p.safetensors", judges=tmp_path)
     assert Profile.load(tmp_path / "out" / "p.safetensors").generation == annotated.generation == (
         geneval.generation_record(result, "p", data_set="toy", replies="engine",
-                                  judge_sha256=geneval.file_sha256(judge)))  # fmt: skip
+                                  judge_sha256=file_sha256(judge)))  # fmt: skip
     other = _profile(tiny, "p", 2).save(tmp_path / "other" / "p.safetensors")
     with pytest.raises(SystemExit, match="other tensors"):
         bench_generation.annotate(other, report, tmp_path / "x.safetensors", judges=tmp_path)
@@ -217,7 +218,7 @@ def test_the_shipped_profiles_carry_the_numbers_of_their_bench_files(name: str) 
         old["set"], old["judge"], "engine", old["max_tokens"])
     assert (record.prompts, record.half_a, record.half_b) == (old["prompts"], old["half_a"], old["half_b"])
     assert record.chosen_strength == old["chosen_strength"]
-    assert record.judge_sha256 == geneval.file_sha256(root / "profiles" / "judges" / old["judge"])
+    assert record.judge_sha256 == file_sha256(root / "profiles" / "judges" / old["judge"])
     base = old["strengths"]["0.0"]["half_b"]
     assert record.unsteered.to_json() == {k: base[k] for k in ("loop_rate", "refusal_rate", "perplexity")}
     assert [row.strength for row in record.strengths] == [float(s) for s in old["strengths"] if float(s) != 0]
