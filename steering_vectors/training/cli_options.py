@@ -192,7 +192,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pref-kl", type=float, default=0.0, help="weight of the prompt-token KL in the 'pref' loss"
     )
-    parser.add_argument("--position-mode", choices=("all", "generated"), default="all")
+    parser.add_argument(
+        "--pref-bidirectional",
+        action="store_true",
+        help="'pref' fit in both directions (a seeded ±1 per pair and step; margins against the unsteered model)",
+    )
+    parser.add_argument("--position-mode", choices=("all", "generated", "prompt"), default="all")
     parser.add_argument(
         "--calib-pairs", type=parse_count, default=64, help="held-out training pairs to tune the default strength"
     )

@@ -8,7 +8,9 @@ same dev pairs over the same reply budget. Rows:
 - closed-form fits from the Dual run's records: mean-pattern, CAA, PCA;
 - RAHF-SCIT and RAHF-Dual (step 3 as in the paper, `fit rahf`), each with constant offsets only and with
   low-rank terms;
-- `pref` (our own preference-loss fit, not RAHF), constant and with low-rank terms;
+- `pref` (our own preference-loss fit, not RAHF), constant and with low-rank terms; and, with constant
+  offsets, bi-directional (`pref-bidir`: a seeded ±1 per pair, as BiPO trains) and on prompt tokens only
+  (`pref-prompt`: trained, scored and served in position mode "prompt");
 - the Dual step-1 good adapter alone (SFT on the chosen replies): a ceiling that cannot be switched per
   request.
 
@@ -54,6 +56,7 @@ class Row:
     method: str = "dual"
     rank: int | None = None  # for rahf (rank) and pref (pref_rank) rows: 0 = constant offsets only
     switchable: bool = True
+    settings: tuple[tuple[str, Any], ...] = ()  # further RunConfig fields of this row
 
 
 def rows_for(rank: int) -> list[Row]:
@@ -70,6 +73,10 @@ def rows_for(rank: int) -> list[Row]:
         Row("rahf-dual-lora", "RAHF-Dual, LoRA q/v r 8 per row (the paper's form)", "profile", "lora"),
         Row("pref", "pref (not RAHF), offsets", "profile", "pref", "dual", 0),
         Row("pref-rank", f"pref (not RAHF), offsets + rank {rank}", "profile", "pref", "dual", rank),
+        Row("pref-bidir", "pref (not RAHF), offsets, bi-directional", "profile", "pref", "dual", 0,
+            settings=(("pref_bidirectional", True),)),
+        Row("pref-prompt", "pref (not RAHF), offsets on prompt tokens only", "profile", "pref", "dual", 0,
+            settings=(("position_mode", "prompt"),)),
         Row("dual-sft", "Dual good adapter alone (SFT on chosen; not switchable)", "adapter", switchable=False),
     ]
 
@@ -80,6 +87,7 @@ def row_config(base: RunConfig, row: Row, seed: int) -> RunConfig:
         changes["rank"] = row.rank
     if row.fit == "pref":
         changes["pref_rank"] = row.rank
+    changes.update(row.settings)
     return dataclasses.replace(base, **changes)
 
 
@@ -106,7 +114,7 @@ class Comparison:
         self.strengths, self.out, self.command = strengths, out, command
         self.text = neutral_text()
         self.folder = stages.folder(
-            "compare", {"run": dataclasses.asdict(base), "dev": [p.id for p in dev], "strengths": strengths}
+            "compare", {"run": base.key(), "dev": [p.id for p in dev], "strengths": strengths}
         )
         self.base_ppl = perplexity(loaded.model, loaded.tokenizer, self.text, bf16=base.bf16)
         self._unsteered: Any = None
@@ -523,7 +531,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "cpu": cpu_name(),
             "bf16": bf16,
             "base_perplexity": comparison.base_ppl,
-            "settings": dataclasses.asdict(base),
+            "settings": base.key(),
             "seconds_this_run": time.perf_counter() - started,
             "stage_folder": comparison.folder.name,
             "pending": pending,

@@ -365,6 +365,7 @@ class RunConfig:
     pref_beta: float = 10.0
     pref_l2: float = 0.01
     pref_kl: float = 0.0
+    pref_bidirectional: bool = False
     position_mode: str = "all"
     calib_pairs: int = 64
     gap_pairs: int = 64
@@ -380,6 +381,14 @@ class RunConfig:
     @property
     def budget(self) -> TokenBudget:
         return TokenBudget(self.prompt_tokens, self.response_tokens)
+
+    def key(self) -> dict[str, Any]:
+        """The fields as a dict, less those added since comparisons were first run that still hold their
+        default (`pref_bidirectional` off), so that earlier work folders and reports keep their names."""
+        fields = dataclasses.asdict(self)
+        if not fields["pref_bidirectional"]:
+            del fields["pref_bidirectional"]
+        return fields
 
     @property
     def eval_budget(self) -> TokenBudget:
@@ -494,9 +503,11 @@ class Run:
             pref = PrefConfig(
                 beta=c.pref_beta, l2=c.pref_l2, kl=c.pref_kl, steps=c.pref_steps, batch_pairs=c.pref_batch,
                 lr=c.pref_lr, rank=c.pref_rank, position_mode=c.position_mode, budget=c.budget, bf16=c.bf16,
-                seed=c.seed,
+                seed=c.seed, bidirectional=c.pref_bidirectional,
             )
             settings = {k: v for k, v in dataclasses.asdict(pref).items() if k != "budget"}
+            if not pref.bidirectional:
+                del settings["bidirectional"]  # so one-way fits keep the stage folders they had
             folder = self.stages.folder(
                 "fit-pref",
                 {**self.split.settings(), "layers": layers, "model": self.loaded.fingerprint.digest, **settings,
@@ -505,10 +516,10 @@ class Run:
             offsets, low_rank, _, record = fit_stage(
                 folder, lambda ckpt: fit_preference_offsets(self.model, tokenizer, self.split.pairs, layers, pref, ckpt)
             )
-            kept = ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank")
+            kept = ("beta", "l2", "kl", "steps", "batch_pairs", "lr", "rank", "bidirectional")
             # not RAHF: no instructed model and no patterns are used, so no instruct method or alpha
             provenance = {
-                "instruct": "none", "alpha": None, "pref": {k: settings[k] for k in kept},
+                "instruct": "none", "alpha": None, "pref": {k: settings[k] for k in kept if k in settings},
                 "fit_loss_first_last": record["loss_first_last"],
             }
             return FitResult(offsets, low_rank, provenance, {"fit_s": record["seconds"]})
@@ -612,7 +623,8 @@ class Run:
             fingerprint=self.loaded.fingerprint,
             provenance={**self.base_provenance(), **result.provenance},
             description=(
-                f"preference-loss offsets from {data} (pref fit, not RAHF)"
+                f"{'bi-directional ' if self.config.pref_bidirectional else ''}preference-loss offsets from {data}"
+                " (pref fit, not RAHF)"
                 if fit == "pref"
                 else f"RAHF-{self.config.method} profile from {data} ({fit} fit)"
             ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -260,3 +261,44 @@ def test_compare_generation_judges_the_profile_and_prompt_rows_and_caches_it(tin
     capsys.readouterr()
     assert kept[0].stat().st_mtime_ns == stamp
     assert json.loads((out / "report.json").read_text())["generation"] == generation
+
+
+def test_run_config_key_leaves_out_the_bidirectional_flag_while_it_is_off() -> None:
+    from steering_vectors.training.compare import row_config, rows_for
+    from steering_vectors.training.pipeline import RunConfig
+
+    base = RunConfig(data_file=Path("train.jsonl"))
+    key = base.key()
+    assert "pref_bidirectional" not in key and key["pref_steps"] == 32 and key["position_mode"] == "all"
+    rows = {r.key: r for r in rows_for(8)}
+    bidir = row_config(base, rows["pref-bidir"], seed=1)
+    assert bidir.pref_bidirectional is True and bidir.seed == 1 and bidir.key()["pref_bidirectional"] is True
+    assert row_config(base, rows["pref-prompt"], seed=0).position_mode == "prompt"
+    assert row_config(base, rows["pref"], seed=0) == dataclasses.replace(base, seed=0, method="dual", pref_rank=0)
+
+
+def test_compare_bidirectional_pref_row(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from steering_vectors.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_split(data, "train", 16)
+    _write_split(data, "dev", 5)
+    out, work = tmp_path / "comparison", tmp_path / "work"
+    argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
+            "--rows", "pref,pref-bidir", "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3",
+            "--calib-pairs", "2", "--pref-steps", "3", "--pref-batch", "2", "--prompt-tokens", "24",
+            "--response-tokens", "8", "--eval-response-tokens", "10", "--strengths", "0.5,1",
+            "--work-dir", str(work), "--bf16", "off"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    by_row = {r["row"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert list(by_row) == ["pref", "pref-bidir"]
+    one_way = Profile.load(out / "profiles" / "comparison-pref-seed0.safetensors")
+    both = Profile.load(out / "profiles" / "comparison-pref-bidir-seed0.safetensors")
+    assert both.provenance["pref"]["bidirectional"] is True and "bidirectional" not in one_way.provenance["pref"]
+    assert both.description.startswith("bi-directional preference-loss offsets") and both.method == "pref"
+    assert not torch.equal(both.offsets[1], one_way.offsets[1])
+    assert "pref (not RAHF), offsets, bi-directional" in (out / "report.md").read_text()
+    # two stage folders: the bidirectional fit is not the one-way fit's
+    assert len(list(work.glob("fit-pref-*"))) == 2

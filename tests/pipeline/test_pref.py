@@ -15,7 +15,14 @@ from steering_vectors.core.profile import Profile
 from steering_vectors.training.data import PreferencePair, TokenBudget
 from steering_vectors.training.evaluate import pair_logprobs, score_pairs
 from steering_vectors.training.fit import make_profile
-from steering_vectors.training.pref import PrefConfig, fit_preference_offsets, preference_loss, preference_objective
+from steering_vectors.training.pref import (
+    PrefConfig,
+    fit_preference_offsets,
+    preference_loss,
+    preference_objective,
+    signed_draws,
+    unsign,
+)
 
 BUDGET = TokenBudget(prompt=40, response=12)
 PAIRS = [
@@ -210,3 +217,93 @@ def test_low_rank_fit_lowers_loss_resumes_saves_and_applies_through_hooks(tiny, 
     down, up = low_rank[1]
     term = low_rank_delta(plain[2], down[None], (0.5 * up)[None])
     assert torch.allclose(hooked[2], plain[2] + 0.5 * offsets[1] + term, atol=1e-6)
+
+
+# -- bi-directional pref ----------------------------------------------------------------------------
+
+
+def test_signed_draws_are_seeded_and_read_back() -> None:
+    draws = [[0, 3, 1], [2, 0, 4], [5, 1, 3]]
+    signed = signed_draws(draws, seed=7)
+    assert signed == signed_draws(draws, seed=7)  # a resumed run takes the same signs
+    assert signed != signed_draws(draws, seed=8)
+    for draw, step in zip(draws, signed, strict=True):
+        indices, signs = unsign(step)
+        assert indices == draw and set(signs) <= {1, -1}
+        assert [i if d == 1 else -i - 1 for i, d in zip(draw, signs, strict=True)] == step
+    flat = [d for step in signed for d in unsign(step)[1]]
+    assert 1 in flat and -1 in flat
+
+
+def test_bidirectional_objective_equals_hand_computation(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    beta, l2 = 3.0, 0.25
+    config = PrefConfig(beta=beta, l2=l2, budget=BUDGET, bidirectional=True)
+    offsets = {1: torch.full((64,), 0.05), 2: torch.linspace(-0.1, 0.1, 64)}
+    signs = [1, -1, -1, 1]
+    with torch.no_grad():
+        total, pref = preference_objective(model, tok, PAIRS, offsets, config, signs=signs)
+    # by hand, through the evaluation: pair i steered by signs[i] x the offsets, margins against unsteered
+    plain = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    up = score_pairs(model, tok, PAIRS, Profile("up", offsets), 1.0, budget=BUDGET)
+    down = score_pairs(model, tok, PAIRS, Profile("up", offsets), -1.0, budget=BUDGET)
+    hand = 0.0
+    for i, d in enumerate(signs):
+        steered = up if d == 1 else down
+        margin = (steered.chosen[i] - plain.chosen[i]) - (steered.rejected[i] - plain.rejected[i])
+        hand -= _logsigmoid(beta * d * margin)
+    hand /= len(PAIRS)
+    penalty = sum(float(o.pow(2).sum()) for o in offsets.values())
+    assert pref.item() == pytest.approx(hand, abs=1e-5)
+    assert total.item() == pytest.approx(hand + l2 * penalty, abs=1e-5)
+    # all +1: the one-way loss of margins against unsteered, which differs from the plain `pref` loss
+    with torch.no_grad():
+        _, forward = preference_objective(model, tok, PAIRS, offsets, config, signs=[1] * 4)
+        _, plain_pref = preference_objective(model, tok, PAIRS, offsets, PrefConfig(beta=beta, budget=BUDGET))
+    ups = [(up.chosen[i] - plain.chosen[i]) - (up.rejected[i] - plain.rejected[i]) for i in range(4)]
+    assert forward.item() == pytest.approx(-sum(_logsigmoid(beta * m) for m in ups) / 4, abs=1e-5)
+    assert forward.item() != pytest.approx(plain_pref.item(), abs=1e-3)
+    with pytest.raises(ValueError, match="one sign"):
+        preference_objective(model, tok, PAIRS, offsets, config, signs=[1, 0, 1, 1])
+
+
+def test_bidirectional_low_rank_term_is_negated_with_its_sign(tiny) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    config = PrefConfig(beta=2.0, l2=0.0, budget=BUDGET, bidirectional=True)
+    generator = torch.Generator().manual_seed(3)
+    low_rank = {1: (torch.randn(2, 64, generator=generator), 0.05 * torch.randn(64, 2, generator=generator))}
+    zero = {1: torch.zeros(64)}
+    with torch.no_grad():
+        _, minus = preference_objective(model, tok, PAIRS, zero, config, low_rank, signs=[-1] * 4)
+        negated = {1: (low_rank[1][0], -low_rank[1][1])}
+        # d = -1 with the terms is d = -1 of the loss with the terms negated by hand and steered at +1
+        plain, _ = pair_logprobs(model, tok, PAIRS, None, budget=BUDGET)
+        chosen, rejected = pair_logprobs(model, tok, PAIRS, zero, budget=BUDGET, low_rank=negated)
+        plain_r = pair_logprobs(model, tok, PAIRS, None, budget=BUDGET)[1]
+    margins = (chosen - plain) - (rejected - plain_r)
+    assert minus.item() == pytest.approx(float(-torch.nn.functional.logsigmoid(-2.0 * margins).mean()), abs=1e-5)
+
+
+def test_bidirectional_fit_lowers_its_loss_and_resumes(tiny, tmp_path: Path) -> None:
+    model, tok = tiny.model, tiny.tokenizer
+    config = PrefConfig(beta=10.0, l2=1e-3, steps=8, batch_pairs=2, lr=0.05, budget=BUDGET, checkpoint_every=4,
+                        bidirectional=True)  # fmt: skip
+    offsets, _, losses = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "bidir.ckpt")
+    assert len(losses) == 8
+    signs = [1, -1, 1, -1]
+    zero = {layer: torch.zeros(64) for layer in LAYERS}
+    with torch.no_grad():
+        start, _ = preference_objective(model, tok, PAIRS, zero, config, signs=signs)
+        end, _ = preference_objective(model, tok, PAIRS, offsets, config, signs=signs)
+    assert end.item() < start.item()
+    # both ways: +offsets raise the chosen-over-rejected margin, -offsets lower it
+    plain = score_pairs(model, tok, PAIRS, budget=BUDGET)
+    up = score_pairs(model, tok, PAIRS, Profile("b", offsets), 1.0, budget=BUDGET)
+    down = score_pairs(model, tok, PAIRS, Profile("b", offsets), -1.0, budget=BUDGET)
+    assert down.margin < plain.margin < up.margin
+    again, _, losses_again = fit_preference_offsets(model, tok, PAIRS, LAYERS, config, tmp_path / "bidir.ckpt")
+    assert losses_again == losses and all(torch.equal(again[k], offsets[k]) for k in LAYERS)
+    # a one-way checkpoint is not taken for a bidirectional run (the identity differs)
+    one_way = PrefConfig(beta=10.0, l2=1e-3, steps=8, batch_pairs=2, lr=0.05, budget=BUDGET, checkpoint_every=4)
+    _, _, losses_one_way = fit_preference_offsets(model, tok, PAIRS, LAYERS, one_way, tmp_path / "bidir.ckpt")
+    assert losses_one_way != pytest.approx(losses, rel=1e-4)
