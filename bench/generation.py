@@ -25,7 +25,9 @@ fresh run, or from the JSON of an earlier one (no model loaded):
     python bench/generation.py --profile profiles/helpful.safetensors \\
         --from-json docs/bench-generation-helpful.json --annotate profiles/helpful.safetensors
 
-`--annotate` may name the profile itself (rewritten in place, atomically). `--from-json` checks that the JSON
+`--annotate` may name the profile itself (rewritten in place, atomically). With `--adopt-strength` the file's
+default strength becomes the one half A chose (as AxBench chooses it), recorded with the one it replaced in
+`provenance.default_strength_choice`; a choice of 0 leaves the default as it is. `--from-json` checks that the JSON
 measured this profile: its row has the profile's name and method, and, in files written since the section
 exists, the same tensors (`tensors_sha256`).
 
@@ -144,9 +146,12 @@ def library_layout(report: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: Path, source: str = "") -> Profile:
+def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: Path, source: str = "",
+             adopt: bool = False) -> Profile:  # fmt: skip
     """Write `profile_path`'s profile to `out` with `report`'s result (either layout) as its generation section;
-    refuse a report of another profile."""
+    refuse a report of another profile. `adopt`: the file's default strength becomes the strength half A chose
+    (recorded in `provenance.default_strength_choice` with the one it replaces), unless half A chose 0 (no
+    steered strength kept loops and perplexity within bounds): then the default stays, and this says so."""
     profile = Profile.load(profile_path)
     result = library_layout(report)
     row = result["rows"].get(profile.name)
@@ -159,6 +164,19 @@ def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: P
     record = geneval.generation_record(result, profile.name, data_set=result["set"], replies="engine",
                                        judge_sha256=judge_sha256, source=source)  # fmt: skip
     annotated = profile.with_generation(record)
+    chosen = annotated.generation.chosen_strength if annotated.generation else 0.0
+    if adopt and chosen > 0:
+        annotated.provenance["default_strength_choice"] = {
+            "how": f"generation on {result['set']} dev half A ({result['half_a']} prompts, greedy, "
+                   f"{result['settings']['max_new_tokens']} tokens, judge {result['judge']}): best win rate against "
+                   "unsteered with loop rate no higher than unsteered's and perplexity at most +10 % "
+                   "(bench/generation.py --adopt-strength)",
+            "strength": chosen, "replaced": profile.default_strength, "source": source,
+        }  # fmt: skip
+        annotated.default_strength = chosen
+    elif adopt:
+        print(f"half A chose strength 0 for {profile.name}: its default stays {profile.default_strength:g}",
+              file=sys.stderr)
     annotated.save(out)
     return annotated
 
@@ -180,13 +198,18 @@ def main() -> None:
                         help="write the profile with its result as provenance.generation here (may be --profile)")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="with --annotate: take the result from this earlier --out file instead of a run")
+    parser.add_argument("--adopt-strength", action="store_true",
+                        help="with --annotate: make the strength chosen on half A the file's default strength")
     args = parser.parse_args()
 
+    if args.adopt_strength and args.annotate is None:
+        parser.error("--adopt-strength goes with --annotate")
     if args.from_json is not None:
         if args.annotate is None:
             parser.error("--from-json goes with --annotate")
         report = json.loads(args.from_json.read_text())
-        annotated = annotate(args.profile, report, args.annotate, judges=args.judges, source=str(args.from_json))
+        annotated = annotate(args.profile, report, args.annotate, judges=args.judges, source=str(args.from_json),
+                             adopt=args.adopt_strength)  # fmt: skip
         _say_annotated(annotated, args.annotate)
         return
     if args.set is None:
@@ -215,7 +238,7 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     if args.annotate:
         annotated = annotate(args.profile, report, args.annotate, judges=args.judges,
-                             source=str(args.out) if args.out else "")  # fmt: skip
+                             source=str(args.out) if args.out else "", adopt=args.adopt_strength)  # fmt: skip
         _say_annotated(annotated, args.annotate)
 
 

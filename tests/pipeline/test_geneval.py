@@ -204,6 +204,23 @@ def test_the_engine_bench_reports_the_librarys_numbers_and_annotates_the_profile
         bench_generation.annotate(_profile(tiny, "q", 1).save(tmp_path / "q.safetensors"), report,
                                   tmp_path / "x.safetensors", judges=tmp_path)  # fmt: skip
 
+    # --adopt-strength: the strength half A chose becomes the default, with the one it replaced on record
+    for chosen, default in ((1.0, 1.0), (0.0, 2.0)):
+        row = {**report["rows"]["p"], "chosen_strength": chosen}
+        picked = {**report, "rows": {"p": row}}
+        adopted = bench_generation.annotate(source, picked, tmp_path / "adopt.safetensors", judges=tmp_path,
+                                            source="run.json", adopt=True)  # fmt: skip
+        loaded = Profile.load(tmp_path / "adopt.safetensors")
+        assert adopted.default_strength == loaded.default_strength == default
+        assert loaded.generation is not None and loaded.generation.chosen_strength == chosen
+        choice = loaded.provenance.get("default_strength_choice")
+        if chosen:
+            assert choice["strength"] == 1.0 and choice["replaced"] == 2.0 and choice["source"] == "run.json"
+            assert "dev half A (1 prompts" in choice["how"] and all(torch.equal(loaded.offsets[k], p.offsets[k])
+                                                                  for k in p.offsets)  # fmt: skip
+        else:
+            assert choice is None  # half A kept no steered strength: the file's default stays
+
 
 SHIPPED = ("helpful", "helpful-pref", "harmless-pref")  # annotated from docs/bench-generation-<name>.json
 
