@@ -15,8 +15,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .protocol import REPETITION_PENALTY
 
-PositionMode = Literal["all", "generated"]
-
 
 def _split_list(value: object) -> object:
     """Accept a comma-separated string (from the environment) or a JSON-ish list."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.openapi.utils import get_openapi
 
 from .auth import require_admin_key, require_api_key
-from .protocol import JSON_SCHEMA_NAME, REPETITION_PENALTY, SEED_RANGE
+from .protocol import JSON_SCHEMA_NAME, POSITION_MODES, REPETITION_PENALTY, SEED_RANGE
 from .routes import served_routes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +114,7 @@ _STEERING_APPLIED = {
                       "properties": {"profile": {"type": "string"}, "strength": {"type": "number"},
                                      "digest": _DIGEST}},
         },
-        "position": {"type": "string", "enum": ["all", "generated"]},
+        "position": {"type": "string", "enum": list(POSITION_MODES)},
     },
 }
 _USAGE = {
@@ -299,7 +299,7 @@ PROFILE = {
         "layers": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "hidden_size": {"type": "integer"},
         "default_strength": {"type": "number"},
-        "position_mode": {"enum": ["all", "generated"]},
+        "position_mode": {"enum": list(POSITION_MODES)},
         "offset_norms": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
         "low_rank": {"type": "object", "additionalProperties": {"type": "integer"},
                      "description": "the rank of the low-rank term at each layer that has one"},
@@ -417,7 +417,7 @@ def _steering_entry(settings: Settings) -> dict[str, Any]:
             "profile": {"type": "string", "pattern": PROFILE_NAME_PATTERN, "maxLength": PROFILE_NAME_MAX},
             "strength": _nullable({"type": "number", "minimum": settings.strength_min,
                                    "maximum": settings.strength_max}),
-            "position": {"enum": ["all", "generated", None]},
+            "position": {"enum": [*POSITION_MODES, None]},
         },
     }
 

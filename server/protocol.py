@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -37,7 +37,8 @@ from pydantic import (
 
 from .backends.base import SamplingParams
 
-PositionMode = Literal["all", "generated"]
+PositionMode = Literal["all", "generated", "prompt"]  # steering_vectors.core.profile.POSITION_MODES
+POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 
 
 _NULL_IS_DEFAULT = frozenset({"n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "echo"})

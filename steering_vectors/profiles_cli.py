@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .core.errors import SteeringError
-from .core.profile import Profile
+from .core.profile import POSITION_MODES, Profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("caa", "pca", "mean"), default=None, help="default: caa")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: a middle band)")
     p.add_argument("--strength", type=float, default=None, help="the profile's default strength (default 1)")
-    p.add_argument("--position", choices=("all", "generated"), default=None)
+    p.add_argument("--position", choices=POSITION_MODES, default=None, help="the profile's position mode (default all)")
     p.add_argument("--description", default=None)
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(handler=_fit)

@@ -26,7 +26,7 @@ from steering_vectors.training import quickfit
 from ..auth import AdminKey, require_api_key
 from ..errors import APIError, bad_request, to_api_error
 from ..openapi import PROFILE, json_ok, responses
-from ..protocol import integral, require_valid_unicode
+from ..protocol import PositionMode, integral, require_valid_unicode
 from .deps import ServingDep
 from .profiles import _name, describe, store_error
 
@@ -80,7 +80,7 @@ class FitRequest(_Strict):
     # repeats count once; 2.0 is the layer 2 (JSON Schema's integer), as in the generation requests
     layers: Annotated[list[Layer], Field(min_length=1, max_length=1024)] | None = None
     default_strength: float = Field(1.0, allow_inf_nan=False)
-    position_mode: Literal["all", "generated"] = "all"
+    position_mode: PositionMode = "all"
     description: Annotated[str, StringConstraints(max_length=1000)] = ""
 
     @model_validator(mode="before")

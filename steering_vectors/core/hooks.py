@@ -285,7 +285,7 @@ class RowSteering:
 
     offsets: layer -> (H,) (see `combine_offsets`); low_rank: layer -> (down (R, H), up (H, R)) (see
     `combine_low_rank`), only at layers with an offset; lora: layer -> projection -> (a (R, H), b (out, R))
-    (see `combine_lora`), only at layers with an offset; position_mode: "all" or "generated";
+    (see `combine_lora`), only at layers with an offset; position_mode: "all", "generated" or "prompt";
     applied: (profile name, strength) pairs, for reporting; sources: the (profile, strength) entries the
     combination was made from (`from_profiles`; empty otherwise), for engines that keep profiles apart and
     take strengths per request (the vLLM backend's slot tables). `model` is anything with `num_layers` and
@@ -358,8 +358,9 @@ class RowSteering:
         the common one of all the profiles, conditional ones included (PlanError when they differ).
         `conditional`: entries whose profiles' conditions decide, per request, whether they join the sum
         (`resolved`); until then they steer nothing. The conditions read the prompt, so an engine decides them
-        after the prompt's prefill; in `all` mode it prefills the prompt again with the fired ones (the row is
-        then exactly the resolved steering's), in `generated` mode they steer from the first generated token."""
+        after the prompt's prefill; in `all` and `prompt` modes it prefills the prompt again with the fired ones
+        (the row is then exactly the resolved steering's), in `generated` mode they steer from the first
+        generated token."""
         if position_mode is None:
             modes = {profile.position_mode for profile, _ in (*entries, *conditional)} or {"generated"}
             if len(modes) != 1:
@@ -380,6 +381,11 @@ class RowSteering:
     def steers_prompt(self) -> bool:
         """Whether the unconditional part has terms (the part a prompt's prefill applies)."""
         return bool(self.offsets)
+
+    @property
+    def steers_generated(self) -> bool:
+        """Whether generated tokens are steered (a decode step's plan includes the row): every mode but `prompt`."""
+        return self.position_mode != "prompt"
 
     def resolved(self, fired: Sequence[bool]) -> RowSteering | None:
         """This row's steering once its conditions are read: the unconditional entries plus the conditional
@@ -411,7 +417,10 @@ def plan_for_rows(
     device: torch.device | str = "cpu",
 ) -> SteeringPlan | None:
     """`build_plan` over validated rows (None: unsteered). `decode`: the input is one new token per row,
-    past every prompt, so "generated" rows are steered like "all" rows and no mask is needed."""
+    past every prompt, so "generated" rows are steered like "all" rows, "prompt" rows are left out
+    (unsteered) and no mask is needed."""
+    if decode:
+        rows = [row if row is not None and row.steers_generated else None for row in rows]
     return build_plan(
         [row.offsets if row is not None else None for row in rows],
         row_low_rank=[row.low_rank if row is not None else None for row in rows],
@@ -446,10 +455,11 @@ def build_plan(
     row_offsets: per row, layer -> (H,) offset (see `combine_offsets`), or None for an unsteered row.
     row_low_rank: per row, layer -> (down (R, H), up (H, R)) (see `combine_low_rank`) or None; each layer
         must also have an offset in that row. The plan pads the ranks to the largest with zeros.
-    modes: per row, "all" (every real token) or "generated" (only positions >= that row's prompt length).
+    modes: per row, "all" (every real token), "generated" (only positions >= that row's prompt length) or
+        "prompt" (only positions < that row's prompt length).
     positions: (B, T) position of each input token in its row's sequence, -1 for padding; None means
         the input has no padding and starts at position 0 of every row.
-    prompt_lengths: per row, the number of prompt tokens; needed for rows in "generated" mode.
+    prompt_lengths: per row, the number of prompt tokens; needed for rows in "generated" or "prompt" mode.
     row_lora: per row, layer -> projection -> (a (R, H), b (out, R)) (see `combine_lora`) or None; each
         layer must also have an offset in that row. Ranks are padded to the largest with zeros.
     """
@@ -555,20 +565,22 @@ def _position_mask(
     prompt_lengths: Sequence[int] | torch.Tensor | None,
     batch: int,
 ) -> torch.Tensor | None:
-    needs_prompt = any(mode == "generated" for mode in modes)
+    split = sorted({mode for mode in modes if mode != "all"})  # modes that split a row at its prompt length
     if positions is None:
-        if not needs_prompt:
+        if not split:
             return None
-        raise PlanError("rows in 'generated' mode need token positions")
+        raise PlanError(f"rows in {' and '.join(repr(m) for m in split)} mode need token positions")
     if positions.ndim != 2 or positions.shape[0] != batch:
         raise PlanError(f"positions of shape {tuple(positions.shape)} do not fit {batch} rows")
-    mask = positions >= 0
-    if needs_prompt:
+    mask = positions >= 0  # (B, T)
+    if split:
         if prompt_lengths is None:
-            raise PlanError("rows in 'generated' mode need prompt lengths")
+            raise PlanError(f"rows in {' and '.join(repr(m) for m in split)} mode need prompt lengths")
         lengths = torch.as_tensor(prompt_lengths, dtype=torch.long, device=positions.device).view(batch, 1)
+        in_prompt = positions < lengths  # (B, T)
         generated_only = torch.tensor([m == "generated" for m in modes], device=positions.device).view(batch, 1)
-        mask = mask & (~generated_only | (positions >= lengths))
+        prompt_only = torch.tensor([m == "prompt" for m in modes], device=positions.device).view(batch, 1)
+        mask = mask & ~(generated_only & in_prompt) & ~(prompt_only & ~in_prompt)
     if bool(mask.all()):
         return None
     return mask

@@ -66,8 +66,10 @@ from .generation_record import GenerationRecord
 FORMAT_NAME = "rahf-profile"
 # the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms
 FORMAT_VERSION = 4
-PositionMode = Literal["all", "generated"]
-POSITION_MODES: tuple[str, ...] = ("all", "generated")
+# which tokens a profile steers: "all" every real token, "generated" positions at or past the row's prompt
+# length, "prompt" positions before it (generated tokens see the steering only through the prompt's K/V)
+PositionMode = Literal["all", "generated", "prompt"]
+POSITION_MODES: tuple[str, ...] = ("all", "generated", "prompt")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TENSOR_KEY = re.compile(r"^(offset|down|up)\.(\d+)$")
 _LORA_KEY = re.compile(r"^(lora_a|lora_b)\.(\d+)\.([a-z_]+)$")
@@ -213,8 +215,8 @@ class Condition:
     folded into the threshold); the condition fires when the score is above `threshold` (`comparison` ">")
     or below it ("<"). The serving engines evaluate it
     from the states the prompt's prefill computes anyway; a profile whose condition fires then steers as its
-    position mode says — the prompt too (prefilled once more) or from the first generated token on
-    (docs/server.md, "Conditional steering")."""
+    position mode says — on the prompt (modes `all` and `prompt`: the prompt is prefilled once more) or from
+    the first generated token on (`generated`) (docs/server.md, "Conditional steering")."""
 
     layer: int
     direction: torch.Tensor

@@ -2,7 +2,8 @@
 equals a cosine computed with plain transformers (mean over the prompt and last token, over several prefill
 chunks), a row whose condition does not fire is bit-identical to an unsteered run in a batch with rows whose
 conditions fire, a condition that always fires behaves exactly like the profile unconditional — in `all` mode
-(the prompt prefilled again, steered: tokens, logprobs and prompt logprobs alike) and in `generated` mode —
+(the prompt prefilled again, steered: tokens, logprobs and prompt logprobs alike), in `prompt` mode (the same
+second prefill, generated tokens unsteered) and in `generated` mode —
 and several conditional profiles of one request each follow their own condition."""
 
 from __future__ import annotations
@@ -118,6 +119,26 @@ def test_a_condition_that_always_fires_is_the_profile_unconditional_in_generated
     assert fired[:2] == plain_profile[:2]
     with_all = RowSteering.from_profiles([(always, 2.0)], model=SHAPE, position_mode="all")
     assert run(engine, request("a", steering=with_all))[0][0] != fired[0]  # prompt steering: another reply
+
+
+def test_a_condition_that_always_fires_is_the_profile_unconditional_in_prompt_mode(make_engine) -> None:
+    engine = make_engine(max_batch_size=4, prefill_chunk=6)  # the prompt spans three chunks, run twice
+    always = profile("always", 4, condition(4, threshold=-2.0), mode="prompt")
+    never = profile("never", 9, condition(9, threshold=2.0), mode="prompt")
+    fired, quiet = run(engine, request("c", steering=conditional((always, 2.0)), echo=True),
+                       request("q", prompt=OTHER, steering=conditional((never, 2.0)), echo=True), echo=True)
+    unconditional = RowSteering.from_profiles([(always, 2.0)], model=SHAPE)
+    assert unconditional.position_mode == "prompt"
+    # the same batch shape (logprobs are compared bit for bit)
+    plain_profile, unsteered = run(engine, request("p", steering=unconditional, echo=True),
+                                   request("u", prompt=OTHER, echo=True), echo=True)
+    assert fired[2][0].applied is True and quiet[2][0].applied is False
+    # the prompt prefilled again, steered; the generated tokens unsteered: exactly the unconditional profile's
+    assert (fired[0], fired[1], fired[3]) == (plain_profile[0], plain_profile[1], plain_profile[3])
+    assert (quiet[0], quiet[1], quiet[3]) == (unsteered[0], unsteered[1], unsteered[3])
+    with_all = RowSteering.from_profiles([(always, 2.0)], model=SHAPE, position_mode="all")
+    everywhere = run(engine, request("a", steering=with_all, echo=True), echo=True)[0]
+    assert fired[3] == everywhere[3] and fired[0] != everywhere[0]  # same prompt, unsteered generated tokens
 
 
 def test_each_conditional_profile_follows_its_own_condition(make_engine) -> None:

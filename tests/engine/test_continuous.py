@@ -470,3 +470,75 @@ def test_one_failing_request_fails_alone(monkeypatch, tiny_model, make_engine):
         assert [tokens(got[i]) for i in (0, 2, 4)] == alone
     assert engine.stats() == {"running": 0, "waiting": 0, "slots": 8}
     assert len(run_alone(engine, PROMPTS[1], greedy(4))) == 4  # and the engine goes on serving
+
+
+def prompt_mode_reference(model, prompt: list[int], steer: RowSteering, max_new_tokens: int) -> list[int]:
+    """Greedy tokens by hand: the prompt's forward steered at every position (its cache kept), then every
+    generated token's forward unsteered over that cache."""
+    from server.backends.transformers.compat import cache_keyword
+    from steering_vectors.core.hooks import Steerer, plan_for_rows
+
+    steerer, keyword = Steerer.attach(model), cache_keyword(model)
+    plan = plan_for_rows([steer], positions=torch.arange(len(prompt))[None], prompt_lengths=[len(prompt)])
+    assert plan.mask is None  # every prompt position steered
+    with torch.inference_mode():
+        with steerer.steering(plan):
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        generated = [int(out.logits[0, -1].argmax())]
+        cache = out.past_key_values
+        while len(generated) < max_new_tokens:
+            out = model(input_ids=torch.tensor([[generated[-1]]]), use_cache=True, **{keyword: cache})
+            generated.append(int(out.logits[0, -1].argmax()))
+    return generated
+
+
+def test_prompt_mode_steers_the_prompt_and_leaves_generated_tokens_unsteered(tiny_model, make_engine):
+    engine = make_engine(max_batch_size=4, prefill_chunk=5)  # the long prompt spans four chunks
+    steer = steering(3, "prompt")
+    params = greedy(14, prompt_logprobs=True, logprobs=True)
+    prompt_only = asyncio.run(collect(engine, GenerationRequest("p", PROMPTS[2], params, steer)))
+    everywhere = asyncio.run(collect(engine, GenerationRequest("a", PROMPTS[2], params, steering(3, "all"))))
+    plain = asyncio.run(collect(engine, GenerationRequest("u", PROMPTS[2], params)))
+    assert tokens(prompt_only) == prompt_mode_reference(tiny_model, PROMPTS[2], steer, 14)
+    # the prompt is steered as in "all" mode: its logprobs and the first token (from its last state) are those
+    assert prompt_only[0].prompt_logprobs == everywhere[0].prompt_logprobs != plain[0].prompt_logprobs
+    assert tokens(prompt_only)[0] == tokens(everywhere)[0]
+    assert tokens(prompt_only) != tokens(everywhere)  # ... and the generated tokens are not
+    assert tokens(prompt_only) != tokens(plain)
+
+
+def test_prompt_mode_rows_in_a_mixed_batch_match_single_runs(tiny_model, make_engine):
+    """Decode steps leave prompt-mode rows unsteered while the other rows of the batch stay steered."""
+    engine = make_engine(max_batch_size=8, prefill_chunk=7)
+    cases = [(PROMPTS[0], steering(1, "prompt")), (PROMPTS[1], steering(2, "all")), (PROMPTS[2], steering(3, "prompt")),
+             (PROMPTS[3], steering(4, "generated")), (PROMPTS[0], None), (PROMPTS[3], steering(5, "prompt"))]
+    lengths = [12, 9, 16, 14, 10, 11]
+    alone = [run_alone(engine, p, greedy(n), s) for (p, s), n in zip(cases, lengths, strict=True)]
+    for (prompt, steer), n, got in zip(cases, lengths, alone, strict=True):
+        if steer is not None and steer.position_mode == "prompt":
+            assert got == prompt_mode_reference(tiny_model, prompt, steer, n)
+    assert alone[1] != run_alone(engine, PROMPTS[1], greedy(9))  # the "all" row is steered
+
+    async def together() -> list[list[int]]:
+        requests = [GenerationRequest(f"r{i}", p, greedy(n), s)
+                    for i, ((p, s), n) in enumerate(zip(cases, lengths, strict=True))]
+        return [tokens(events) for events in await asyncio.gather(*(collect(engine, r) for r in requests))]
+
+    assert asyncio.run(together()) == alone
+
+    # the same rows prefilled together in one padded forward (queued before the thread starts)
+    batched = ContinuousEngine(tiny_model, max_batch_size=8)
+    batched._accepting = True
+
+    async def prefilled_together() -> list[list[int]]:
+        tasks = [asyncio.create_task(collect(batched, GenerationRequest(f"b{i}", p, greedy(n), s)))
+                 for i, ((p, s), n) in enumerate(zip(cases, lengths, strict=True))]
+        await asyncio.sleep(0.05)
+        assert len(batched._inbox) == len(cases)
+        batched.start()
+        return [tokens(await task) for task in tasks]
+
+    try:
+        assert asyncio.run(prefilled_together()) == alone
+    finally:
+        batched.shutdown(timeout=5)

@@ -372,3 +372,70 @@ def test_row_steering_is_validated_once_against_the_model(tiny_model):
     assert plan_for_rows([generated, None], decode=True).mask is None
     prefill = plan_for_rows([generated], positions=torch.tensor([[0, 1, 2, 3]]), prompt_lengths=[3])
     assert prefill.mask[0, :, 0].tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+# -- "prompt" mode: only the prompt's tokens ---------------------------------------------------------
+
+
+def test_prompt_mode_masks_exactly_the_prompt_positions():
+    from steering_vectors.core.hooks import RowSteering, plan_for_rows
+    from steering_vectors.core.profile import ModelFingerprint
+
+    offsets = {1: torch.ones(TINY_HIDDEN)}
+    positions = torch.tensor([[-1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [-1, -1, 0, 1, 2, 3]])
+    plan = build_plan([offsets] * 4, modes=["prompt", "generated", "all", "prompt"], positions=positions,
+                      prompt_lengths=[3, 3, 3, 10])
+    assert plan.mask[:, :, 0].tolist() == [
+        [0, 1, 1, 1, 0, 0],  # positions 0..2: padding, and positions at or past the prompt, unsteered
+        [0, 0, 0, 1, 1, 1],  # generated: the complement within the real tokens
+        [1, 1, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1],  # the whole input is prompt
+    ]
+    with pytest.raises(PlanError, match="'prompt' mode need token positions"):
+        build_plan([offsets], modes=["prompt"])
+    with pytest.raises(PlanError, match="prompt lengths"):
+        build_plan([offsets], modes=["prompt"], positions=torch.tensor([[0, 1]]))
+
+    # decode: one token past every prompt, so a "prompt" row is left out and the others keep their offsets
+    shape = ModelFingerprint("llama", TINY_HIDDEN, TINY_LAYERS)
+    rows = [RowSteering(offsets, model=shape, position_mode=mode) for mode in ("prompt", "all", "generated")]
+    decode = plan_for_rows([*rows, None], decode=True)
+    assert decode.mask is None
+    assert decode.offsets[1][:, 0].tolist() == [[0.0] * TINY_HIDDEN, [1.0] * TINY_HIDDEN, [1.0] * TINY_HIDDEN,
+                                                [0.0] * TINY_HIDDEN]
+    assert plan_for_rows([rows[0], None], decode=True) is None  # nothing steers generated tokens
+    prefill = plan_for_rows([rows[0]], positions=torch.tensor([[0, 1, 2, 3]]), prompt_lengths=[3])
+    assert prefill.mask[0, :, 0].tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_prompt_mode_steers_the_prompt_as_all_mode_and_nothing_after(tiny_model, steerer):
+    """Rows in "prompt", "all" and "generated" mode in one left-padded batch: each layer's output is
+    exactly h + offset at a prompt-mode row's prompt positions and exactly h after them."""
+    ids, mask = _left_padded_batch()
+    profile = _profile("a", [0, 2, 3], seed=11)
+    offsets = combine_offsets([(profile, 2.0)])
+    modes = ["prompt", "all", "prompt", "generated", "prompt"]
+    prompt_lengths = [4, 4, 6, 4, 1]  # row 2's whole input is prompt; row 4's last two tokens are generated
+    positions = positions_from_attention_mask(mask)
+    plan = build_plan([offsets] * 5, modes=modes, positions=positions, prompt_lengths=prompt_lengths)
+    recorder = _Recorder(steerer)
+    try:
+        with steerer.steering(plan):
+            steered = _forward(tiny_model, ids, mask)
+    finally:
+        recorder.remove()
+    for layer in range(TINY_LAYERS):
+        for row in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                in_prompt = 0 <= int(positions[row, t]) < prompt_lengths[row]
+                steer_here = bool(mask[row, t]) and {
+                    "all": True, "prompt": in_prompt, "generated": not in_prompt}[modes[row]]
+                before, after = recorder.before[layer][row, t], recorder.after[layer][row, t]
+                if steer_here and layer in offsets:
+                    assert torch.equal(after, before + offsets[layer]), (layer, row, t)
+                else:
+                    assert torch.equal(after, before), (layer, row, t)
+    # the whole-prompt row equals the same row in "all" mode
+    every = build_plan([offsets] * 5, positions=positions)
+    with steerer.steering(every):
+        assert torch.equal(steered[2], _forward(tiny_model, ids, mask)[2])

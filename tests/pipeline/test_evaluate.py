@@ -145,3 +145,40 @@ def test_generation_with_a_repetition_penalty_is_the_servers_rule(tiny) -> None:
     penalised = generate(model, tok, [prompt], max_new_tokens=12, repetition_penalty=1.8)
     assert penalised == [tok.decode(out, skip_special_tokens=True).strip()]
     assert penalised != generate(model, tok, [prompt], max_new_tokens=12)  # the penalty changes this reply
+
+
+def _mean_logprob_prompt_steered(model, ids: tuple[int, ...], start: int, layer: int, offset: torch.Tensor) -> float:
+    """`_mean_logprob` with `offset` added after decoder `layer` at the prompt's positions only, by a plain hook."""
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = torch.cat([hidden[:, :start] + offset, hidden[:, start:]], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.model.layers[layer].register_forward_hook(add)
+    try:
+        return _mean_logprob(model, ids, start)
+    finally:
+        handle.remove()
+
+
+def test_prompt_mode_scores_steer_only_the_prompt_tokens(tiny) -> None:
+    from steering_vectors.training.evaluate import pair_logprobs
+
+    model, tok = tiny.model, tiny.tokenizer
+    offset = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    profile = Profile("push", {1: offset}, position_mode="prompt")
+    score = score_pairs(model, tok, PAIRS, profile, 2.0, budget=BUDGET)  # a right-padded batch
+    for i, pair in enumerate(PAIRS):
+        for reply, got in ((pair.chosen, score.chosen[i]), (pair.rejected, score.rejected[i])):
+            enc = encode(tok, pair.prompt, reply, budget=BUDGET)
+            expected = _mean_logprob_prompt_steered(model, enc.input_ids, enc.prompt_len, 1, 2.0 * offset)
+            assert got == pytest.approx(expected, abs=1e-5)
+    others = {mode: score_pairs(model, tok, PAIRS, Profile("push", {1: offset}, position_mode=mode), 2.0,
+                                budget=BUDGET).chosen for mode in ("all", "generated")}
+    assert score.chosen != others["all"] and score.chosen != others["generated"]
+    # differentiable in the offsets, as the fits need
+    delta = {1: (2.0 * offset).clone().requires_grad_(True)}
+    chosen, rejected = pair_logprobs(model, tok, PAIRS, delta, "prompt", budget=BUDGET)
+    torch.testing.assert_close(chosen, torch.tensor(score.chosen), atol=1e-5, rtol=0)
+    (chosen - rejected).sum().backward()
+    assert delta[1].grad is not None and float(delta[1].grad.abs().sum()) > 0

@@ -18,26 +18,32 @@ def chat_ids(loaded: LoadedModel, content: str) -> list[int]:
 
 @torch.inference_mode()
 def greedy(
-    loaded: LoadedModel, prompt_ids: list[int], max_new: int, steering: list[tuple[Profile, float]] | None = None
+    loaded: LoadedModel, prompt_ids: list[int], max_new: int, steering: list[tuple[Profile, float]] | None = None,
+    position: str = "all",
 ) -> list[int]:
-    """Greedy tokens by full recomputation each step (no KV cache), steering every position."""
+    """Greedy tokens by full recomputation each step (no KV cache), steering the positions that `position`
+    names (every position by default)."""
     steerer = Steerer.attach(loaded.model)
-    plan = None
-    if steering:
-        plan = build_plan(
-            [combine_offsets(steering)], row_low_rank=[combine_low_rank(steering)], row_lora=[combine_lora(steering)]
-        )
     eos = loaded.tokenizer.eos_token_id
     ids = list(prompt_ids)
     out: list[int] = []
-    with steerer.steering(plan):
-        for _ in range(max_new):
+
+    def plan():
+        if not steering:
+            return None
+        return build_plan(
+            [combine_offsets(steering)], row_low_rank=[combine_low_rank(steering)], row_lora=[combine_lora(steering)],
+            modes=[position], positions=torch.arange(len(ids))[None], prompt_lengths=[len(prompt_ids)],
+        )
+
+    for _ in range(max_new):
+        with steerer.steering(plan()):
             logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1]
-            token = int(torch.argmax(logits.float()))
-            out.append(token)
-            ids.append(token)
-            if token == eos:
-                break
+        token = int(torch.argmax(logits.float()))
+        out.append(token)
+        ids.append(token)
+        if token == eos:
+            break
     return out
 
 

@@ -84,6 +84,8 @@ def test_conflicting_positions_are_400(server, base) -> None:
     assert_envelope(chat(server, base, steering=[{"profile": "alpha"}, {"profile": "late"}]), 400, "steering")
     assert_envelope(chat(server, base, steering={"profile": "alpha", "position": "middle"}), 400,
                     "steering.position")
+    mixed = [{"profile": "alpha", "position": "prompt"}, {"profile": "beta", "position": "generated"}]
+    assert_envelope(chat(server, base, steering=mixed), 400, "steering")
 
 
 def test_context_window_is_enforced(server, base) -> None:

@@ -150,6 +150,18 @@ def test_default_layers_a_refit_replaces_and_the_profile_steers_at_once(live, ti
     assert applied["position"] == "generated"
 
 
+def test_a_profile_fitted_in_prompt_mode_steers_in_that_mode(live) -> None:
+    made = fit(live, "cheer-prompt", {**body_for("pairs"), "position_mode": "prompt"})
+    assert made.status_code == 201, made.text
+    assert made.json()["position_mode"] == "prompt"
+    base = httpx.get(live.v1 + "/models").json()["data"][0]["id"]
+    chat = {"model": base, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+            "steering": {"profile": "cheer-prompt", "strength": 2}}
+    steered = httpx.post(live.v1 + "/chat/completions", json=chat, timeout=60)
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["steering"]["position"] == "prompt"
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 BAD = [
@@ -170,7 +182,7 @@ BAD = [
     ("strength out of bounds", {**body_for("pairs"), "default_strength": 11}, "default_strength"),
     ("unknown field", {**body_for("pairs"), "alpha": 1}, "alpha"),
     ("text not a string", {"examples": [{"positive": 1, "negative": "b"}]}, None),
-    ("unknown position mode", {**body_for("pairs"), "position_mode": "prompt"}, "position_mode"),
+    ("unknown position mode", {**body_for("pairs"), "position_mode": "middle"}, "position_mode"),
 ]
 
 

@@ -108,6 +108,20 @@ def test_position_generated_leaves_prompt_unsteered(client, model_name) -> None:
     assert generated.choices[0].message.content != everywhere.choices[0].message.content
 
 
+def test_position_prompt_steers_only_the_prompt(client, model_name, tiny_loaded, tiny_profiles) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model_name, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=MAX,
+        extra_body={"steering": {"profile": "alpha", "strength": 3, "position": "prompt"}})
+    reply = raw.parse()
+    assert reply.model_extra["steering"]["position"] == "prompt"
+    assert raw.headers["x-steering"].startswith("alpha=3;position=prompt;digest=sha256:")
+    ids = chat_ids(tiny_loaded, PROMPT)
+    expected = greedy(tiny_loaded, ids, MAX, [(tiny_profiles["alpha"], 3.0)], position="prompt")
+    assert reply.choices[0].message.content == text_of(tiny_loaded, expected)
+    assert expected != greedy(tiny_loaded, ids, MAX, [(tiny_profiles["alpha"], 3.0)])  # not "all" mode
+    assert expected != greedy(tiny_loaded, ids, MAX)  # nor unsteered
+
+
 def test_streaming_chat_equals_non_streaming(client, model_name) -> None:
     whole = chat(client, model_name, extra_body={"steering": {"profile": "beta", "strength": 2}})
     chunks = list(chat(client, model_name, stream=True, stream_options={"include_usage": True},

@@ -191,6 +191,7 @@ CHAT_CASES = [  # (fields over a valid base request, valid per the description)
     ({"steering": {"profile": "alpha", "strength": 10}}, True),
     ({"steering": {"profile": "alpha", "strength": 10.5}}, False),
     ({"steering": [{"profile": "alpha"}, {"profile": "beta", "position": "all"}]}, True),
+    ({"steering": {"profile": "alpha", "position": "prompt"}}, True),
     ({"steering": {"profile": "alpha", "position": "middle"}}, False),
     ({"steering": {"profile": "alpha", "extra": 1}}, False),
     ({"surprise": 1}, False),

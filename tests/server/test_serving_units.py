@@ -76,6 +76,9 @@ def test_resolve_combines_entries_and_alias() -> None:
     assert steering.position_mode == "all"
     assert _resolve(spec=SteeringEntry(profile="g")).position_mode == "generated"
     assert _resolve(spec=SteeringEntry(profile="a", position="generated")).position_mode == "generated"
+    assert _resolve(spec=SteeringEntry(profile="a", position="prompt")).position_mode == "prompt"
+    assert _resolve(spec=[SteeringEntry(profile="a", position="prompt"), SteeringEntry(profile="g", position="prompt")]
+                    ).position_mode == "prompt"
 
 
 @pytest.mark.parametrize(

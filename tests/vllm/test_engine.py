@@ -1,7 +1,8 @@
 """The vLLM backend's engine on a tiny random Llama (fp32, greedy, exact token equality where the batch
 shape is the same): unsteered rows are untouched by steered neighbours, a steered row gets the same tokens
 alone and in a batch with other profiles, the steered residual stream equals the transformers backend's at
-the steered layers (offsets, low-rank and LoRA terms), position modes, snapshots of replaced profiles,
+the steered layers (offsets, low-rank and LoRA terms), position modes (a "prompt"-mode row's decode states equal
+the unsteered computation over its steered prompt), snapshots of replaced profiles,
 profile slots, the prefix-cache salt, cancellation, overload and max_tokens 0 scoring."""
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def test_a_steered_row_alone_equals_it_in_a_batch_with_other_profiles(vllm_backe
         request("r2", steering=steer(vllm_backend, (g, 2.0))),
         request("r3", prompt=OTHER),
         request("r4", steering=steer(vllm_backend, (c, -1.0))),
+        request("r5", prompt=OTHER, steering=RowSteering.from_profiles(  # a's slot, in prompt mode
+            [(a, 2.5)], model=vllm_backend.fingerprint, position_mode="prompt")),
     ]
     alone = [run(vllm_backend, r)[0] for r in rows]
     rows = [request(r.request_id + "b", r.prompt_ids, r.steering) for r in rows]
@@ -161,6 +164,89 @@ def test_generated_mode_leaves_the_prompt_unsteered(vllm_backend) -> None:
     # the first token comes from the unsteered prompt; later ones are steered
     gen, unsteered = run(vllm_backend, request("g2", steering=steer(vllm_backend, (g, 2.0))), request("u"))
     assert gen[0] == unsteered[0] and gen != unsteered
+
+
+def _vllm_step_streams(backend, req, layers) -> tuple[list[int], dict[int, list[torch.Tensor]]]:
+    """The greedy tokens of `req` and the residual stream after `layers` at each of its forwards (the prefill's
+    first, then one per decoded token)."""
+    backend.engine.on_workers("rahf_capture", list(layers))
+    try:
+        (tokens,) = run(backend, req)
+        (captured,) = backend.engine.on_workers("rahf_captured")
+    finally:
+        backend.engine.on_workers("rahf_capture", None)
+    return tokens, {layer: [torch.tensor(step) for step in captured[layer]] for layer in layers}
+
+
+def _hf_decode_streams(hf, steering, prompt, tokens, layers, *, steer_decode: bool) -> dict[int, list[torch.Tensor]]:
+    """The transformers reference of `_vllm_step_streams`: the prompt's forward steered, then the decode of
+    `tokens` (teacher-forced) over its cache, steered as in "all" mode only when `steer_decode`."""
+    from server.backends.transformers.compat import cache_keyword
+
+    model = hf.model
+    steerer, keyword = Steerer.attach(model), cache_keyword(model)
+    decoder = find_decoder_layers(model)
+    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = [decoder[layer].register_forward_hook(
+        lambda m, a, out, layer=layer: seen[layer].append((out[0] if isinstance(out, tuple) else out)[0].clone()))
+        for layer in layers]
+    prefill = plan_for_rows([steering], positions=torch.arange(len(prompt))[None], prompt_lengths=[len(prompt)])
+    every = RowSteering(steering.offsets, model=hf.fingerprint, position_mode="all")
+    decode = plan_for_rows([every if steer_decode else steering], decode=True)
+    try:
+        with torch.inference_mode():
+            with steerer.steering(prefill):
+                cache = model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values
+            with steerer.steering(decode):
+                for token in tokens[:-1]:
+                    model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_prompt_mode_steers_the_prompt_and_leaves_generated_tokens_unsteered(vllm_backend, hf_tiny) -> None:
+    p = profile(vllm_backend, "pm", 4, mode="prompt")
+    a = profile(vllm_backend, "pm", 4, mode="all")
+    layers = (1, 2)
+    steering = steer(vllm_backend, (p, 2.0))
+    assert steering.position_mode == "prompt"
+    # the prompt's states are exactly "all" mode's
+    prompt_only = _vllm_streams(vllm_backend, request("p", steering=steering, tokens=1), layers)
+    every = _vllm_streams(vllm_backend, request("a", steering=steer(vllm_backend, (a, 2.0)), tokens=1), layers)
+    plain = _vllm_streams(vllm_backend, request("u", tokens=1), layers)
+    assert all(torch.equal(prompt_only[layer], every[layer]) for layer in layers)
+    assert not torch.equal(prompt_only[2], plain[2])
+    # every decoded token's states are the unsteered computation over the steered prompt's cache
+    tokens, streams = _vllm_step_streams(vllm_backend, request("p2", steering=steering, tokens=6), layers)
+    assert len(streams[2]) == len(tokens) == 6
+    unsteered = _hf_decode_streams(hf_tiny, steering, PROMPT, tokens, layers, steer_decode=False)
+    steered = _hf_decode_streams(hf_tiny, steering, PROMPT, tokens, layers, steer_decode=True)
+    for layer in layers:
+        for step in range(1, len(tokens)):
+            ours, theirs = streams[layer][step][-1], unsteered[layer][step][-1]
+            scale = float(theirs.abs().max())
+            assert float((ours - theirs).abs().max()) <= 1e-5 * scale, (layer, step)
+            # the comparison can fail: steering the decode moves the state far beyond the tolerance
+            assert float((steered[layer][step][-1] - theirs).abs().max()) > 1e-2 * scale, (layer, step)
+    # the first token comes from the steered prompt; the later ones are not steered
+    tokens_all, tokens_plain = run(vllm_backend, request("a2", steering=steer(vllm_backend, (a, 2.0))),
+                                   request("u2"))
+    again = run(vllm_backend, request("p3", steering=steering))[0]
+    assert again[0] == tokens_all[0] and again != tokens_all and again != tokens_plain
+
+
+def test_the_request_steering_wire_format() -> None:
+    from server.backends.vllm.worker import RequestSteering
+
+    for mode in ("all", "generated", "prompt"):
+        spec = RequestSteering((1, 3), (0.5, -2.0), mode)
+        assert RequestSteering.from_extra({"rahf": spec.to_extra()}) == spec
+    assert RequestSteering.from_extra({"rahf": {"slots": [1], "strengths": [1.0]}}).mode == "all"
+    assert RequestSteering.from_extra({}) is None and RequestSteering.from_extra(None) is None
+    with pytest.raises(ValueError, match="position mode"):
+        RequestSteering((1,), (1.0,), "sometimes")
 
 
 def test_a_profile_replaced_mid_stream_keeps_the_requests_snapshot(vllm_backend) -> None:

@@ -456,7 +456,7 @@ class ContinuousEngine(Engine):
         queries, keys = steps.view(1, length, 1), steps.view(1, 1, length)
         allowed = (keys <= queries) & ((keys < lengths.view(k, 1, 1)) | ~real.unsqueeze(2))  # (k, T, T)
         plan = None
-        if any(seq.steering is not None and seq.steering.position_mode == "all" for seq in group):
+        if any(seq.steering is not None and seq.steering.position_mode != "generated" for seq in group):
             plan = plan_for_rows(
                 [seq.steering for seq in group],
                 positions=torch.where(real, steps, -1),
@@ -509,8 +509,8 @@ class ContinuousEngine(Engine):
     def _decide_conditions(self, seq: _Sequence) -> bool:
         """At the end of the prompt: score each conditional profile's probe, keep the ones that fire in the
         row's steering and record the results for the first event. True when the prompt must be prefilled
-        again: a profile fired and the row steers prompt positions (`all`), so the prompt's K/V and its last
-        state must be the steered ones, exactly as if the profile had been named without a condition."""
+        again: a profile fired and the row steers prompt positions (`all`, `prompt`), so the prompt's K/V and its
+        last state must be the steered ones, exactly as if the profile had been named without a condition."""
         steering = seq.steering
         if steering is None or not steering.conditional:
             return False
@@ -526,7 +526,7 @@ class ContinuousEngine(Engine):
         seq.conditions = results
         seq.steering = steering.resolved(fired)
         seq.probe_sums, seq.probe_last = {}, {}
-        return any(fired) and steering.position_mode == "all"
+        return any(fired) and steering.position_mode != "generated"
 
     def _prefill_plan(self, seq: _Sequence, positions: torch.Tensor) -> SteeringPlan | None:
         steering = seq.steering
@@ -701,7 +701,8 @@ class ContinuousEngine(Engine):
     def _decode_plan(self) -> SteeringPlan | None:
         """Stacked offsets of the running rows; rebuilt only when the batch composition changed.
 
-        In decode every position is past the prompt, so "generated" rows are steered like "all" rows.
+        In decode every position is past the prompt, so "generated" rows are steered like "all" rows and
+        "prompt" rows are left out (`plan_for_rows` with `decode`).
         """
         if self._plan_stale:
             self._plan = plan_for_rows(

@@ -332,7 +332,7 @@ class VllmEngine(Engine):
                 raise
             strengths = [strength for _, strength in entries]
             mode = request.steering.position_mode
-            extra = {"rahf": RequestSteering(tuple(seq.slots), tuple(strengths), mode == "generated").to_extra()}
+            extra = {"rahf": RequestSteering(tuple(seq.slots), tuple(strengths), mode).to_extra()}
             salt = cache_salt(digests, strengths, mode)
         seq.drop_tokens = params.max_new_tokens == 0
         top_k = params.top_k if params.top_k > 0 else 0

@@ -15,9 +15,9 @@ out for a flattened batch of tokens instead of padded rows:
   padded with zero ranks to the widest R) and its LoRA factors per fused q/k/v projection;
 - before a step's forward, `W` (tokens, k) gets each token's strength for each of the k slots the batch
   uses: the request's strengths in the columns of its profiles' slots, zero in generated-position mode for
-  prompt tokens, zero for unsteered requests and padding; the tables of those k slots are gathered once per
-  batch composition (low-rank and LoRA factors packed to the ranks they have at each layer, with the W
-  column each rank belongs to);
+  prompt tokens and in prompt-position mode for generated ones, zero for unsteered requests and padding; the
+  tables of those k slots are gathered once per batch composition (low-rank and LoRA factors packed to the
+  ranks they have at each layer, with the W column each rank belongs to);
 - after decoder layer `l` (vLLM keeps the residual stream as `hidden + residual`; the layer's output is
   that pair), the residual gets ``W @ OFF[l]`` plus ``((rmsnorm(h) @ DOWN[l].T) * W_r) @ UP[l].T`` with
   `h = hidden + residual` (the stream transformers' decoder layer returns) and `W_r` W repeated per
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from steering_vectors.core.hooks import LOW_RANK_EPS
+from steering_vectors.core.profile import POSITION_MODES
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,19 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 @dataclass(frozen=True)
 class RequestSteering:
-    """What a request carries to the workers: profile slots, their strengths, the position mode."""
+    """What a request carries to the workers: profile slots, their strengths, the position mode ("all":
+    every token, "generated": positions at or past the prompt length, "prompt": positions before it)."""
 
     slots: tuple[int, ...]
     strengths: tuple[float, ...]
-    generated_only: bool
+    mode: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.mode not in POSITION_MODES:
+            raise ValueError(f"position mode {self.mode!r} is not one of {POSITION_MODES}")
 
     def to_extra(self) -> dict[str, Any]:
-        return {"slots": list(self.slots), "strengths": list(self.strengths),
-                "mode": "generated" if self.generated_only else "all"}
+        return {"slots": list(self.slots), "strengths": list(self.strengths), "mode": self.mode}
 
     @classmethod
     def from_extra(cls, extra: Any) -> RequestSteering | None:
@@ -69,7 +74,7 @@ class RequestSteering:
         if not spec:
             return None
         return cls(tuple(int(s) for s in spec["slots"]), tuple(float(v) for v in spec["strengths"]),
-                   spec.get("mode") == "generated")
+                   str(spec.get("mode", "all")))
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -288,22 +293,29 @@ class SteeringTables:
             raise RuntimeError(f"a step of {rows} tokens is longer than the steering table ({self.max_tokens})")
         column = {slot: j for j, slot in enumerate(active)}
         per_request = np.zeros((count, len(active)), dtype=np.float32)
-        prompt_len = np.zeros(count, dtype=np.int64)  # generated mode: positions below it are not steered
+        # per request: steered positions are [start, end): generated mode starts at the prompt length, prompt
+        # mode ends there; the defaults (0, no end) steer every position
+        start = np.zeros(count, dtype=np.int64)
+        end = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
         for i, spec, prompt in steered:
             for slot, strength in zip(spec.slots, spec.strengths, strict=True):
                 if slot in column:
                     per_request[i, column[slot]] += strength
-            if spec.generated_only:
-                prompt_len[i] = prompt
+            if spec.mode == "generated":
+                start[i] = prompt
+            elif spec.mode == "prompt":
+                end[i] = prompt
         owner = np.repeat(np.arange(count), np.diff(starts))
         W = self.W[:rows, : len(active)]
         W.zero_()
         W[:tokens] = torch.from_numpy(per_request[owner]).to(self.device, non_blocking=True)
-        if prompt_len.any():
+        if any(spec.mode != "all" for _, spec, _ in steered):
             if positions is None:
-                raise RuntimeError("generated-position steering needs the step's positions")
-            limit = torch.from_numpy(prompt_len[owner]).to(self.device, non_blocking=True)
-            W[:tokens] *= (positions[:tokens].to(torch.int64) >= limit).unsqueeze(1).to(W.dtype)
+                raise RuntimeError("generated- or prompt-position steering needs the step's positions")
+            where = positions[:tokens].to(torch.int64)
+            low = torch.from_numpy(start[owner]).to(self.device, non_blocking=True)
+            high = torch.from_numpy(end[owner]).to(self.device, non_blocking=True)
+            W[:tokens] *= ((where >= low) & (where < high)).unsqueeze(1).to(W.dtype)
         key = (tuple(active), self.version)
         if key != self._use_key:
             self._use = self._gather(active)
