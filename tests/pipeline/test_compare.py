@@ -277,7 +277,7 @@ def test_run_config_key_leaves_out_the_bidirectional_flag_while_it_is_off() -> N
     assert row_config(base, rows["pref"], seed=0) == dataclasses.replace(base, seed=0, method="dual", pref_rank=0)
 
 
-def test_compare_bidirectional_pref_row(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_compare_bidirectional_and_prompt_only_pref_rows(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     from steering_vectors.cli import main
 
     data = tmp_path / "data"
@@ -286,19 +286,23 @@ def test_compare_bidirectional_pref_row(tiny_model_dir: Path, tmp_path: Path, ca
     _write_split(data, "dev", 5)
     out, work = tmp_path / "comparison", tmp_path / "work"
     argv = ["compare", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
-            "--rows", "pref,pref-bidir", "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3",
+            "--rows", "pref,pref-bidir,pref-prompt", "--layers", "1,2", "--max-pairs", "6", "--held-out", "0.3",
             "--calib-pairs", "2", "--pref-steps", "3", "--pref-batch", "2", "--prompt-tokens", "24",
             "--response-tokens", "8", "--eval-response-tokens", "10", "--strengths", "0.5,1",
             "--work-dir", str(work), "--bf16", "off"]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
     by_row = {r["row"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
-    assert list(by_row) == ["pref", "pref-bidir"]
+    assert list(by_row) == ["pref", "pref-bidir", "pref-prompt"]
     one_way = Profile.load(out / "profiles" / "comparison-pref-seed0.safetensors")
     both = Profile.load(out / "profiles" / "comparison-pref-bidir-seed0.safetensors")
     assert both.provenance["pref"]["bidirectional"] is True and "bidirectional" not in one_way.provenance["pref"]
     assert both.description.startswith("bi-directional preference-loss offsets") and both.method == "pref"
     assert not torch.equal(both.offsets[1], one_way.offsets[1])
     assert "pref (not RAHF), offsets, bi-directional" in (out / "report.md").read_text()
-    # two stage folders: the bidirectional fit is not the one-way fit's
-    assert len(list(work.glob("fit-pref-*"))) == 2
+    # prompt tokens only: trained, kept and served in that mode, so its offsets differ from the one-way fit's
+    prompt_only = Profile.load(out / "profiles" / "comparison-pref-prompt-seed0.safetensors")
+    assert prompt_only.position_mode == "prompt" and one_way.position_mode == both.position_mode == "all"
+    assert not torch.equal(prompt_only.offsets[1], one_way.offsets[1])
+    # three stage folders: each fit is its own
+    assert len(list(work.glob("fit-pref-*"))) == 3
