@@ -1,4 +1,4 @@
-"""`rahf profiles`: list, show, validate and convert profile files; fit one on a running server.
+"""`rahf profiles`: list, show, validate, copy and convert profile files; fit one on a running server.
 
 Knows the command line; the work is done by `profile`, `gguf_io` and `models` (and, for `fit`, by the
 server's `POST /v1/profiles/{name}/fit`).
@@ -32,6 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path)
     p.add_argument("--model", default=None, help="local model directory (default: embedded SmolLM2)")
     p.set_defaults(handler=_validate)
+
+    p = actions.add_parser(
+        "copy", help="write a copy of a profile with another name, position mode or default strength",
+        description="The tensors (and a condition) are copied unchanged; provenance.copied_from records the "
+                    "source file's sha256 and what changed. A new position mode steers other tokens, so the "
+                    "copy drops the source's generation result (provenance.generation).")
+    p.add_argument("file", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
+    p.add_argument("--position", choices=POSITION_MODES, default=None, help="position mode (default: the source's)")
+    p.add_argument("--strength", type=float, default=None, help="default strength (default: the source's)")
+    p.set_defaults(handler=_copy)
 
     p = actions.add_parser("export-gguf", help="write a profile as a GGUF control vector (llama.cpp, repeng)")
     p.add_argument("file", type=Path)
@@ -142,6 +154,32 @@ def _export(args: argparse.Namespace) -> int:
 
     atomic_write(args.out, write_control_vector(_load_any(args.file)))
     print(f"wrote {args.out}")
+    return 0
+
+
+@_guard
+def _copy(args: argparse.Namespace) -> int:
+    import dataclasses
+    import hashlib
+
+    source = Profile.load(args.file)
+    name = args.name or args.out.stem
+    changes = {"name": [source.name, name]} if name != source.name else {}
+    copy = source.renamed(name)
+    if args.position is not None and args.position != source.position_mode:
+        changes["position_mode"] = [source.position_mode, args.position]
+        copy = dataclasses.replace(copy, position_mode=args.position)
+    if args.strength is not None and args.strength != source.default_strength:
+        changes["default_strength"] = [source.default_strength, args.strength]
+        copy = dataclasses.replace(copy, default_strength=args.strength)
+    provenance = dict(source.provenance)
+    if "position_mode" in changes:
+        provenance.pop("generation", None)  # measured with the source's position mode
+    sha256 = hashlib.sha256(args.file.read_bytes()).hexdigest()
+    copy.provenance = {**provenance, "copied_from": {"file": args.file.name, "sha256": sha256, "changes": changes}}
+    copy.save(args.out)
+    print(f"wrote {args.out}" + (f" ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())})"
+                                 if changes else ""))  # fmt: skip
     return 0
 
 

@@ -141,6 +141,37 @@ def test_profiles_command_still_reads_good_files(capsys) -> None:
     assert Profile.load(path).name in capsys.readouterr().out
 
 
+def test_profiles_copy_changes_only_what_it_is_asked_and_says_so(tmp_path, capsys) -> None:
+    import hashlib
+
+    import torch
+
+    path = Path(__file__).resolve().parents[2] / "profiles" / "helpful.safetensors"
+    source = Profile.load(path)
+    assert source.generation is not None  # the shipped file carries its generation result
+    out = tmp_path / "helpful-prompt.safetensors"
+    assert main(["profiles", "copy", str(path), str(out), "--position", "prompt", "--strength", "2"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote {out} (name helpful -> helpful-prompt, position_mode all -> prompt, default_strength 0.5 -> 2.0)")
+    copy = Profile.load(out)
+    assert (copy.name, copy.position_mode, copy.default_strength) == ("helpful-prompt", "prompt", 2.0)
+    assert copy.tensor_digest() == source.tensor_digest() and copy.method == source.method
+    assert all(torch.equal(copy.offsets[k], source.offsets[k]) for k in source.offsets)
+    assert copy.generation is None  # measured in the source's position mode: not carried over
+    assert copy.provenance["copied_from"] == {
+        "file": "helpful.safetensors", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "changes": {"name": ["helpful", "helpful-prompt"], "position_mode": ["all", "prompt"],
+                    "default_strength": [0.5, 2.0]}}  # fmt: skip
+    # a plain copy keeps the generation result; a bad mode is refused by the parser
+    same = tmp_path / "helpful.safetensors"
+    assert main(["profiles", "copy", str(path), str(same)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {same}"
+    assert Profile.load(same).generation == source.generation
+    with pytest.raises(SystemExit):
+        main(["profiles", "copy", str(path), str(same), "--position", "middle"])
+    assert main(["profiles", "copy", str(tmp_path / "missing.safetensors"), str(same)]) == 1
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
     """`rahf profiles show FILE | head`: when the pipe is closed, no traceback, and the status of a process
     killed by SIGPIPE (141). The reader here has left before the command writes, so the write always fails."""
