@@ -419,6 +419,8 @@ def write_comparison(report: dict[str, Any], out: Path) -> Path:
     if report.get("carried_over"):
         lines += ["", "Carried over from this folder's earlier report (computed with the same settings in a work "
                   f"folder this run did not have): {', '.join(report['carried_over'])}."]  # fmt: skip
+        if report.get("carried_cpu") and report["carried_cpu"] != report.get("cpu"):
+            lines[-1] += f" The CPU of that report: {report['carried_cpu']} (wall times differ by machine)."
     if report.get("pending"):
         lines += ["", "Not computed yet (this report was written with `--cached-only` from the rows runs had "
                   f"finished): {', '.join(report['pending'])}."]  # fmt: skip
@@ -537,11 +539,15 @@ def run_compare(args: argparse.Namespace) -> int:
             "pending": pending,
             "carried_over": carried,
         }
+        if carried:
+            report["carried_cpu"] = earlier_cpu
         if generation:
             report["generation"] = generation
         return write_comparison(report, args.out)
 
     earlier = earlier_rows(args.out, comparison.folder.name) if args.cached_only else {}
+    before = (read_json(args.out / "report.json") or {}) if earlier else {}
+    earlier_cpu = before.get("carried_cpu") or before.get("cpu")  # where the carried rows were computed
     for row in rows:
         wanted = seeds if row.key in seed_rows else seeds[:1]
         if args.cached_only:  # only what runs have computed so far; the rest is listed as pending

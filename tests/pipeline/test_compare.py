@@ -198,10 +198,14 @@ def test_compare_command_scores_every_row_on_the_same_pairs_and_resumes(tiny_mod
     # on a machine whose work folder lacks the rows (a fresh one), --cached-only keeps the rows of the report
     # already in --out, as they were, when that report came from the same comparison; it says so
     before = json.loads((partial / "report.json").read_text())
+    (partial / "report.json").write_text(json.dumps({**before, "cpu": "Another CPU, 1 threads"}))  # made elsewhere
     assert main([*cached_argv, "--work-dir", str(tmp_path / "empty")]) == 0
     assert json.loads(capsys.readouterr().out)["pending"] == ["pref (seed 2)", "mean (seed 0)"]
     after = json.loads((partial / "report.json").read_text())
     assert after["rows"] == before["rows"] and after["carried_over"] == rows.split(",")
+    assert after["carried_cpu"] == "Another CPU, 1 threads" and after["cpu"] != after["carried_cpu"]
+    assert "The CPU of that report: Another CPU, 1 threads (wall times differ by machine)." in (
+        partial / "report.md").read_text()  # fmt: skip
     assert f"the same settings in a work folder this run did not have): {rows.replace(',', ', ')}." in (
         partial / "report.md").read_text()  # fmt: skip
     # ... but not from a report of other settings (another strength grid): nothing is computed, nothing kept
