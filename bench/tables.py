@@ -82,6 +82,7 @@ class Line:
         return self.file.format(name=self.name) if self.file is not None else None
 
 
+COMPARISON = "profiles/comparison/alpaca_helpful/profiles/{name}-seed0.safetensors"  # rows of `rahf compare`
 SETS = {"alpaca_helpful": "benign instructions", "hh_harmless": "red-team requests"}
 DOCUMENTS = ("profiles/README.md", "docs/judge.md")
 
@@ -110,6 +111,25 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
         Line("harmless", "docs/bench-generation-harmless-former.json", "RAHF-Dual LoRA, all pairs; 4 December",
              show=(0.5,), file=None, label="former harmless"),
         Line("harmless-pref", "docs/bench-generation-harmless-pref.json", "pref, not RAHF"),
+    ),
+    # docs/judge.md, "Other ways to steer, judged by their replies": which tokens are steered, and pref variants
+    # (the comparison's rows: same pairs, budgets and seed); copies made by `rahf profiles copy --position`
+    "generation-methods": (
+        Line("helpful", "docs/bench-generation-helpful.json", "RAHF-Dual offsets, every token", show=None),
+        Line("helpful-prompt", "docs/bench-generation-helpful-prompt.json",
+             "the same offsets on the prompt's tokens only", show=None, file=None),
+        Line("alpaca_helpful-pref", "docs/bench-generation-helpful-pref-row.json", "not RAHF, every token",
+             show=None, file=COMPARISON, label="pref"),
+        Line("alpaca_helpful-pref-bidir", "docs/bench-generation-helpful-pref-bidir.json",
+             "not RAHF, bi-directional", show=None, file=COMPARISON, label="pref-bidir"),
+        Line("alpaca_helpful-pref-prompt", "docs/bench-generation-helpful-pref-prompt.json",
+             "not RAHF, trained and served on the prompt's tokens only", show=None, file=COMPARISON,
+             label="pref-prompt"),
+        Line("harmless", "docs/bench-generation-harmless.json", "RAHF-Dual LoRA, every token", show=None),
+        Line("harmless-prompt", "docs/bench-generation-harmless-prompt.json", "the same, prompt tokens only",
+             show=None, file=None),
+        Line("harmless-generated", "docs/bench-generation-harmless-generated.json",
+             "the same, generated tokens only", show=None, file=None),
     ),
 }  # fmt: skip
 
