@@ -244,16 +244,16 @@ def test_check_fails_on_a_modified_copy(tmp_path: Path, capsys: pytest.CaptureFi
     root = _copy_of_repository(tmp_path)
     judge = root / "docs/judge.md"
     text = judge.read_text()
-    row = "| helpful | 1 | 68.2 % [50.0, 86.4] |"
+    row = "| helpful-pref | 0.5 | 61.4 % [40.9, 79.5] |"
     assert text.count(row) == 1
     outside = text.replace("Kept: the head kind", "Kept:  the head kind")  # outside the tables: fine
     assert outside != text
     judge.write_text(outside)
     assert tables.main(["--check", "--root", str(root)]) == 0
-    judge.write_text(text.replace(row, "| helpful | 1 | 68.3 % [50.0, 86.4] |"))
+    judge.write_text(text.replace(row, "| helpful-pref | 0.5 | 61.5 % [40.9, 79.5] |"))
     capsys.readouterr()
     assert tables.main(["--check", "--root", str(root)]) == 1
     out = capsys.readouterr().out
-    assert "-| helpful | 1 | 68.3 % [50.0, 86.4] |" in out and f"+{row}" in out
+    assert "-| helpful-pref | 0.5 | 61.5 % [40.9, 79.5] |" in out and f"+{row}" in out
     assert tables.main(["--root", str(root)]) == 0  # rewrites the copy
     assert judge.read_text() == text
