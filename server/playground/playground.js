@@ -155,9 +155,13 @@ function showDetails(profile) {
       ...[r.strength, r.accuracy, r.margin, r.perplexity].map((v) => el("td", {}, v === null ? "–" : fmt(v)))));
     const unsteered = calibration.unsteered ? " Unsteered: accuracy " + fmt(calibration.unsteered.accuracy) +
       ", perplexity " + fmt(calibration.unsteered.perplexity) + "." : "";
+    // the file's default may have been chosen otherwise since (by its replies, or a sweep): say so
+    const choice = p.default_strength_choice;
+    const otherwise = choice && choice.strength !== calibration.strength ? " The file's default, " +
+      fmt(choice.strength) + ", was chosen otherwise: " + choice.how + "." : "";
     likelihood.append(el("h4", {}, "Evaluation (held-out calibration pairs)"),
-      el("p", { class: "muted" }, (calibration.pairs || "?") + " pairs; chosen strength " +
-        fmt(calibration.strength) + "." + unsteered),
+      el("p", { class: "muted" }, (calibration.pairs || "?") + " pairs; the strength they chose: " +
+        fmt(calibration.strength) + "." + unsteered + otherwise),
       el("table", { class: "calibration" }, head, ...body));
   } else {
     likelihood.append(el("p", { class: "muted" }, "No evaluation recorded in this profile."));

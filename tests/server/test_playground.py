@@ -142,3 +142,16 @@ def test_the_details_show_the_generation_result_beside_the_calibration(tiny_load
         shown["text"])
     plain = _details(describe(profile), tmp_path)  # no generation section: said so, the calibration still shown
     assert len(plain["tables"]) == 2 and "No generation result recorded in this profile." in plain["text"]
+
+
+def test_the_details_say_when_the_files_default_was_chosen_otherwise(tiny_loaded, tmp_path) -> None:
+    profile = make_profile(tiny_loaded, "chosen", seed=1)
+    calibration = {"pairs": 4, "strength": 1.0, "rows": [
+        {"strength": 1.0, "accuracy": 0.75, "margin": 0.1, "perplexity": 20.0}]}  # fmt: skip
+    profile.provenance = {"calibration": calibration}
+    text = _details(describe(profile), tmp_path)["text"]
+    assert "4 pairs; the strength they chose: 1." in text and "chosen otherwise" not in text
+    profile.provenance = {"calibration": calibration,
+                          "default_strength_choice": {"strength": 0.5, "how": "by its replies on dev half A"}}
+    text = _details(describe(profile), tmp_path)["text"]
+    assert "The file's default, 0.500, was chosen otherwise: by its replies on dev half A." in text
