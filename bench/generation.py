@@ -164,7 +164,7 @@ def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: P
     record = geneval.generation_record(result, profile.name, data_set=result["set"], replies="engine",
                                        judge_sha256=judge_sha256, source=source)  # fmt: skip
     annotated = profile.with_generation(record)
-    chosen = annotated.generation.chosen_strength if annotated.generation else 0.0
+    chosen = record.chosen_strength
     if adopt and chosen > 0:
         annotated.provenance["default_strength_choice"] = {
             "how": f"generation on {result['set']} dev half A ({result['half_a']} prompts, greedy, "

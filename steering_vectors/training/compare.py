@@ -455,13 +455,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=run_compare)
 
 
-def earlier_rows(out: Path, stage_folder: str) -> dict[str, dict[str, Any]]:
-    """The row summaries of the report already in `out`, when it was made from the same comparison (same
+def earlier_rows(report: dict[str, Any], stage_folder: str) -> dict[str, dict[str, Any]]:
+    """The row summaries of `report` (the one already in --out), when it was made from the same comparison (same
     settings, dev pairs and strengths: the same stage folder name); else none. `--cached-only` carries them
     over for rows this machine's work folder holds less of, so that a report finished over several machines
     keeps every row."""
-    report = read_json(out / "report.json")
-    if not report or report.get("stage_folder") != stage_folder:
+    if report.get("stage_folder") != stage_folder:
         return {}
     return {r["row"]: r for r in report.get("rows", []) if "row" in r and "seeds" in r}
 
@@ -545,8 +544,8 @@ def run_compare(args: argparse.Namespace) -> int:
             report["generation"] = generation
         return write_comparison(report, args.out)
 
-    earlier = earlier_rows(args.out, comparison.folder.name) if args.cached_only else {}
-    before = (read_json(args.out / "report.json") or {}) if earlier else {}
+    before = (read_json(args.out / "report.json") or {}) if args.cached_only else {}
+    earlier = earlier_rows(before, comparison.folder.name)
     earlier_cpu = before.get("carried_cpu") or before.get("cpu")  # where the carried rows were computed
     for row in rows:
         wanted = seeds if row.key in seed_rows else seeds[:1]
