@@ -8,9 +8,11 @@ unsteered's and perplexity at most +10 %) and reported on half B.
     python bench/generation.py --profile profiles/helpful.safetensors --set alpaca_helpful \\
         --strengths 0.5 1 2 --out docs/bench-generation-helpful.json
 
-Replies come from the server's own engine (the transformers backend, in process, batched, greedy), so they are
-what a request gets; each profile steers in its own position mode (a profile's condition is not read: it
-steers every prompt). The grid is `--strengths` plus the file's default strength (`geneval.GenRow.of_profile`);
+Replies come from the server's own engine (the transformers backend, in process, batched, greedy; with
+`--samples K` also K seeded sampled sets), so they are what a request gets: each profile steers in its own position
+mode and, where `--repetition-penalty` is not given, with its decoding defaults (`Profile.decoding`), as for a
+request that sets none; a profile's condition is not read (it steers every prompt) unless `--honour-conditions`.
+The grid is `--strengths` plus the file's default strength (`geneval.GenRow.of_profile`);
 prompts: each dev prompt once (`genmetrics.unique_prompts`). Only the replies are made here; every number is
 `geneval.score_replies`', as in `rahf eval --generation`, whose replies come from `model.generate` instead.
 
@@ -34,8 +36,11 @@ exists, the same tensors (`tensors_sha256`).
 The JSON (`--out`) is `score_replies`' result (`prompts`, `half_a`, `half_b`, `judge`, `settings`,
 `unsteered`, `rows` with one row named after the profile: `method`, `chosen_strength`, `file_default`,
 `unsteered_half_a`, `strengths` keyed "0.5", "1", ... each with `half_a`, `half_b`, `all`, `examples`) plus
-`profile`, `set`, `replies` ("engine"), `repetition_penalty`, `judge_sha256`, `tensors_sha256`, `cpu` and
-`seconds`. Files written before (docs/bench-generation-{helpful,helpful-pref,harmless,harmless-pref}.json, by
+`profile`, `set`, `replies` ("engine"), `repetition_penalty` (every request's; 1 where they set none),
+`profile_decoding` (the profile's decoding defaults the steered requests took: {} when `--repetition-penalty` set
+it), `conditions` ("ignored" or "honoured"), `judge_sha256`, `tensors_sha256`, `cpu` and `seconds`; files
+without `profile_decoding` and `conditions` set the penalty on every request and ignored conditions.
+Files written before (docs/bench-generation-{helpful,helpful-pref,harmless,harmless-pref}.json, by
 d1d4c00) have the older layout that tabulated here: `strengths` keyed "0.0", "0.5", ... (the unsteered row
 among them), `chosen_strength`, `method`, `profile_default_strength` and `max_tokens` at the top, examples
 apart; the same numbers. `--from-json` reads both; for an old file the judge's sha256 is that of the file of
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -62,10 +68,13 @@ from steering_vectors.training.genmetrics import Prompt  # noqa: E402
 from steering_vectors.training.pipeline import file_sha256  # noqa: E402
 
 
-def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float = 1.0,
-                    honour_conditions: bool = False) -> geneval.Generate:
-    """Greedy replies from `backend`'s engine (started), all prompts of a call batched as the engine batches
-    concurrent requests, each profile in its position mode. No sampled replies, no system messages.
+def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: float | None = 1.0,
+                    honour_conditions: bool = False, settings: geneval.GenSettings | None = None) -> geneval.Generate:
+    """Replies from `backend`'s engine (started), all prompts of a call batched as the engine batches concurrent
+    requests, each profile in its position mode: greedy, or sampled with a seed (`settings`' temperature and top_p;
+    every prompt's request takes that seed). No system messages.
+    `repetition_penalty` None: the requests set none, as a client that leaves it out: a profile's decoding default
+    applies on the rows it steers (`Profile.decoding`), the unsteered rows get 1 (off); a number: every row's.
     `honour_conditions`: a profile with a condition steers only the prompts its condition fires on, as a request
     naming it gets (bench/composition.py); otherwise every profile steers every prompt."""
     from server.backends.base import GenerationRequest, SamplingParams
@@ -73,21 +82,26 @@ def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: fl
     from steering_vectors.training.conditions import render_prompt
 
     engine, tokenizer = backend.engine, backend.tokenizer
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=backend.stop_token_ids,
-                            repetition_penalty=repetition_penalty)  # fmt: skip
+    settings = settings or geneval.GenSettings(max_new_tokens=max_new_tokens)
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=backend.stop_token_ids,
+                            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty)  # fmt: skip
+    open_sampling = frozenset({"repetition_penalty"} if repetition_penalty is None else ())
     calls = 0
 
-    async def one(rid: str, prompt: list[int], steering: RowSteering | None) -> list[int]:
+    async def one(rid: str, prompt: list[int], params: SamplingParams, steering: RowSteering | None) -> list[int]:
         out: list[int] = []
-        async for event in engine.generate(GenerationRequest(rid, prompt, params, steering=steering)):
+        request = GenerationRequest(rid, prompt, params, steering=steering, open_sampling=open_sampling)
+        async for event in engine.generate(request):
             out += event.token_ids
         return out
 
     def generate(prompts: Sequence[Prompt], entries: list[tuple[Profile, float]], system: str | None,
                  seed: int | None) -> list[str]:  # fmt: skip
         nonlocal calls
-        if system is not None or seed is not None:
-            raise ValueError("the engine bench makes greedy replies to the dev prompts only")
+        if system is not None:
+            raise ValueError("the engine bench makes replies to the dev prompts without a system message")
+        params = greedy if seed is None else dataclasses.replace(
+            greedy, temperature=settings.temperature, top_p=settings.top_p, seed=seed)
         calls += 1
         gated = [(p, w) for p, w in entries if honour_conditions and p.condition is not None]
         always = [(p, w) for p, w in entries if not (honour_conditions and p.condition is not None)]
@@ -96,7 +110,7 @@ def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: fl
         ids = [render_prompt(tokenizer, list(p)) for p in prompts]
 
         async def every() -> list[list[int]]:
-            return await asyncio.gather(*(one(f"g{calls}-{i}", p, steering) for i, p in enumerate(ids)))
+            return await asyncio.gather(*(one(f"g{calls}-{i}", p, params, steering) for i, p in enumerate(ids)))
 
         return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in asyncio.run(every())]
 
@@ -105,17 +119,21 @@ def engine_generate(backend: Any, *, max_new_tokens: int, repetition_penalty: fl
 
 def measure(
     backend: Any, profile: Profile, prompts: Sequence[Prompt], strengths: Sequence[float], judge_file: Path, *,
-    max_new_tokens: int = 96, repetition_penalty: float = 1.0, log: Callable[[str], None] | None = None,
+    max_new_tokens: int = 96, repetition_penalty: float | None = 1.0, samples: int = 0,
+    honour_conditions: bool = False, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """`geneval.score_replies`' result for one profile, its replies made by `backend`'s engine."""
+    """`geneval.score_replies`' result for one profile, its replies made by `backend`'s engine (`engine_generate`:
+    `repetition_penalty` None leaves it to the profile's decoding default); `samples` seeded sampled sets beside the
+    greedy one."""
     from steering_vectors.training.judge import load_judge
 
-    settings = geneval.GenSettings(max_new_tokens=max_new_tokens)
+    settings = geneval.GenSettings(max_new_tokens=max_new_tokens, samples=samples)
     rows = [geneval.GenRow.of_profile(profile, strengths)]
     # 1. replies at every strength, from the engine
     backend.engine.start()
     try:
-        generate = engine_generate(backend, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+        generate = engine_generate(backend, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                   honour_conditions=honour_conditions, settings=settings)  # fmt: skip
         replies = geneval.collect_replies(prompts, rows, generate, settings, log=log)
     finally:
         backend.engine.shutdown(10)
@@ -189,7 +207,16 @@ def main() -> None:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                         help="steered strengths (the unsteered model, strength 0, is always run)")
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="every request's (steered and unsteered); default: the requests set none, as a client "
+                             "that leaves it out: a profile's decoding default (Profile.decoding) applies where it "
+                             "steers, 1 (off) elsewhere")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="seeded sampled reply sets beside the greedy one (temperature 0.7, top_p 0.9; scored "
+                             "against the unsteered replies of the same seed, over all prompts)")
+    parser.add_argument("--honour-conditions", action="store_true",
+                        help="a profile with a condition steers only the prompts it fires on, as a request naming "
+                             "it gets (default: it steers every prompt)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many dev prompts (the first ones)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--judges", type=Path, default=ROOT / "profiles" / "judges")
@@ -228,9 +255,13 @@ def main() -> None:
     prompts = prompts[: args.limit] if args.limit else prompts
     judge_file = kept_judge_file(args.judges, args.set)
     result = measure(backend, profile, prompts, args.strengths, judge_file, max_new_tokens=args.max_tokens,
-                     repetition_penalty=args.repetition_penalty, log=lambda line: print(line, file=sys.stderr))
+                     repetition_penalty=args.repetition_penalty, samples=args.samples,
+                     honour_conditions=args.honour_conditions, log=lambda line: print(line, file=sys.stderr))
     report = {**result, "profile": str(args.profile), "set": args.set, "replies": "engine",
-              "repetition_penalty": args.repetition_penalty, "judge_sha256": file_sha256(judge_file),
+              "repetition_penalty": 1.0 if args.repetition_penalty is None else args.repetition_penalty,
+              "profile_decoding": profile.decoding if args.repetition_penalty is None else {},
+              "conditions": "honoured" if args.honour_conditions else "ignored",
+              "judge_sha256": file_sha256(judge_file),
               "tensors_sha256": profile.tensor_digest(), "cpu": cpu_name(),
               "seconds": time.perf_counter() - started}  # fmt: skip
     print("\n".join(geneval.generation_lines(result)))

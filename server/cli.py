@@ -37,7 +37,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                           "(default: the model's, at most 2048)"}),
     ("--default-max-tokens", "default_max_tokens", {"type": int}),
     ("--default-repetition-penalty", "default_repetition_penalty", {
-        "type": float, "help": "repetition_penalty of requests that set none (default 1: off)"}),
+        "type": float, "help": "repetition_penalty of requests that set none and steer with no profile that "
+                         "carries one (default 1: off)"}),
     ("--max-tokens-limit", "max_tokens_limit", {"type": int}),
     ("--max-batch-size", "max_batch_size", {"type": int, "help": "requests run together (concurrency)"}),
     ("--max-queue", "max_queue", {"type": int, "help": "requests waiting beyond the running ones"}),

@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     default_repetition_penalty: float = Field(
         1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1],
-        description="repetition_penalty of requests that set none (1: off); 1.15 stops the loops of the default "
-        "model's greedy replies (docs/bench-repetition.md)",
+        description="repetition_penalty of requests that set none (1: off), where no profile acting on the request "
+        "carries one (a profile's decoding defaults come first); 1.15 stops the loops of the default model's greedy "
+        "replies (docs/bench-repetition.md)",
     )  # fmt: skip
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")

@@ -115,6 +115,12 @@ _STEERING_APPLIED = {
                                      "digest": _DIGEST}},
         },
         "position": {"type": "string", "enum": list(POSITION_MODES)},
+        "decoding": {
+            "type": "object",
+            "description": "sampling defaults the acting profiles carry and the request took, in the fields it "
+                           "left unset (absent: none)",
+            "properties": {"repetition_penalty": {"type": "number"}},
+        },
     },
 }
 _USAGE = {
@@ -455,7 +461,8 @@ def _common(props: dict[str, Any], settings: Settings) -> None:
     props["repetition_penalty"] = {
         "type": ["number", "null"], "minimum": REPETITION_PENALTY[0], "maximum": REPETITION_PENALTY[1],
         "description": "over prompt and generated tokens: positive logits divided by it, negative ones "
-                       "multiplied; 1: off; absent or null: the server's default "
+                       "multiplied; 1: off; absent or null: the largest that a steering profile acting on "
+                       "the request carries (its decoding defaults), else the server's default "
                        f"({settings.default_repetition_penalty:g}) (vLLM's extension)"}
     props["stop"] = {"anyOf": [
         {"type": "string", "minLength": 1},

@@ -247,6 +247,12 @@ class Generation:
     prompts: tuple[str | list[int], ...] = ()  # completions: texts or token-id lists
     response_format: JsonObjectFormat | JsonSchemaResponseFormat | None = None  # chat: None is free text
 
+    @property
+    def open_sampling(self) -> frozenset[str]:
+        """The sampling fields this request leaves to its steering profiles' decoding defaults (`Profile.decoding`),
+        before the server's default: those it does not set."""
+        return frozenset({"repetition_penalty"} if self.repetition_penalty is None else ())
+
     def sampling(
         self, index: int, max_new_tokens: int, stop_token_ids: frozenset[int], default_repetition_penalty: float = 1.0
     ) -> SamplingParams:

@@ -25,7 +25,7 @@ from typing import Any
 
 from steering_vectors.core.errors import PlanError
 from steering_vectors.core.hooks import RowSteering
-from steering_vectors.core.profile import ModelFingerprint, Profile
+from steering_vectors.core.profile import ModelFingerprint, Profile, merged_decoding
 
 from .backends.base import ConditionResult, Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
 from .config import Settings
@@ -41,10 +41,13 @@ def steering_info(
     steering: RowSteering | None,
     digests: Mapping[str, str] | None = None,
     conditions: Mapping[str, ConditionResult] | None = None,
+    open_sampling: frozenset[str] = frozenset(),
 ) -> dict[str, Any] | None:
     """What the response reports about the steering it applied (with each profile file's digest, which
     tells the version that served it); a conditional profile also says whether its condition fired
-    (`applied`) and its probe's `score` (`conditions`: the engine's results, once the prompt is read)."""
+    (`applied`) and its probe's `score` (`conditions`: the engine's results, once the prompt is read).
+    `decoding`: the acting profiles' decoding defaults the request took, in the fields it left open
+    (`open_sampling`), as the engine applied them (`with_profile_decoding`); absent when none."""
     if steering is None:
         return None
     digests = digests or {}
@@ -59,7 +62,14 @@ def steering_info(
             result = conditions.get(name)
             entry["condition"] = None if result is None else {"applied": result.applied, "score": result.score}
         entries.append(entry)
-    return {"profiles": entries, "position": steering.position_mode}
+    info: dict[str, Any] = {"profiles": entries, "position": steering.position_mode}
+    fired = [(profile, strength) for profile, strength in steering.conditional
+             if (result := conditions.get(profile.name)) is not None and result.applied]  # fmt: skip
+    decoding = {key: value for key, value in merged_decoding([*steering.sources, *fired]).items()
+                if key in open_sampling}  # fmt: skip
+    if decoding:
+        info["decoding"] = decoding
+    return info
 
 
 def steering_header(steering: RowSteering | None, digests: Mapping[str, str] | None = None) -> str:
@@ -291,7 +301,8 @@ class Prepared:
 
     @property
     def steering_info(self) -> dict[str, Any] | None:
-        return steering_info(self.steering, self.digests, self.conditions)
+        return steering_info(self.steering, self.digests, self.conditions,
+                             self.requests[0].open_sampling if self.requests else frozenset())
 
 
 class Serving:
@@ -455,6 +466,7 @@ class Serving:
                 steering=steering,
                 constraint=constraints[i],
                 json_schema=schema,
+                open_sampling=asked.open_sampling,
             )
             for i in range(asked.n)
         ]
@@ -500,6 +512,7 @@ class Serving:
                         prompt_ids=ids,
                         sampling=self._sampling(asked, max_new, i),
                         steering=steering,
+                        open_sampling=asked.open_sampling,
                     )
                 )
                 texts.append(text)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core.errors import SteeringError
+from .core.errors import ProfileValueError, SteeringError
 from .core.profile import POSITION_MODES, Profile
 
 
@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     p.add_argument("--position", choices=POSITION_MODES, default=None, help="position mode (default: the source's)")
     p.add_argument("--strength", type=float, default=None, help="default strength (default: the source's)")
+    p.add_argument("--decoding", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a decoding default for the rows the profile steers, where a request sets none (today "
+                        "repetition_penalty=1.15, say); FIELD=none removes one; repeatable. A change drops the "
+                        "generation result, measured with the source's decoding")
     p.set_defaults(handler=_copy)
 
     p = actions.add_parser("export-gguf", help="write a profile as a GGUF control vector (llama.cpp, repeng)")
@@ -172,9 +176,24 @@ def _copy(args: argparse.Namespace) -> int:
     if args.strength is not None and args.strength != source.default_strength:
         changes["default_strength"] = [source.default_strength, args.strength]
         copy = dataclasses.replace(copy, default_strength=args.strength)
+    decoding = dict(source.decoding)
+    for item in args.decoding:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ProfileValueError(f"--decoding {item!r}: expected FIELD=VALUE (or FIELD=none)")
+        if value.strip().lower() == "none":
+            decoding.pop(key.strip(), None)
+        else:
+            try:
+                decoding[key.strip()] = float(value)
+            except ValueError:
+                raise ProfileValueError(f"--decoding {item!r}: {value!r} is not a number") from None
+    if decoding != source.decoding:
+        changes["decoding"] = [source.decoding, decoding]
+        copy = dataclasses.replace(copy, decoding=decoding)  # checked as a loaded file's are
     provenance = dict(source.provenance)
-    if "position_mode" in changes:
-        provenance.pop("generation", None)  # measured with the source's position mode
+    if "position_mode" in changes or "decoding" in changes:
+        provenance.pop("generation", None)  # measured with the source's position mode and decoding
     sha256 = hashlib.sha256(args.file.read_bytes()).hexdigest()
     copy.provenance = {**provenance, "copied_from": {"file": args.file.name, "sha256": sha256, "changes": changes}}
     copy.save(args.out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "SamplingParams",
     "TokenConstraint",
     "TokenLogprob",
+    "with_profile_decoding",
 ]
 
 T = TypeVar("T")
@@ -111,6 +113,21 @@ class GenerationRequest:
     # only for engines whose supports_json_schema is True (and supports_constraints False): the reply must be an
     # instance of this JSON schema; the serving layer has checked that it compiles
     json_schema: dict[str, Any] | None = None
+    # SamplingParams fields the client did not set: the decoding defaults of the profiles acting on the row
+    # (`RowSteering.decoding`) fill them (`with_profile_decoding`); a conditional profile's once it fires
+    open_sampling: frozenset[str] = frozenset()
+
+
+def with_profile_decoding(request: GenerationRequest, steering: RowSteering | None) -> GenerationRequest:
+    """`request` with its open sampling fields set from `steering`'s acting profiles (a new request; the same
+    one when nothing changes), its open fields then closed, so that a second call changes nothing. An engine
+    calls it once the row's steering is final: at submission, or after the prompt's conditions are read."""
+    if not request.open_sampling:
+        return request
+    defaults = {key: value for key, value in (steering.decoding if steering is not None else {}).items()
+                if key in request.open_sampling}  # fmt: skip
+    return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **defaults),
+                               open_sampling=frozenset())  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import PlanError, ProfileError
 from .layers import find_decoder_layers, hidden_size_of
-from .profile import LORA_PROJECTIONS, POSITION_MODES, LoraTerms, Profile, check_terms
+from .profile import LORA_PROJECTIONS, POSITION_MODES, LoraTerms, Profile, check_terms, merged_decoding
 
 _STEERER_ATTR = "_rahf_steerer"
 
@@ -381,6 +381,12 @@ class RowSteering:
     def steers_prompt(self) -> bool:
         """Whether the unconditional part has terms (the part a prompt's prefill applies)."""
         return bool(self.offsets)
+
+    @property
+    def decoding(self) -> dict[str, float]:
+        """The decoding defaults of the profiles acting on the row now (`Profile.decoding`, combined by
+        `merged_decoding`): the unconditional entries; conditional ones only once `resolved` keeps them."""
+        return merged_decoding(self.sources)
 
     @property
     def steers_generated(self) -> bool:

@@ -26,6 +26,10 @@ File layout (format version 1, or 2 when the profile has low-rank terms):
   ``<layer>`` (the mean over the prompt's tokens, or the last prompt token's) compares so with the threshold
   (see `Condition`). Older readers refuse
   version 4 rather than serve such a profile unconditionally.
+- version 5 only, optional: the metadata key ``decoding`` (JSON: field -> number, the fields of
+  `DECODING_FIELDS`, today ``repetition_penalty``): sampling defaults for the rows the profile steers, where the
+  request sets none (a profile whose steering makes the model loop carries the penalty that stops it). Older
+  readers refuse version 5 rather than serve such a profile without them.
 - metadata (safetensors' string map): ``format`` = ``rahf-profile``, ``format_version``, ``name``,
   ``description``, ``fingerprint`` (JSON), ``default_strength``, ``position_mode``, ``method``,
   ``provenance`` (JSON), ``created``. The provenance is free-form but for one checked section,
@@ -44,7 +48,7 @@ import re
 import struct
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -64,8 +68,15 @@ from .errors import (
 from .generation_record import GenerationRecord
 
 FORMAT_NAME = "rahf-profile"
-# the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms
-FORMAT_VERSION = 4
+# the newest version this library reads; it writes 1 unless a profile has low-rank (2) or LoRA (3) terms, a
+# condition (4) or decoding defaults (5: an older reader refuses such a file rather than serve it without them)
+FORMAT_VERSION = 5
+# decoding defaults a profile may carry (`Profile.decoding`): the field, its allowed range, and how the values
+# of several profiles acting on one row combine. A request's own value always wins; a profile's applies only on
+# the rows it steers (strength not 0; a conditional profile once its condition fires).
+# repetition_penalty: over prompt and output tokens (positive logits / it, negative ones * it), as vLLM's; the
+# largest of the acting profiles' values.
+DECODING_FIELDS: dict[str, tuple[float, float]] = {"repetition_penalty": (1.0, 10.0)}
 # which tokens a profile steers: "all" every real token, "generated" positions at or past the row's prompt
 # length, "prompt" positions before it (generated tokens see the steering only through the prompt's K/V)
 PositionMode = Literal["all", "generated", "prompt"]
@@ -268,6 +279,33 @@ class Condition:
                 "score": self.kind}
 
 
+def check_decoding(decoding: Any, *, who: str) -> dict[str, float]:
+    """`decoding` as a profile keeps it (known fields, finite numbers in range, sorted), or ProfileValueError."""
+    if not isinstance(decoding, Mapping):
+        raise ProfileFormatError(f"{who}: decoding must be an object of field: value, not {type(decoding).__name__}")
+    clean: dict[str, float] = {}
+    for key, value in sorted(decoding.items()):
+        if key not in DECODING_FIELDS:
+            raise ProfileValueError(f"{who}: decoding field {key!r} is not one of {sorted(DECODING_FIELDS)}")
+        low, high = DECODING_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+            raise ProfileValueError(f"{who}: decoding {key} must be a number in [{low:g}, {high:g}], not {value!r}")
+        clean[key] = float(value)
+    return clean
+
+
+def merged_decoding(entries: Sequence[tuple[Profile, float]]) -> dict[str, float]:
+    """The decoding defaults of the profiles that act in `entries` (strength not 0), combined as DECODING_FIELDS
+    says: for repetition_penalty, the largest."""
+    merged: dict[str, float] = {}
+    for profile, strength in entries:
+        if strength == 0:
+            continue
+        for key, value in profile.decoding.items():
+            merged[key] = max(merged.get(key, value), value)
+    return merged
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe profile name (letters, digits, `_ . -`; no path parts)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -299,6 +337,7 @@ class Profile:
     low_rank: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora: LoraTerms = field(default_factory=dict)
     condition: Condition | None = None  # a probe on the prompt; the profile acts only when it fires
+    decoding: dict[str, float] = field(default_factory=dict)  # sampling defaults where it acts (DECODING_FIELDS)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -340,6 +379,9 @@ class Profile:
                     f"values, its offsets {sizes[0]}"
                 )
             self.format_version = max(self.format_version, 4)
+        self.decoding = check_decoding(self.decoding, who=f"profile {self.name!r}")
+        if self.decoding:
+            self.format_version = max(self.format_version, 5)
         _ = self.generation  # a malformed generation section fails here, as a malformed condition does
 
     def _clean_lora(self) -> LoraTerms:
@@ -432,6 +474,7 @@ class Profile:
             "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
             "created": repr(float(self.created)),
             **({"condition": self.condition.metadata()} if self.condition is not None else {}),
+            **({"decoding": json.dumps(self.decoding, sort_keys=True)} if self.decoding else {}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -451,6 +494,7 @@ class Profile:
             "low_rank": {str(k): v for k, v in self.ranks().items()},
             "lora": {str(k): v for k, v in self.lora_ranks().items()},
             "condition": self.condition.summary() if self.condition is not None else None,
+            "decoding": dict(self.decoding),
             "generation": generation.summary() if (generation := self.generation) is not None else None,
             "created": int(self.created),
             "format_version": self.format_version,
@@ -603,6 +647,7 @@ class Profile:
                 low_rank=low_rank,
                 lora=lora,
                 condition=_read_condition(directions, metadata.get("condition"), source),
+                decoding=json.loads(metadata["decoding"]) if "decoding" in metadata else {},
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProfileFormatError(f"{source}: malformed profile metadata ({exc})") from exc

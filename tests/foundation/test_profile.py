@@ -469,3 +469,48 @@ def test_the_shipped_profiles_load_unchanged() -> None:
     for path in sorted((Path(__file__).resolve().parents[2] / "profiles").glob("*.safetensors")):
         profile = Profile.load(path)
         assert (profile.format_version, profile.condition is None) in {(1, True), (2, True), (3, True), (4, False)}
+
+
+# -- decoding defaults (format version 5) -----------------------------------------------------------------
+
+
+def test_decoding_defaults_round_trip_and_make_version_5() -> None:
+    from steering_vectors.core.profile import FORMAT_VERSION
+
+    profile = Profile(name="d", offsets={1: torch.ones(8)}, decoding={"repetition_penalty": 1.15})
+    loaded = Profile.from_bytes(profile.to_bytes())
+    assert loaded.format_version == 5 == FORMAT_VERSION and loaded.decoding == {"repetition_penalty": 1.15}
+    assert json.loads(loaded.metadata()["decoding"]) == {"repetition_penalty": 1.15}
+    assert loaded.summary()["decoding"] == {"repetition_penalty": 1.15}
+    plain = Profile.from_bytes(Profile(name="p", offsets={1: torch.ones(8)}).to_bytes())
+    assert plain.format_version == 1 and plain.decoding == {} and "decoding" not in plain.metadata()
+
+
+@pytest.mark.parametrize("decoding, error", [
+    ({"temperature": 0.7}, "not one of"),
+    ({"repetition_penalty": 0.9}, r"in \[1, 10\]"),
+    ({"repetition_penalty": float("nan")}, r"in \[1, 10\]"),
+    ({"repetition_penalty": True}, "must be a number"),
+    ({"repetition_penalty": "1.1"}, "must be a number"),
+    ([("repetition_penalty", 1.1)], "must be an object"),
+])
+def test_bad_decoding_defaults_are_typed_errors(decoding, error) -> None:
+    from steering_vectors.core.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=error):
+        Profile(name="d", offsets={1: torch.ones(8)}, decoding=decoding)
+    meta = Profile(name="d", offsets={1: torch.ones(8)}).metadata()
+    with pytest.raises(ProfileError, match=error):  # and in a file
+        Profile.from_bytes(st_save({"offset.1": torch.ones(8)}, metadata={**meta, "decoding": json.dumps(decoding)}))
+
+
+def test_merged_decoding_takes_the_largest_penalty_of_the_acting_profiles() -> None:
+    from steering_vectors.core.profile import merged_decoding
+
+    def p(name: str, **decoding: float) -> Profile:
+        return Profile(name=name, offsets={1: torch.ones(8)}, decoding=decoding)
+
+    strong, mild, none = p("s", repetition_penalty=1.3), p("m", repetition_penalty=1.1), p("n")
+    assert merged_decoding([(mild, 1.0), (strong, -0.5), (none, 2.0)]) == {"repetition_penalty": 1.3}
+    assert merged_decoding([(strong, 0.0), (mild, 1.0)]) == {"repetition_penalty": 1.1}  # strength 0: not acting
+    assert merged_decoding([(none, 1.0)]) == {} and merged_decoding([]) == {}

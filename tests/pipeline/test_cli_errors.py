@@ -172,6 +172,28 @@ def test_profiles_copy_changes_only_what_it_is_asked_and_says_so(tmp_path, capsy
     assert main(["profiles", "copy", str(tmp_path / "missing.safetensors"), str(same)]) == 1
 
 
+def test_profiles_copy_sets_and_removes_decoding_defaults(tmp_path, capsys) -> None:
+    path = Path(__file__).resolve().parents[2] / "profiles" / "helpful.safetensors"
+    source = Profile.load(path)
+    assert source.decoding == {} and source.generation is not None
+    out = tmp_path / "helpful.safetensors"
+    assert main(["profiles", "copy", str(path), str(out), "--decoding", "repetition_penalty=1.15"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out} (decoding {{}} -> {{'repetition_penalty': 1.15}})"
+    copy = Profile.load(out)
+    assert copy.decoding == {"repetition_penalty": 1.15} and copy.format_version == 5
+    assert copy.generation is None  # measured with the source's decoding: not carried over
+    assert copy.tensor_digest() == source.tensor_digest()
+    back = tmp_path / "back" / "helpful.safetensors"
+    assert main(["profiles", "copy", str(out), str(back), "--decoding", "repetition_penalty=none"]) == 0
+    assert Profile.load(back).decoding == {}
+    capsys.readouterr()
+    for bad, error in (("repetition_penalty", "expected FIELD=VALUE"), ("repetition_penalty=high", "not a number"),
+                       ("temperature=0.7", "not one of"), ("repetition_penalty=0.5", r"in [1, 10]")):
+        assert main(["profiles", "copy", str(path), str(tmp_path / "bad.safetensors"), "--decoding", bad]) == 1
+        assert error in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
     """`rahf profiles show FILE | head`: when the pipe is closed, no traceback, and the status of a process
     killed by SIGPIPE (141). The reader here has left before the command writes, so the write always fails."""

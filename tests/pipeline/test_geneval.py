@@ -222,6 +222,35 @@ def test_the_engine_bench_reports_the_librarys_numbers_and_annotates_the_profile
             assert choice is None  # half A kept no steered strength: the file's default stays
 
 
+def test_the_engine_bench_leaves_the_penalty_to_the_profile_and_samples_with_seeds(tiny, tiny_model_dir) -> None:
+    import dataclasses
+
+    from server.backends.transformers import create
+    from server.config import Settings
+
+    backend = create(Settings(max_batch_size=4, max_queue=64), model=load_model(tiny_model_dir))
+    bare = _profile(tiny, "p", 1)
+    carrying = dataclasses.replace(bare, decoding={"repetition_penalty": 1.8}, offsets=dict(bare.offsets))
+    prompts = [({"role": "user", "content": f"Question {i}?"},) for i in range(3)]
+    settings = geneval.GenSettings(max_new_tokens=12, samples=1)
+    backend.engine.start()
+    try:
+        def make(penalty: float | None):
+            return bench_generation.engine_generate(backend, max_new_tokens=12, repetition_penalty=penalty,
+                                                    settings=settings)  # fmt: skip
+
+        left_open, set_to_one, by_hand = make(None), make(1.0), make(1.8)
+        assert left_open(prompts, [(carrying, 1.0)], None, None) == by_hand(prompts, [(bare, 1.0)], None, None)
+        assert set_to_one(prompts, [(carrying, 1.0)], None, None) == set_to_one(prompts, [(bare, 1.0)], None, None)
+        assert left_open(prompts, [], None, None) == set_to_one(prompts, [], None, None)  # unsteered: off
+        assert by_hand(prompts, [(bare, 1.0)], None, None) != set_to_one(prompts, [(bare, 1.0)], None, None)
+        # sampled replies: the same seed, the same replies; another seed, others
+        sampled = [set_to_one(prompts, [], None, seed) for seed in (0, 0, 1)]
+        assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    finally:
+        backend.engine.shutdown(10)
+
+
 SHIPPED = ("helpful", "helpful-pref", "harmless-pref")  # annotated from docs/bench-generation-<name>.json
 
 

@@ -3,7 +3,8 @@ shape is the same): unsteered rows are untouched by steered neighbours, a steere
 alone and in a batch with other profiles, the steered residual stream equals the transformers backend's at
 the steered layers (offsets, low-rank and LoRA terms), position modes (a "prompt"-mode row's decode states equal
 the unsteered computation over its steered prompt), snapshots of replaced profiles,
-profile slots, the prefix-cache salt, cancellation, overload and max_tokens 0 scoring."""
+profile slots, the prefix-cache salt, cancellation, overload, max_tokens 0 scoring, and a profile's
+repetition_penalty filling a request that sets none."""
 
 from __future__ import annotations
 
@@ -79,6 +80,21 @@ def test_strength_zero_is_unsteered(vllm_backend) -> None:
     a = profile(vllm_backend, "a", 1)
     zero, plain = run(vllm_backend, request("z", steering=steer(vllm_backend, (a, 0.0))), request("p"))
     assert zero == plain
+
+
+def test_a_profiles_repetition_penalty_fills_a_request_that_sets_none(vllm_backend) -> None:
+    import dataclasses
+
+    bare = profile(vllm_backend, "a", 1)
+    carrying = dataclasses.replace(bare, decoding={"repetition_penalty": 1.8}, offsets=dict(bare.offsets))
+    opened = request("o", steering=steer(vllm_backend, (carrying, 1.0)))
+    opened.open_sampling = frozenset({"repetition_penalty"})
+    own = request("s", steering=steer(vllm_backend, (carrying, 1.0)))  # sets 1 (off) itself
+    taken, kept = run(vllm_backend, opened, own)
+    by_hand, plain = run(vllm_backend, request("h", steering=steer(vllm_backend, (bare, 1.0)), repetition_penalty=1.8),
+                         request("p", steering=steer(vllm_backend, (bare, 1.0))))  # fmt: skip
+    assert taken == by_hand and kept == plain
+    assert taken != plain  # the penalty changes this reply
 
 
 def test_a_steered_row_alone_equals_it_in_a_batch_with_other_profiles(vllm_backend) -> None:

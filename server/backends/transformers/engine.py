@@ -61,6 +61,7 @@ from ..base import (
     TokenLogprob,
     drain_and_stop,
     queued_events,
+    with_profile_decoding,
 )
 from ..sampling import make_generator, select_tokens, token_logprob
 from . import compat
@@ -572,6 +573,8 @@ class ContinuousEngine(Engine):
             seq.filled, seq.prompt_logprobs, seq.last_prompt_logits = 0, None, None
             self._prefilling = seq
             return
+        # the row's steering is final: its acting profiles' decoding defaults fill what the request left open
+        seq.request = with_profile_decoding(seq.request, seq.steering)
         if seq.max_new_tokens == 0:
             self._retire(seq)
             self._emit(seq, EngineEvent(finish_reason="length", prompt_logprobs=seq.prompt_logprobs,

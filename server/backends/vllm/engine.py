@@ -44,6 +44,7 @@ from ..base import (
     TokenLogprob,
     drain_and_stop,
     queued_events,
+    with_profile_decoding,
 )
 from .worker import RequestSteering
 
@@ -232,7 +233,8 @@ class VllmEngine(Engine):
                 f"{steering.hidden_size}; this engine's model has {self.fingerprint.num_layers} of size "
                 f"{self.fingerprint.hidden_size}"
             )
-        seq = _Sequence(request=request, loop=loop, events=asyncio.Queue())
+        # no conditions here (the serving layer refuses them): the steering is final, so are its decoding defaults
+        seq = _Sequence(request=with_profile_decoding(request, steering), loop=loop, events=asyncio.Queue())
         with self._lock:
             if not self._accepting:
                 raise EngineShutdownError("the engine is not accepting requests")
