@@ -139,6 +139,8 @@ function showDetails(profile) {
     ["name", profile.id], ["description", profile.description || ""], ["method", profile.method],
     ["layers", profile.layers.join(", ")], ["default strength", fmt(profile.default_strength)],
     ["position mode", profile.position_mode],
+    ...(profile.decoding && Object.keys(profile.decoding).length ? [["decoding defaults (where it steers and a " +
+      "request sets none)", Object.entries(profile.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ")]] : []),
     ["created", new Date(profile.created * 1000).toISOString().slice(0, 19).replace("T", " ")],
   ];
   if (p.examples) rows.push(["examples", p.examples.count + " " + p.examples.shape + ", sha256 " +
@@ -206,11 +208,15 @@ function generationBox(gen) {
 // -- side-by-side comparison --------------------------------------------------------------------------------
 
 // what a response's steering field says about conditional profiles: "harmless: applied (score 1.73)"
+// and about the decoding defaults the acting profiles carried: "repetition_penalty 1.15 from the profiles"
 function conditionsText(steering) {
   if (!steering || !Array.isArray(steering.profiles)) return "";
-  return steering.profiles.filter((p) => p.condition).map((p) => p.profile + ": " +
+  const parts = steering.profiles.filter((p) => p.condition).map((p) => p.profile + ": " +
     (p.condition.applied ? "applied" : "not applied — its condition did not fire") +
-    " (score " + fmt(p.condition.score) + ")").join("; ");
+    " (score " + fmt(p.condition.score) + ")");
+  if (steering.decoding) parts.push(Object.entries(steering.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ") +
+    " from the profiles' decoding defaults");
+  return parts.join("; ");
 }
 
 async function stream(body, target, note) {

@@ -1,7 +1,8 @@
 """The playground in a real browser: headless Chromium (Debian's `chromium` and `chromium-driver`, which
 scripts/ci-system-deps.sh installs) driven by Selenium, against a live server over the tiny model under a
 root path, with keys on. Picks a profile, moves its slider, runs a comparison and checks that both replies
-render and differ; builds a profile from examples in the page and sees it listed and ticked.
+render and differ (and that the profile's decoding defaults are shown, where it has them and where a reply took
+them); builds a profile from examples in the page and sees it listed and ticked.
 
 Skipped, with the reason, where Chromium, its driver or Selenium is missing."""
 
@@ -43,7 +44,8 @@ ADMIN = "admin-key"
 @pytest.fixture(scope="module")
 def live(tiny_loaded, tmp_path_factory):
     directory = tmp_path_factory.mktemp("browser-profiles")
-    make_profile(tiny_loaded, "alpha", seed=1, default_strength=1.0).save(directory / "alpha.safetensors")
+    make_profile(tiny_loaded, "alpha", seed=1, default_strength=1.0,
+                 decoding={"repetition_penalty": 1.3}).save(directory / "alpha.safetensors")
     settings = Settings(profile_dir=directory, root_path="/rahf", api_keys=["user-key"], admin_keys=[ADMIN],
                         strength_min=-8, strength_max=8)
     with live_server(tiny_loaded, settings) as live:
@@ -98,6 +100,11 @@ def test_compare_and_build_in_the_page(live, browser) -> None:
         assert "error" not in (reply.get_attribute("class") or ""), reply.text
         assert reply.get_attribute("textContent"), reply.get_attribute("id")
     assert plain.get_attribute("textContent") != steered.get_attribute("textContent")
+    # the page sets no penalty: the steered request took the profile's, and the page says so
+    assert browser.find_element(By.ID, "conditions").text == (
+        "repetition_penalty 1.300 from the profiles' decoding defaults")
+    browser.find_element(By.CSS_SELECTOR, 'li[data-profile="alpha"] button.link').click()
+    assert "repetition_penalty 1.300" in browser.find_element(By.ID, "details").text
 
     # a repetition penalty typed into the page goes with both requests: the unsteered reply is then the
     # API's reply to the same body with that penalty (which differs from the reply without it)
