@@ -4,7 +4,9 @@ For each prompt set — benign (alpaca_helpful dev instructions) and harmful (hh
 replies from the server's engine (in process, batched, as requests get them) for four rows: unsteered, `helpful`
 alone, `harmless` alone, and both in one request; each profile at its file's default strength and, where it has a
 condition, gated by it as a request that names it is (`"condition": "honour"`, the default; `--ignore-conditions`
-steers every prompt, as `"condition": "ignore"`). Every number is the library's (`geneval.score_replies`: the
+steers every prompt, as `"condition": "ignore"`), and with the decoding defaults a profile carries where it acts
+(`Profile.decoding`: the requests set no repetition_penalty unless `--repetition-penalty`).
+Every number is the library's (`geneval.score_replies`: the
 set's judge against the unsteered replies, ties half, paired bootstrap interval over prompts; loop rate;
 refusal/defusal rate by `genmetrics.REFUSAL`; perplexity under the unsteered model).
 
@@ -58,6 +60,9 @@ def main() -> None:
     parser.add_argument("--ignore-conditions", action="store_true", help="steer every prompt, conditions or not")
     parser.add_argument("--gate-helpful", action="store_true",
                         help="helpful acts only where harmless's condition does not fire (its inverse)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="every request's; default: the requests set none, as a client that leaves it out (a "
+                             "profile's decoding default applies where it acts, 1 elsewhere)")
     parser.add_argument("--judges", type=Path, default=ROOT / "profiles" / "judges")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -90,12 +95,15 @@ def main() -> None:
         "conditions": "ignored" if args.ignore_conditions else "honoured", "helpful_gated": args.gate_helpful,
         "harmless_condition": harmless.condition.summary() if harmless.condition is not None else None,
         "max_new_tokens": args.max_tokens, "sets": {},
+        "repetition_penalty": args.repetition_penalty,  # null: the requests set none
+        "decoding": ({} if args.repetition_penalty is not None
+                     else {"helpful": helpful.decoding, "harmless": harmless.decoding}),
     }  # fmt: skip
     # 1. every reply of both sets from the engine (started once: a stopped engine does not start again)
     prompts, replies, seconds = {}, {}, {}
     backend.engine.start()
     try:
-        generate = engine_generate(backend, max_new_tokens=args.max_tokens,
+        generate = engine_generate(backend, max_new_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty,
                                    honour_conditions=not args.ignore_conditions)  # fmt: skip
         for name, data_set in SETS.items():
             t0 = time.perf_counter()

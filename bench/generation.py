@@ -36,7 +36,7 @@ exists, the same tensors (`tensors_sha256`).
 The JSON (`--out`) is `score_replies`' result (`prompts`, `half_a`, `half_b`, `judge`, `settings`,
 `unsteered`, `rows` with one row named after the profile: `method`, `chosen_strength`, `file_default`,
 `unsteered_half_a`, `strengths` keyed "0.5", "1", ... each with `half_a`, `half_b`, `all`, `examples`) plus
-`profile`, `set`, `replies` ("engine"), `repetition_penalty` (every request's; 1 where they set none),
+`profile`, `set`, `replies` ("engine"), `repetition_penalty` (every request's; null: they set none),
 `profile_decoding` (the profile's decoding defaults the steered requests took: {} when `--repetition-penalty` set
 it), `conditions` ("ignored" or "honoured"), `judge_sha256`, `tensors_sha256`, `cpu` and `seconds`; files
 without `profile_decoding` and `conditions` set the penalty on every request and ignored conditions.
@@ -258,7 +258,7 @@ def main() -> None:
                      repetition_penalty=args.repetition_penalty, samples=args.samples,
                      honour_conditions=args.honour_conditions, log=lambda line: print(line, file=sys.stderr))
     report = {**result, "profile": str(args.profile), "set": args.set, "replies": "engine",
-              "repetition_penalty": 1.0 if args.repetition_penalty is None else args.repetition_penalty,
+              "repetition_penalty": args.repetition_penalty,
               "profile_decoding": profile.decoding if args.repetition_penalty is None else {},
               "conditions": "honoured" if args.honour_conditions else "ignored",
               "judge_sha256": file_sha256(judge_file),

@@ -24,7 +24,8 @@ Where each number comes from:
 show` display) with the JSON its line names, and fails when they differ.
 
 `--rerun` calls, for each JSON of a line with a profile file, `bench/generation.py` with the set, strengths,
-reply length and repetition penalty recorded in that JSON, writing the JSON again; a profile whose generation
+reply length, repetition penalty (none where the requests set none), sampled sets and conditions recorded in that
+JSON, writing the JSON again; a profile whose generation
 section came from that JSON is annotated again in the same call (`--annotate`, tensors and default strength
 unchanged). Each run takes 5–35 minutes on a 2-core CPU. Lines without a profile file (a former profile's run,
 kept for comparison) are not rerun.
@@ -184,8 +185,10 @@ class Run:
     file_default: float | None
     unsteered: dict[str, float]  # loop_rate, refusal_rate, perplexity
     strengths: dict[float, dict[str, Any]]  # half B: loop_rate, refusal_rate, perplexity, win {win_rate, low, high}
-    repetition_penalty: float
+    repetition_penalty: float | None  # None: the requests set none (a profile's decoding default applied)
     max_new_tokens: int
+    samples: int = 0  # seeded sampled sets beside the greedy one
+    honour_conditions: bool = False
 
 
 def read_run(path: str, report: dict[str, Any], name: str) -> Run:
@@ -200,8 +203,9 @@ def read_run(path: str, report: dict[str, Any], name: str) -> Run:
         chosen=float(row["chosen_strength"]), zero_reason=_zero_reason(row, strengths),
         file_default=row.get("file_default"), unsteered=result["unsteered"]["half_b"],
         strengths={s: entry["half_b"] for s, entry in strengths.items()},
-        repetition_penalty=float(result.get("repetition_penalty", 1.0)),
+        repetition_penalty=None if (rp := result.get("repetition_penalty", 1.0)) is None else float(rp),
         max_new_tokens=int(result["settings"]["max_new_tokens"]),
+        samples=int(result["settings"].get("samples", 0)), honour_conditions=result.get("conditions") == "honoured",
     )  # fmt: skip
 
 
@@ -468,9 +472,12 @@ def rerun_command(line: Line, run: Run, *, annotate: bool, python: str = sys.exe
     path = line.profile_path
     if path is None:
         raise TableError(f"{line.json} is the run of a former file: not rerun")
+    penalty = [] if run.repetition_penalty is None else ["--repetition-penalty", strength_text(run.repetition_penalty)]
     return [python, "bench/generation.py", "--profile", path, "--set", run.data_set,
-            "--strengths", *(strength_text(s) for s in sorted(run.strengths)),
-            "--max-tokens", str(run.max_new_tokens), "--repetition-penalty", strength_text(run.repetition_penalty),
+            "--strengths", *(strength_text(s) for s in sorted(run.strengths)), "--max-tokens", str(run.max_new_tokens),
+            *penalty,
+            *(["--samples", str(run.samples)] if run.samples else []),
+            *(["--honour-conditions"] if run.honour_conditions else []),
             "--out", line.json, *(["--annotate", path] if annotate else [])]  # fmt: skip
 
 

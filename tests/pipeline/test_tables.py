@@ -202,6 +202,14 @@ def test_rerun_commands(results: Path) -> None:
     ]  # fmt: skip
     with pytest.raises(TableError, match="former file"):
         tables.rerun_command(MANIFEST["generation"][1], Store(results).run(Q_LINE), annotate=False)
+    # a run whose requests set no penalty (the profile's decoding default), with sampled sets and conditions
+    opened = {**P_RUN, "repetition_penalty": None, "conditions": "honoured",
+              "settings": {**P_RUN["settings"], "samples": 2}}  # fmt: skip
+    _write(results, "docs/p.json", opened)
+    assert tables.rerun_command(P_LINE, Store(results).run(P_LINE), annotate=False) == [
+        sys.executable, "bench/generation.py", "--profile", "profiles/p.safetensors", "--set", "alpaca_helpful",
+        "--strengths", "0.5", "1", "2", "--max-tokens", "32", "--samples", "2", "--honour-conditions",
+        "--out", "docs/p.json"]  # fmt: skip
 
 
 def test_rerun_runs_then_renders(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
