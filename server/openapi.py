@@ -312,6 +312,9 @@ PROFILE = {
         "lora": {"type": "object",
                  "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer"}},
                  "description": "the rank of the LoRA term of each attention projection, per layer that has one"},
+        "decoding": {"type": "object", "properties": {"repetition_penalty": {"type": "number"}},
+                     "description": "sampling defaults for the rows the profile steers, where a request sets none "
+                                    "({}: none)"},
         "generation": {"anyOf": [GENERATION, {"type": "null"}]},
     },
 }
