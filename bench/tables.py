@@ -6,8 +6,9 @@
 
 A table lives between marker comments, `<!-- tables:NAME -->` and `<!-- /tables -->`; everything outside the
 markers is left as it is, byte for byte. NAME is a key of `MANIFEST`: `profiles-<set>` (profiles/README.md: a
-set's shipped profiles, likelihood beside replies) or `generation` (docs/judge.md: the replies of the shipped
-profiles). Each line of the manifest is one profile's run: its `bench/generation.py` JSON, the profile file and
+set's shipped profiles, likelihood beside replies), `sampled...` (docs/judge.md: sampled replies, per seed, of runs
+with `--samples`) or any other name (docs/judge.md: greedy replies per strength, e.g. `generation`).
+Each line of the manifest is one profile's run: its `bench/generation.py` JSON, the profile file and
 the note beside its name; adding a run means adding a line.
 
 Where each number comes from:
@@ -44,7 +45,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,9 @@ class Run:
     max_new_tokens: int
     samples: int = 0  # seeded sampled sets beside the greedy one
     honour_conditions: bool = False
+    # sampled replies, all prompts: per strength one entry per seed (loop_rate, refusal_rate, perplexity, win)
+    sampled: dict[float, list[dict[str, Any]]] = field(default_factory=dict)
+    unsteered_sampled: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_run(path: str, report: dict[str, Any], name: str) -> Run:
@@ -206,6 +210,8 @@ def read_run(path: str, report: dict[str, Any], name: str) -> Run:
         repetition_penalty=None if (rp := result.get("repetition_penalty", 1.0)) is None else float(rp),
         max_new_tokens=int(result["settings"]["max_new_tokens"]),
         samples=int(result["settings"].get("samples", 0)), honour_conditions=result.get("conditions") == "honoured",
+        sampled={s: entry["sampled"] for s, entry in strengths.items() if entry.get("sampled")},
+        unsteered_sampled=result["unsteered"].get("sampled", []),
     )  # fmt: skip
 
 
@@ -422,6 +428,33 @@ def render_generation(lines: Sequence[Line], store: Store) -> str:
     return "\n".join([*table(header, rows), "", sources]) + "\n"
 
 
+def render_sampled(lines: Sequence[Line], store: Store) -> str:
+    """docs/judge.md's table of sampled replies: per profile, strength and seed, all prompts, the win rate against
+    the unsteered replies of the same seed, and loops, refusals and perplexity beside the unsteered sample's."""
+    rows = []
+    for line in lines:
+        run = store.run(line)
+        if not run.sampled:
+            raise TableError(f"{line.json} has no sampled replies (bench/generation.py --samples K)")
+        default = store.file_default(line, run)
+        name = line.label or line.name
+        first = True
+        for strength in sorted(run.sampled):
+            for seed, (entry, base) in enumerate(zip(run.sampled[strength], run.unsteered_sampled, strict=True)):
+                win = entry["win"]
+                label = strength_label(strength, run, default, former=line.file is None)
+                rows.append([f"{name} ({line.note})" if first else name, label, str(seed),
+                             f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]",
+                             f"{pct(entry['loop_rate'])} ({pct(base['loop_rate'])})",
+                             f"{pct(entry['refusal_rate'])} ({pct(base['refusal_rate'])})",
+                             f"{entry['perplexity']:.2f} ({base['perplexity']:.2f})"])  # fmt: skip
+                first = False
+    header = ["profile (method)", "strength", "seed", "win rate vs unsteered, same seed [95 % CI]",
+              "loops (unsteered)", "refusals (unsteered)", "ppl (unsteered)"]  # fmt: skip
+    sources = f"Generation source: {', '.join(dict.fromkeys(line.json for line in lines))}."
+    return "\n".join([*table(header, rows), "", sources]) + "\n"
+
+
 def render(name: str, store: Store, manifest: dict[str, tuple[Line, ...]] | None = None) -> str:
     """The markdown of the table region `name`."""
     manifest = MANIFEST if manifest is None else manifest
@@ -429,6 +462,8 @@ def render(name: str, store: Store, manifest: dict[str, tuple[Line, ...]] | None
         raise TableError(f"no table {name!r} in the manifest (tables: {sorted(manifest)})")
     if name.startswith("profiles-"):
         return render_profiles(name.removeprefix("profiles-"), manifest[name], store)
+    if name.startswith("sampled"):
+        return render_sampled(manifest[name], store)
     return render_generation(manifest[name], store)
 
 

@@ -154,6 +154,31 @@ def test_generation_table_rows(results: Path) -> None:
     ]  # fmt: skip
 
 
+def test_sampled_table_rows(results: Path) -> None:
+    def sample(win: float, low: float, high: float, loops: float, refusals: float, ppl: float) -> dict[str, Any]:
+        return {"loop_rate": loops, "refusal_rate": refusals, "perplexity": ppl,
+                "win": {"win_rate": win, "low": low, "high": high}}  # fmt: skip
+
+    sampled = json.loads(json.dumps(P_RUN))
+    sampled["settings"]["samples"] = 2
+    sampled["unsteered"]["sampled"] = [sample(0, 0, 0, 0.1, 0.0, 4.0), sample(0, 0, 0, 0.2, 0.1, 4.5)]
+    sampled["rows"]["p"]["strengths"]["0.5"]["sampled"] = [sample(0.6, 0.3, 0.9, 0.0, 0.0, 4.1),
+                                                           sample(0.55, 0.2, 0.8, 0.1, 0.2, 4.4)]  # fmt: skip
+    _write(results, "docs/p-sampled.json", sampled)
+    line = Line("p", "docs/p-sampled.json", "note p", file=None)
+    assert tables.render("sampled", Store(results), {"sampled": (line,)}).splitlines() == [
+        "| profile (method) | strength | seed | win rate vs unsteered, same seed [95 % CI] | loops (unsteered) "
+        "| refusals (unsteered) | ppl (unsteered) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| p (note p) | 0.5 (chosen) | 0 | 60.0 % [30.0, 90.0] | 0 % (10.0 %) | 0 % (0 %) | 4.10 (4.00) |",
+        "| p | 0.5 (chosen) | 1 | 55.0 % [20.0, 80.0] | 10.0 % (20.0 %) | 20.0 % (10.0 %) | 4.40 (4.50) |",
+        "",
+        "Generation source: docs/p-sampled.json.",
+    ]  # fmt: skip
+    with pytest.raises(TableError, match="no sampled replies"):
+        tables.render("sampled", Store(results), {"sampled": (P_LINE,)})
+
+
 def test_zero_reason_says_which_limit(results: Path) -> None:
     run = json.loads(json.dumps(Q_RUN))
     run["strengths"]["1.0"]["half_a"] = {"loop_rate": 0.25, "perplexity": 2.3}  # loops fine, perplexity +15 %
