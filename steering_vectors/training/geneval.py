@@ -148,7 +148,8 @@ def score_replies(
         "rows": {},
     }  # fmt: skip
     if base["sampled"]:
-        result["unsteered"]["sampled"] = [metrics(texts) for texts in base["sampled"]]
+        result["unsteered"]["sampled"] = [{**metrics(texts), "half_b": metrics(texts, pick_b)}
+                                          for texts in base["sampled"]]  # fmt: skip
     for row in rows:
         at = replies["rows"][row.name]
         table: dict[float, gm.GenerationRows] = {}
@@ -171,7 +172,8 @@ def score_replies(
                 "examples": texts[:3],
             }
             if base["sampled"]:
-                entry["sampled"] = [{**metrics(t), "win": versus(t, b)}
+                entry["sampled"] = [{**metrics(t), "win": versus(t, b),
+                                     "half_b": {**metrics(t, pick_b), "win": versus(t, b, pick_b)}}
                                     for t, b in zip(at[strength]["sampled"], base["sampled"], strict=True)]
             strengths[f"{strength:g}"] = entry
         defaults = [p.default_strength for p, _ in row.entries]
@@ -219,15 +221,18 @@ def generation_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | 0 (chosen: no strength meets the limits on half A) | – | – | – | – | – | – | – |")
     if settings["samples"]:
         lines += ["", f"Sampled replies (temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, "
-                  f"{settings['samples']} seeds), all prompts, win rate against the unsteered samples of the same "
-                  "seed:", "", "| row | strength | seed | win rate [95 % CI] | loops |",
-                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+                  f"{settings['samples']} seeds), win rate against the unsteered samples of the same seed, on all "
+                  "prompts and on half B:", "",
+                  "| row | strength | seed | win rate, all [95 % CI] | loops, all | win rate, half B [95 % CI] | "
+                  "loops, half B |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for name, row in result["rows"].items():
             for strength, entry in row["strengths"].items():
                 for seed, s in enumerate(entry.get("sampled", [])):
-                    win = s["win"]
+                    win, b = s["win"], s.get("half_b")
+                    half_b = (f"{_pct(b['win']['win_rate'])} [{_pct(b['win']['low'])}, {_pct(b['win']['high'])}] | "
+                              f"{_pct(b['loop_rate'])}") if b else "– | –"  # fmt: skip
                     lines.append(f"| {name} | {strength} | {seed} | {_pct(win['win_rate'])} [{_pct(win['low'])}, "
-                                 f"{_pct(win['high'])}] | {_pct(s['loop_rate'])} |")  # fmt: skip
+                                 f"{_pct(win['high'])}] | {_pct(s['loop_rate'])} | {half_b} |")  # fmt: skip
     return lines
 
 

@@ -70,9 +70,14 @@ def test_scores_are_the_hand_computed_win_rates_and_the_half_a_choice_respects_l
     # sampled replies against the unsteered samples of the same seed: "aa" > "a", then three ties
     assert got["strengths"]["1"]["sampled"][0]["win"]["win_rate"] == pytest.approx((1 + 0.5 * 3) / 4)
     assert got["strengths"]["2"]["sampled"][0]["win"]["win_rate"] == 0.0
+    # ... and on half B alone: two ties; the empty replies lose both
+    assert got["strengths"]["1"]["sampled"][0]["half_b"]["win"]["win_rate"] == 0.5
+    assert got["strengths"]["2"]["sampled"][0]["half_b"]["win"]["win_rate"] == 0.0
+    assert result["unsteered"]["sampled"][0]["half_b"]["n"] == 2 and result["unsteered"]["sampled"][0]["n"] == 4
     assert (result["half_a"], result["half_b"], result["judge"]) == (2, 2, "len")
     text = "\n".join(geneval.generation_lines(result))
     assert "| p | 1 (chosen) | 75.0 % [" in text and "| p | 2 | 0.0 % [0.0 %, 0.0 %] | 0.0 % |" in text
+    assert "| p | 1 | 0 | 62.5 % [" in text and "| 50.0 % [50.0 %, 50.0 %] | 0.0 % |" in text
     assert json.loads(json.dumps(result))["rows"]["p"]["chosen_strength"] == 1.0  # JSON-ready as it is
     # the section a profile file carries: half B's numbers, as scored
     record = geneval.generation_record(result, "p", data_set="toy", replies="library", judge_sha256="0" * 64)
