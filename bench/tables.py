@@ -429,8 +429,9 @@ def render_generation(lines: Sequence[Line], store: Store) -> str:
 
 
 def render_sampled(lines: Sequence[Line], store: Store) -> str:
-    """docs/judge.md's table of sampled replies: per profile, strength and seed, all prompts, the win rate against
-    the unsteered replies of the same seed, and loops, refusals and perplexity beside the unsteered sample's."""
+    """docs/judge.md's table of sampled replies: per profile, strength and seed, the win rate against the unsteered
+    replies of the same seed on half B and on all prompts, and half B's loops, refusals and perplexity beside the
+    unsteered sample's (– where a run scored its samples on all prompts only)."""
     rows = []
     for line in lines:
         run = store.run(line)
@@ -441,16 +442,22 @@ def render_sampled(lines: Sequence[Line], store: Store) -> str:
         first = True
         for strength in sorted(run.sampled):
             for seed, (entry, base) in enumerate(zip(run.sampled[strength], run.unsteered_sampled, strict=True)):
-                win = entry["win"]
+                every, half, base_half = entry["win"], entry.get("half_b"), base.get("half_b")
                 label = strength_label(strength, run, default, former=line.file is None)
-                rows.append([f"{name} ({line.note})" if first else name, label, str(seed),
-                             f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]",
-                             f"{pct(entry['loop_rate'])} ({pct(base['loop_rate'])})",
-                             f"{pct(entry['refusal_rate'])} ({pct(base['refusal_rate'])})",
-                             f"{entry['perplexity']:.2f} ({base['perplexity']:.2f})"])  # fmt: skip
+                cells = ["–"] * 4
+                if half is not None and base_half is not None:
+                    win = half["win"]
+                    cells = [f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]",
+                             f"{pct(half['loop_rate'])} ({pct(base_half['loop_rate'])})",
+                             f"{pct(half['refusal_rate'])} ({pct(base_half['refusal_rate'])})",
+                             f"{half['perplexity']:.2f} ({base_half['perplexity']:.2f})"]  # fmt: skip
+                rows.append([f"{name} ({line.note})" if first else name, label, str(seed), cells[0],
+                             f"{pct(every['win_rate'])} [{bound(every['low'])}, {bound(every['high'])}]",
+                             *cells[1:]])  # fmt: skip
                 first = False
-    header = ["profile (method)", "strength", "seed", "win rate vs unsteered, same seed [95 % CI]",
-              "loops (unsteered)", "refusals (unsteered)", "ppl (unsteered)"]  # fmt: skip
+    header = ["profile (method)", "strength", "seed", "win rate vs unsteered, half B [95 % CI]",
+              "win rate, all prompts [95 % CI]", "loops, half B (unsteered)", "refusals, half B (unsteered)",
+              "ppl, half B (unsteered)"]  # fmt: skip
     sources = f"Generation source: {', '.join(dict.fromkeys(line.json for line in lines))}."
     return "\n".join([*table(header, rows), "", sources]) + "\n"
 

@@ -161,17 +161,20 @@ def test_sampled_table_rows(results: Path) -> None:
 
     sampled = json.loads(json.dumps(P_RUN))
     sampled["settings"]["samples"] = 2
-    sampled["unsteered"]["sampled"] = [sample(0, 0, 0, 0.1, 0.0, 4.0), sample(0, 0, 0, 0.2, 0.1, 4.5)]
-    sampled["rows"]["p"]["strengths"]["0.5"]["sampled"] = [sample(0.6, 0.3, 0.9, 0.0, 0.0, 4.1),
-                                                           sample(0.55, 0.2, 0.8, 0.1, 0.2, 4.4)]  # fmt: skip
+    sampled["unsteered"]["sampled"] = [{**sample(0, 0, 0, 0.1, 0.0, 4.0), "half_b": sample(0, 0, 0, 0.25, 0.0, 3.0)},
+                                       sample(0, 0, 0, 0.2, 0.1, 4.5)]  # the second seed: all prompts only
+    sampled["rows"]["p"]["strengths"]["0.5"]["sampled"] = [
+        {**sample(0.6, 0.3, 0.9, 0.0, 0.0, 4.1), "half_b": sample(0.75, 0.5, 1.0, 0.0, 0.25, 3.5)},
+        sample(0.55, 0.2, 0.8, 0.1, 0.2, 4.4)]  # fmt: skip
     _write(results, "docs/p-sampled.json", sampled)
     line = Line("p", "docs/p-sampled.json", "note p", file=None)
     assert tables.render("sampled", Store(results), {"sampled": (line,)}).splitlines() == [
-        "| profile (method) | strength | seed | win rate vs unsteered, same seed [95 % CI] | loops (unsteered) "
-        "| refusals (unsteered) | ppl (unsteered) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        "| p (note p) | 0.5 (chosen) | 0 | 60.0 % [30.0, 90.0] | 0 % (10.0 %) | 0 % (0 %) | 4.10 (4.00) |",
-        "| p | 0.5 (chosen) | 1 | 55.0 % [20.0, 80.0] | 10.0 % (20.0 %) | 20.0 % (10.0 %) | 4.40 (4.50) |",
+        "| profile (method) | strength | seed | win rate vs unsteered, half B [95 % CI] | win rate, all prompts "
+        "[95 % CI] | loops, half B (unsteered) | refusals, half B (unsteered) | ppl, half B (unsteered) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| p (note p) | 0.5 (chosen) | 0 | 75.0 % [50.0, 100] | 60.0 % [30.0, 90.0] | 0 % (25.0 %) | 25.0 % (0 %) "
+        "| 3.50 (3.00) |",
+        "| p | 0.5 (chosen) | 1 | – | 55.0 % [20.0, 80.0] | – | – | – |",
         "",
         "Generation source: docs/p-sampled.json.",
     ]  # fmt: skip
