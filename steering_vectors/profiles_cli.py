@@ -127,8 +127,10 @@ def _list(args: argparse.Namespace) -> int:
             profile = Profile.load(path)
             ranks = sorted(set(profile.ranks().values()))
             low_rank = f" low-rank={','.join(map(str, ranks))}" if ranks else ""
+            condition = " condition" if profile.condition is not None else ""
+            decoding = "".join(f" {key}={value:g}" for key, value in profile.decoding.items())
             print(f"{profile.name:24s} layers={profile.layers} method={profile.method} "
-                  f"strength={profile.default_strength:g}{low_rank}")
+                  f"strength={profile.default_strength:g}{low_rank}{condition}{decoding}")
         except SteeringError as exc:
             print(f"{path.name:24s} INVALID: {exc}")
     return 0

@@ -374,17 +374,24 @@ def test_gguf_export_refuses_low_rank_terms(fingerprint):
         write_control_vector(_profile(fingerprint, low_rank=_low_rank()))
 
 
-def test_profiles_list_shows_low_rank_terms(tmp_path, fingerprint, capsys):
+def test_profiles_list_shows_low_rank_terms_and_decoding_defaults(tmp_path, fingerprint, capsys):
     from steering_vectors.cli import main
 
     _profile(fingerprint, name="flat").save(tmp_path / "flat.safetensors")
     _profile(fingerprint, name="rich", low_rank=_low_rank(rank=3)).save(tmp_path / "rich.safetensors")
+    from steering_vectors.core.profile import Condition
+
+    gated = Condition(layer=1, direction=torch.ones(TINY_HIDDEN), threshold=0.5)
+    _profile(fingerprint, name="tuned", decoding={"repetition_penalty": 1.15}, condition=gated).save(
+        tmp_path / "tuned.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     assert main(["profiles", "list", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("bad.safetensors") and "INVALID" in lines[0]
     assert lines[1].split() == ["flat", "layers=[1,", "3]", "method=rahf", "strength=1.25"]
     assert lines[2].split() == ["rich", "layers=[1,", "3]", "method=rahf", "strength=1.25", "low-rank=3"]
+    assert lines[3].split() == ["tuned", "layers=[1,", "3]", "method=rahf", "strength=1.25", "condition",
+                              "repetition_penalty=1.15"]
 
 
 # -- conditions (format version 4) ------------------------------------------------------------------------
