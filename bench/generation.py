@@ -180,7 +180,9 @@ def annotate(profile_path: Path, report: dict[str, Any], out: Path, *, judges: P
         raise SystemExit(f"{source or 'the report'} measured other tensors than {profile_path}'s")
     judge_sha256 = report.get("judge_sha256") or file_sha256(judges / result["judge"])
     record = geneval.generation_record(result, profile.name, data_set=result["set"], replies="engine",
-                                       judge_sha256=judge_sha256, source=source)  # fmt: skip
+                                       judge_sha256=judge_sha256, source=source,
+                                       decoding=report.get("profile_decoding") or {},
+                                       conditions=report.get("conditions", "ignored"))  # fmt: skip
     annotated = profile.with_generation(record)
     chosen = record.chosen_strength
     if adopt and chosen > 0:

@@ -290,6 +290,11 @@ GENERATION = {  # steering_vectors/core/generation_record.py
             "perplexity_change": {"type": ["number", "null"], "description": "relative to unsteered: 0.05 is +5 %"},
         }}},
         "source": {"type": "string"},
+        "decoding": {"type": "object", "additionalProperties": {"type": "number"},
+                     "description": "the profile's decoding defaults its steered replies took (absent: none)"},
+        "conditions": {"enum": ["ignored", "honoured"],
+                       "description": "honoured: a conditional profile steered only the prompts it fired on "
+                                      "(absent: ignored)"},
     },
 }
 PROFILE = {

@@ -198,8 +198,12 @@ function generationBox(gen) {
   }
   const chosen = gen.chosen_strength === 0 ? "none (no strength kept loops and perplexity within the limits)"
     : fmt(gen.chosen_strength);
+  const decoding = gen.decoding && Object.keys(gen.decoding).length ? " Steered replies with its decoding defaults (" +
+    Object.entries(gen.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ") + "), unsteered ones without." : "";
+  const conditions = gen.conditions === "honoured" ? " Its condition was honoured, as in a request." : "";
   box.append(el("p", { class: "muted" }, gen.set + ": " + gen.half_b + " of " + gen.prompts + " dev prompts, " +
-      "judge " + gen.judge + ", replies from the " + gen.replies + ". Strength chosen on half A: " + chosen + "."),
+      "judge " + gen.judge + ", replies from the " + gen.replies + ". Strength chosen on half A: " + chosen + "." +
+      decoding + conditions),
     el("table", { class: "calibration generation" }, ...generationRows(gen).map((cells, i) =>
       el("tr", {}, ...cells.map((c) => el(i === 0 ? "th" : "td", {}, c))))));
   return box;

@@ -17,6 +17,10 @@ The form, rates as shares in [0, 1] (None: unknown), perplexity of the replies u
                     "refusal_rate": 0.0, "perplexity": 1.94}, ...],
      "source": "docs/bench-generation-helpful.json"}
 
+Optional keys (absent: the default, and written only when not it): `decoding`, the profile's decoding defaults its
+steered replies took (`Profile.decoding`, e.g. ``{"repetition_penalty": 1.15}``; the unsteered replies never take
+them), and `conditions`, ``ignored`` (a conditional profile steered every prompt) or ``honoured`` (only the prompts
+its condition fired on, as a request gets it).
 `replies` says who made them: ``engine`` (the server's engine, each profile in its own position mode:
 bench/generation.py) or ``library`` (`genmetrics.generate_replies`, steered at every position: `rahf eval
 --generation`). `chosen_strength` is 0 (the unsteered model) when no strength met the loop and perplexity
@@ -28,12 +32,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ProfileFormatError
 
 REPLY_SOURCES: tuple[str, ...] = ("engine", "library")
+CONDITION_HANDLING: tuple[str, ...] = ("ignored", "honoured")
 _SHA256 = re.compile(r"^([0-9a-f]{64})?$")
 _RATES = ("loop_rate", "refusal_rate")
 _WIN = ("win_rate", "low", "high")
@@ -147,8 +152,17 @@ class GenerationRecord:
     unsteered: UnsteeredRow
     strengths: tuple[StrengthRow, ...]
     source: str = ""
+    # the profile's decoding defaults its steered replies took ({}: none; the unsteered replies never take them)
+    decoding: dict[str, float] = field(default_factory=dict)
+    conditions: str = "ignored"  # "honoured": a conditional profile steered only the prompts it fired on
 
     def __post_init__(self) -> None:
+        if self.conditions not in CONDITION_HANDLING:
+            raise _fail(f"conditions {self.conditions!r} is not one of {CONDITION_HANDLING}")
+        if not isinstance(self.decoding, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for k, v in self.decoding.items()):  # fmt: skip
+            raise _fail(f"decoding {self.decoding!r} is not an object of finite numbers")
         if not self.data_set or not self.judge:
             raise _fail("set and judge must name something")
         if not _SHA256.match(self.judge_sha256):
@@ -183,6 +197,7 @@ class GenerationRecord:
             prompts=_count(data, "prompts"), half_a=_count(data, "half_a"), half_b=_count(data, "half_b"),
             chosen_strength=chosen, unsteered=UnsteeredRow.from_json(data.get("unsteered")),
             strengths=tuple(StrengthRow.from_json(row) for row in strengths), source=_text(data, "source", ""),
+            decoding=data.get("decoding", {}), conditions=_text(data, "conditions", "ignored"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -192,6 +207,8 @@ class GenerationRecord:
             "max_new_tokens": self.max_new_tokens, "prompts": self.prompts, "half_a": self.half_a,
             "half_b": self.half_b, "chosen_strength": self.chosen_strength, "unsteered": self.unsteered.to_json(),
             "strengths": [row.to_json() for row in self.strengths], "source": self.source,
+            **({"decoding": dict(self.decoding)} if self.decoding else {}),
+            **({"conditions": self.conditions} if self.conditions != "ignored" else {}),
         }
 
     def summary(self) -> dict[str, Any]:

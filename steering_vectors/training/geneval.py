@@ -270,10 +270,12 @@ def plot_generation(result: dict[str, Any], path: Path) -> Path:
 
 def generation_record(
     result: dict[str, Any], row: str, *, data_set: str, replies: str, judge_sha256: str = "", source: str = "",
+    decoding: dict[str, float] | None = None, conditions: str = "ignored",
 ) -> GenerationRecord:  # fmt: skip
     """The generation section of row `row`'s profile, from a `score_replies` result: half B's win rate, loop and
     refusal rates and perplexity at every strength, the unsteered row and the strength chosen on half A.
-    `replies`: "engine" or "library" (who made them)."""
+    `replies`: "engine" or "library" (who made them); `decoding`: the profile's decoding defaults the steered replies
+    took; `conditions`: "ignored" or "honoured"."""
     if row not in result["rows"]:
         raise ValueError(f"the generation result has no row {row!r} (its rows: {sorted(result['rows'])})")
     entry = result["rows"][row]
@@ -289,7 +291,8 @@ def generation_record(
     record = {"set": data_set, "judge": result["judge"], "judge_sha256": judge_sha256, "replies": replies,
               "max_new_tokens": result["settings"]["max_new_tokens"], "prompts": result["prompts"],
               "half_a": result["half_a"], "half_b": result["half_b"], "chosen_strength": entry["chosen_strength"],
-              "unsteered": rates(result["unsteered"]["half_b"]), "strengths": strengths, "source": source}
+              "unsteered": rates(result["unsteered"]["half_b"]), "strengths": strengths, "source": source,
+              "decoding": dict(decoding or {}), "conditions": conditions}
     return GenerationRecord.from_json(record)  # checked as a file's section is checked
 
 

@@ -238,6 +238,12 @@ def test_a_generation_section_travels_with_the_file_and_leaves_the_tensors_alone
     kept = Profile("x", dict(profile.offsets), provenance={"generation": extra})
     assert Profile.from_bytes(kept.to_bytes()).provenance["generation"] == extra
     assert kept.generation is not None and "judged_by" not in kept.summary()["generation"]
+    # how the replies were made, where it is not the default: the profile's decoding defaults, conditions honoured
+    made = {**TOY_GENERATION, "decoding": {"repetition_penalty": 1.15}, "conditions": "honoured"}
+    stored = Profile("x", dict(profile.offsets), provenance={"generation": made}).to_bytes()
+    record = Profile.from_bytes(stored).generation
+    assert record is not None and (record.decoding, record.conditions) == ({"repetition_penalty": 1.15}, "honoured")
+    assert record.to_json() == made and "decoding" not in annotated.generation.to_json()
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -253,6 +259,9 @@ def test_a_generation_section_travels_with_the_file_and_leaves_the_tensors_alone
     ({"strengths": [{**TOY_GENERATION["strengths"][0], "strength": 0}]}, "unsteered row"),
     ({"strengths": [{**TOY_GENERATION["strengths"][0], "win_rate": "high"}]}, "not a number"),
     ({"prompts": None}, "not a count"),
+    ({"conditions": "sometimes"}, "conditions 'sometimes'"),
+    ({"decoding": {"repetition_penalty": "high"}}, "not an object of finite numbers"),
+    ({"decoding": [1.15]}, "not an object of finite numbers"),
 ])  # fmt: skip
 def test_a_malformed_generation_section_is_refused(fingerprint, change, message):
     from safetensors.torch import load as st_load

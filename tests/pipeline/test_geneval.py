@@ -202,6 +202,9 @@ def test_the_engine_bench_reports_the_librarys_numbers_and_annotates_the_profile
     assert Profile.load(tmp_path / "out" / "p.safetensors").generation == annotated.generation == (
         geneval.generation_record(result, "p", data_set="toy", replies="engine",
                                   judge_sha256=file_sha256(judge)))  # fmt: skip
+    tuned = {**report, "profile_decoding": {"repetition_penalty": 1.15}, "conditions": "honoured"}
+    record = bench_generation.annotate(source, tuned, tmp_path / "tuned.safetensors", judges=tmp_path).generation
+    assert record is not None and (record.decoding, record.conditions) == ({"repetition_penalty": 1.15}, "honoured")
     other = _profile(tiny, "p", 2).save(tmp_path / "other" / "p.safetensors")
     with pytest.raises(SystemExit, match="other tensors"):
         bench_generation.annotate(other, report, tmp_path / "x.safetensors", judges=tmp_path)
