@@ -133,6 +133,10 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
         Line("harmless-generated", "docs/bench-generation-harmless-generated.json",
              "the same, generated tokens only", show=None, file=None),
     ),
+    # docs/judge.md, "Sampled replies": seeded samples beside the greedy replies (bench/generation.py --samples)
+    "sampled": (
+        Line("helpful", "docs/bench-generation-helpful-sampled.json", "RAHF-Dual offsets", file=None),
+    ),
 }  # fmt: skip
 
 CALIBRATION_AT = 1.0  # the strength of the likelihood columns (every shipped file was calibrated at 1)
