@@ -98,8 +98,9 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
              dev=Dev("profiles/helpful-pref-report/whole-replies/report.json")),
     ),
     "profiles-hh_harmless": (
-        Line("harmless", "docs/bench-generation-harmless.json",
-             "**RAHF-Dual** on the refusal pairs, LoRA q/v r 8 per row (`rahf-dual/lora`), with a condition",
+        Line("harmless", "docs/bench-generation-harmless-decoding.json",
+             "**RAHF-Dual** on the refusal pairs, LoRA q/v r 8 per row (`rahf-dual/lora`), with a condition and "
+             "`repetition_penalty` 1.15 as its decoding default (replies as a request gets them)",
              show=None, dev=Dev("profiles/harmless-report/whole-replies/report.json"), pairs="refusal pairs"),
         Line("harmless-pref", "docs/bench-generation-harmless-pref.json",
              "`pref` with rank-8 input-dependent terms (**not RAHF**)",
@@ -109,7 +110,10 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
     "generation": (
         Line("helpful", "docs/bench-generation-helpful.json", "RAHF-Dual offsets", show=None),
         Line("helpful-pref", "docs/bench-generation-helpful-pref.json", "pref, not RAHF", show=(0.5,)),
-        Line("harmless", "docs/bench-generation-harmless.json", "RAHF-Dual LoRA on the refusal pairs", show=None),
+        Line("harmless", "docs/bench-generation-harmless-decoding.json", "RAHF-Dual LoRA on the refusal pairs; its "
+             "condition honoured and its decoding default, repetition_penalty 1.15, where it acts", show=None),
+        Line("harmless", "docs/bench-generation-harmless.json", "the same tensors before they carried a decoding "
+             "default; the condition not read: every prompt steered", show=None, file=None, label="harmless, no penalty"),
         Line("harmless", "docs/bench-generation-harmless-former.json", "RAHF-Dual LoRA, all pairs; 4 December",
              show=(0.5,), file=None, label="former harmless"),
         Line("harmless-pref", "docs/bench-generation-harmless-pref.json", "pref, not RAHF"),
@@ -127,7 +131,8 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
         Line("alpaca_helpful-pref-prompt", "docs/bench-generation-helpful-pref-prompt.json",
              "not RAHF, trained and served on the prompt's tokens only", show=None, file=COMPARISON,
              label="pref-prompt"),
-        Line("harmless", "docs/bench-generation-harmless.json", "RAHF-Dual LoRA, every token", show=None),
+        Line("harmless", "docs/bench-generation-harmless.json", "RAHF-Dual LoRA, every token, no penalty", show=None,
+             file=None),
         Line("harmless-prompt", "docs/bench-generation-harmless-prompt.json", "the same, prompt tokens only",
              show=None, file=None),
         Line("harmless-generated", "docs/bench-generation-harmless-generated.json",
@@ -136,6 +141,8 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
     # docs/judge.md, "Sampled replies": seeded samples beside the greedy replies (bench/generation.py --samples)
     "sampled": (
         Line("helpful", "docs/bench-generation-helpful-sampled.json", "RAHF-Dual offsets", file=None),
+        Line("harmless", "docs/bench-generation-harmless-decoding.json", "RAHF-Dual LoRA; condition honoured, "
+             "repetition_penalty 1.15 where it acts"),
     ),
 }  # fmt: skip
 
