@@ -91,7 +91,9 @@ DOCUMENTS = ("profiles/README.md", "docs/judge.md")
 MANIFEST: dict[str, tuple[Line, ...]] = {
     # profiles/README.md, "Likelihood and replies, side by side"
     "profiles-alpaca_helpful": (
-        Line("helpful", "docs/bench-generation-helpful.json", "**RAHF-Dual**, constant offsets (`rahf-dual/rahf`)",
+        Line("helpful", "docs/bench-generation-helpful-decoding.json",
+             "**RAHF-Dual**, constant offsets (`rahf-dual/rahf`), with `repetition_penalty` 1.15 as its decoding "
+             "default (replies as a request gets them)",
              show=(1.0,), dev=Dev("profiles/comparison/alpaca_helpful/report.json", row="rahf-dual")),
         Line("helpful-pref", "docs/bench-generation-helpful-pref.json",
              "`pref`: offsets fitted on the preference loss (**not RAHF**)",
@@ -108,12 +110,21 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
     ),
     # docs/judge.md, "Results: replies of the shipped profiles"
     "generation": (
-        Line("helpful", "docs/bench-generation-helpful.json", "RAHF-Dual offsets", show=None),
+        Line("helpful", "docs/bench-generation-helpful-decoding.json", "RAHF-Dual offsets; its decoding default, "
+             "repetition_penalty 1.15", show=None),
+        Line("helpful", "docs/bench-generation-helpful.json", "the same offsets before they carried a decoding default",
+             show=None, file=None, label="helpful, no penalty"),
+        Line("helpful", "docs/bench-generation-helpful-rp115.json", "the same offsets; repetition_penalty 1.15 on "
+             "every request, the unsteered ones too", show=None, file=None, label="helpful, penalty on both"),
         Line("helpful-pref", "docs/bench-generation-helpful-pref.json", "pref, not RAHF", show=(0.5,)),
         Line("harmless", "docs/bench-generation-harmless-decoding.json", "RAHF-Dual LoRA on the refusal pairs; its "
              "condition honoured and its decoding default, repetition_penalty 1.15, where it acts", show=None),
         Line("harmless", "docs/bench-generation-harmless.json", "the same tensors before they carried a decoding "
-             "default; the condition not read: every prompt steered", show=None, file=None, label="harmless, no penalty"),
+             "default; the condition not read: every prompt steered", show=None, file=None,
+             label="harmless, no penalty"),
+        Line("harmless", "docs/bench-generation-harmless-rp115.json", "the same tensors; repetition_penalty 1.15 on "
+             "every request, the unsteered ones too; every prompt steered", show=None, file=None,
+             label="harmless, penalty on both"),
         Line("harmless", "docs/bench-generation-harmless-former.json", "RAHF-Dual LoRA, all pairs; 4 December",
              show=(0.5,), file=None, label="former harmless"),
         Line("harmless-pref", "docs/bench-generation-harmless-pref.json", "pref, not RAHF"),
@@ -121,7 +132,8 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
     # docs/judge.md, "Other ways to steer, judged by their replies": which tokens are steered, and pref variants
     # (the comparison's rows: same pairs, budgets and seed); copies made by `rahf profiles copy --position`
     "generation-methods": (
-        Line("helpful", "docs/bench-generation-helpful.json", "RAHF-Dual offsets, every token", show=None),
+        Line("helpful", "docs/bench-generation-helpful.json", "RAHF-Dual offsets, every token, no penalty", show=None,
+             file=None),
         Line("helpful-prompt", "docs/bench-generation-helpful-prompt.json",
              "the same offsets on the prompt's tokens only", show=None, file=None),
         Line("alpaca_helpful-pref", "docs/bench-generation-helpful-pref-row.json", "not RAHF, every token",
@@ -140,7 +152,10 @@ MANIFEST: dict[str, tuple[Line, ...]] = {
     ),
     # docs/judge.md, "Sampled replies": seeded samples beside the greedy replies (bench/generation.py --samples)
     "sampled": (
-        Line("helpful", "docs/bench-generation-helpful-sampled.json", "RAHF-Dual offsets", file=None),
+        Line("helpful", "docs/bench-generation-helpful-sampled.json", "RAHF-Dual offsets", file=None,
+             label="helpful, no penalty"),
+        Line("helpful", "docs/bench-generation-helpful-decoding.json", "RAHF-Dual offsets; repetition_penalty 1.15 "
+             "where it acts"),
         Line("harmless", "docs/bench-generation-harmless-decoding.json", "RAHF-Dual LoRA; condition honoured, "
              "repetition_penalty 1.15 where it acts"),
     ),

@@ -173,17 +173,17 @@ def test_profiles_copy_changes_only_what_it_is_asked_and_says_so(tmp_path, capsy
 
 
 def test_profiles_copy_sets_and_removes_decoding_defaults(tmp_path, capsys) -> None:
-    path = Path(__file__).resolve().parents[2] / "profiles" / "helpful.safetensors"
+    path = Path(__file__).resolve().parents[2] / "profiles" / "helpful-pref.safetensors"
     source = Profile.load(path)
     assert source.decoding == {} and source.generation is not None
-    out = tmp_path / "helpful.safetensors"
+    out = tmp_path / "helpful-pref.safetensors"
     assert main(["profiles", "copy", str(path), str(out), "--decoding", "repetition_penalty=1.15"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out} (decoding {{}} -> {{'repetition_penalty': 1.15}})"
     copy = Profile.load(out)
     assert copy.decoding == {"repetition_penalty": 1.15} and copy.format_version == 5
     assert copy.generation is None  # measured with the source's decoding: not carried over
     assert copy.tensor_digest() == source.tensor_digest()
-    back = tmp_path / "back" / "helpful.safetensors"
+    back = tmp_path / "back" / "helpful-pref.safetensors"
     assert main(["profiles", "copy", str(out), str(back), "--decoding", "repetition_penalty=none"]) == 0
     assert Profile.load(back).decoding == {}
     capsys.readouterr()

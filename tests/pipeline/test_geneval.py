@@ -259,7 +259,7 @@ def test_the_engine_bench_leaves_the_penalty_to_the_profile_and_samples_with_see
         backend.engine.shutdown(10)
 
 
-SHIPPED = ("helpful", "helpful-pref", "harmless-pref")  # annotated from docs/bench-generation-<name>.json
+SHIPPED = ("helpful-pref", "harmless-pref")  # annotated from docs/bench-generation-<name>.json, the older layout
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -284,4 +284,22 @@ def test_the_shipped_profiles_carry_the_numbers_of_their_bench_files(name: str) 
     # --from-json reads that layout into the same record
     again = geneval.generation_record(bench_generation.library_layout(old), name, data_set=old["set"],
                                       replies="engine", judge_sha256=record.judge_sha256, source=record.source)
+    assert again == record
+
+
+@pytest.mark.parametrize("name", ["helpful", "harmless"])
+def test_the_shipped_profiles_with_decoding_defaults_carry_the_run_made_with_them(name: str) -> None:
+    """`helpful` and `harmless` carry repetition_penalty 1.15; their generation sections are runs whose steered
+    requests took it (and, for `harmless`, honoured its condition), with the same tensors."""
+    root = Path(__file__).parents[2]
+    profile = Profile.load(root / "profiles" / f"{name}.safetensors")
+    record = profile.generation
+    assert record is not None and record.source == f"docs/bench-generation-{name}-decoding.json"
+    report = json.loads((root / record.source).read_text())
+    assert profile.decoding == report["profile_decoding"] == record.decoding == {"repetition_penalty": 1.15}
+    assert report["repetition_penalty"] is None and report["tensors_sha256"] == profile.tensor_digest()
+    assert record.conditions == report["conditions"] == ("honoured" if profile.condition is not None else "ignored")
+    again = geneval.generation_record(report, name, data_set=report["set"], replies="engine",
+                                      judge_sha256=report["judge_sha256"], source=record.source,
+                                      decoding=report["profile_decoding"], conditions=report["conditions"])  # fmt: skip
     assert again == record
