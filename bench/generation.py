@@ -215,7 +215,7 @@ def main() -> None:
                              "steers, 1 (off) elsewhere")
     parser.add_argument("--samples", type=int, default=0,
                         help="seeded sampled reply sets beside the greedy one (temperature 0.7, top_p 0.9; scored "
-                             "against the unsteered replies of the same seed, over all prompts)")
+                             "against the unsteered replies of the same seed, on half B and on all prompts)")
     parser.add_argument("--honour-conditions", action="store_true",
                         help="a profile with a condition steers only the prompts it fires on, as a request naming "
                              "it gets (default: it steers every prompt)")
