@@ -10,7 +10,7 @@ engine in bench/generation.py) and are always scored the same way:
    interval over prompts), loop rate, distinct-2, length, refusal rate and perplexity under the unsteered model;
    the default strength chosen on half A of the prompts (`genmetrics.choose_strength_half_split`) and every
    number reported on half B, with the whole set beside it. Sampled replies are scored against the unsteered
-   model's sampled replies of the same seed, over all prompts.
+   model's sampled replies of the same seed, on all prompts and on half B.
 `generation_lines` and `plot_generation` turn the result into a report section and a picture;
 `generation_record` into the section a profile file carries (`core.generation_record`, `rahf eval
 --generation --gen-annotate DIR`, `bench/generation.py --annotate`).
