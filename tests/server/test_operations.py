@@ -166,7 +166,7 @@ def test_rahf_serve_runs_and_shuts_down_gracefully_on_sigterm(tiny_loaded, tiny_
         worker = threading.Thread(target=long_request)
         worker.start()
         deadline = time.monotonic() + 30
-        while httpx.get(url + "/readyz").json()["engine"]["running"] == 0 and time.monotonic() < deadline:
+        while httpx.get(url + "/readyz", timeout=30).json()["engine"]["running"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         worker.join(timeout=120)
