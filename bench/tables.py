@@ -335,6 +335,11 @@ def strength_label(strength: float, run: Run, default: float | None, *, former: 
     return f"{strength_text(strength)} ({', '.join(tags)})" if tags else strength_text(strength)
 
 
+def win_cell(win: dict[str, float]) -> str:
+    """A win rate with its 95 % interval: "62.5 % [25.0, 100]"."""
+    return f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]"
+
+
 def reply_cells(strength: float, run: Run) -> tuple[str, str, str, str]:
     """win rate [95 % CI], loops, refusals, perplexity of half B at `strength` (0: the unsteered replies)."""
     if strength == 0:
@@ -344,7 +349,7 @@ def reply_cells(strength: float, run: Run) -> tuple[str, str, str, str]:
     if entry is None:
         return "not measured", "–", "–", "–"
     win = entry["win"]
-    return (f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]", pct(entry["loop_rate"]),
+    return (win_cell(win), pct(entry["loop_rate"]),
             pct(entry["refusal_rate"]), f"{entry['perplexity']:.2f}")  # fmt: skip
 
 
@@ -472,14 +477,12 @@ def render_sampled(lines: Sequence[Line], store: Store) -> str:
                 label = strength_label(strength, run, default, former=line.file is None)
                 cells = ["–"] * 4
                 if half is not None and base_half is not None:
-                    win = half["win"]
-                    cells = [f"{pct(win['win_rate'])} [{bound(win['low'])}, {bound(win['high'])}]",
+                    cells = [win_cell(half["win"]),
                              f"{pct(half['loop_rate'])} ({pct(base_half['loop_rate'])})",
                              f"{pct(half['refusal_rate'])} ({pct(base_half['refusal_rate'])})",
                              f"{half['perplexity']:.2f} ({base_half['perplexity']:.2f})"]  # fmt: skip
                 rows.append([f"{name} ({line.note})" if first else name, label, str(seed), cells[0],
-                             f"{pct(every['win_rate'])} [{bound(every['low'])}, {bound(every['high'])}]",
-                             *cells[1:]])  # fmt: skip
+                             win_cell(every), *cells[1:]])  # fmt: skip
                 first = False
     header = ["profile (method)", "strength", "seed", "win rate vs unsteered, half B [95 % CI]",
               "win rate, all prompts [95 % CI]", "loops, half B (unsteered)", "refusals, half B (unsteered)",

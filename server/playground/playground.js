@@ -131,6 +131,11 @@ function fmt(x) {
   return typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : String(x);
 }
 
+// a profile's decoding defaults as text: "repetition_penalty 1.150"
+function decodingText(decoding) {
+  return Object.entries(decoding).map(([k, v]) => k + " " + fmt(v)).join(", ");
+}
+
 function showDetails(profile) {
   const box = $("details");
   box.hidden = false;
@@ -140,7 +145,7 @@ function showDetails(profile) {
     ["layers", profile.layers.join(", ")], ["default strength", fmt(profile.default_strength)],
     ["position mode", profile.position_mode],
     ...(profile.decoding && Object.keys(profile.decoding).length ? [["decoding defaults (where it steers and a " +
-      "request sets none)", Object.entries(profile.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ")]] : []),
+      "request sets none)", decodingText(profile.decoding)]] : []),
     ["created", new Date(profile.created * 1000).toISOString().slice(0, 19).replace("T", " ")],
   ];
   if (p.examples) rows.push(["examples", p.examples.count + " " + p.examples.shape + ", sha256 " +
@@ -199,7 +204,7 @@ function generationBox(gen) {
   const chosen = gen.chosen_strength === 0 ? "none (no strength kept loops and perplexity within the limits)"
     : fmt(gen.chosen_strength);
   const decoding = gen.decoding && Object.keys(gen.decoding).length ? " Steered replies with its decoding defaults (" +
-    Object.entries(gen.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ") + "), unsteered ones without." : "";
+    decodingText(gen.decoding) + "), unsteered ones without." : "";
   const conditions = gen.conditions === "honoured" ? " Its condition was honoured, as in a request." : "";
   box.append(el("p", { class: "muted" }, gen.set + ": " + gen.half_b + " of " + gen.prompts + " dev prompts, " +
       "judge " + gen.judge + ", replies from the " + gen.replies + ". Strength chosen on half A: " + chosen + "." +
@@ -218,8 +223,7 @@ function conditionsText(steering) {
   const parts = steering.profiles.filter((p) => p.condition).map((p) => p.profile + ": " +
     (p.condition.applied ? "applied" : "not applied — its condition did not fire") +
     " (score " + fmt(p.condition.score) + ")");
-  if (steering.decoding) parts.push(Object.entries(steering.decoding).map(([k, v]) => k + " " + fmt(v)).join(", ") +
-    " from the profiles' decoding defaults");
+  if (steering.decoding) parts.push(decodingText(steering.decoding) + " from the profiles' decoding defaults");
   return parts.join("; ");
 }
 
