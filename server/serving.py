@@ -27,7 +27,15 @@ from steering_vectors.core.errors import PlanError
 from steering_vectors.core.hooks import RowSteering
 from steering_vectors.core.profile import ModelFingerprint, Profile, merged_decoding
 
-from .backends.base import ConditionResult, Engine, GenerationRequest, SamplingParams, TokenConstraint, TokenLogprob
+from .backends.base import (
+    ConditionResult,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    TokenConstraint,
+    TokenLogprob,
+    decoding_taken,
+)
 from .config import Settings
 from .errors import bad_request, not_found
 from .protocol import ChatCompletionRequest, CompletionRequest, Generation, SteeringWish, TokenizeRequest
@@ -65,8 +73,7 @@ def steering_info(
     info: dict[str, Any] = {"profiles": entries, "position": steering.position_mode}
     fired = [(profile, strength) for profile, strength in steering.conditional
              if (result := conditions.get(profile.name)) is not None and result.applied]  # fmt: skip
-    decoding = {key: value for key, value in merged_decoding([*steering.sources, *fired]).items()
-                if key in open_sampling}  # fmt: skip
+    decoding = decoding_taken(merged_decoding([*steering.sources, *fired]), open_sampling)
     if decoding:
         info["decoding"] = decoding
     return info

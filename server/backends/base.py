@@ -37,6 +37,7 @@ __all__ = [
     "SamplingParams",
     "TokenConstraint",
     "TokenLogprob",
+    "decoding_taken",
     "with_profile_decoding",
 ]
 
@@ -118,14 +119,18 @@ class GenerationRequest:
     open_sampling: frozenset[str] = frozenset()
 
 
+def decoding_taken(decoding: dict[str, float], open_sampling: frozenset[str]) -> dict[str, float]:
+    """Of the acting profiles' decoding defaults (`decoding`), those a request takes: in the fields it left open."""
+    return {key: value for key, value in decoding.items() if key in open_sampling}
+
+
 def with_profile_decoding(request: GenerationRequest, steering: RowSteering | None) -> GenerationRequest:
     """`request` with its open sampling fields set from `steering`'s acting profiles (a new request; the same
     one when nothing changes), its open fields then closed, so that a second call changes nothing. An engine
     calls it once the row's steering is final: at submission, or after the prompt's conditions are read."""
     if not request.open_sampling:
         return request
-    defaults = {key: value for key, value in (steering.decoding if steering is not None else {}).items()
-                if key in request.open_sampling}  # fmt: skip
+    defaults = decoding_taken(steering.decoding if steering is not None else {}, request.open_sampling)
     return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, **defaults),
                                open_sampling=frozenset())  # fmt: skip
 
